@@ -1,0 +1,1 @@
+"""DMAE reproducibility harness."""

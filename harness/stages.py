@@ -1,0 +1,221 @@
+"""Stage functions: pretrain, finetune, evaluate. Each takes a resolved stage spec (a JSON-able dict, see
+harness.plan), a run directory and the paths of its inputs' model files, and leaves in the run directory:
+
+    config.json          the merged spec, inputs and runtime
+    log.jsonl            one line per epoch (losses, lr, img/s, top-1/top-5 when fine-tuning)
+    checkpoint-last.pth  resumable state, rewritten atomically every epoch (checkpoint-prev.pth: the one before)
+    model.pth            final weights, official MAE layout: {'model': state_dict, 'arch': ..., 'stage_id': ...}
+    result.json          written last: its presence means the stage is done
+    error.json           written when the stage fails: the error, for the report
+
+Run one by hand:  python -m harness.stages results/table2/smoke/<stage-id>
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from .checkpoints import atomic_save, encoder_to_classifier, load_weights, safe_load, state_dict_of, DECODER_KEYS
+from .data import DataSpec, build_dataset, eval_transform, finetune_transform, pretrain_transform
+from .models import build_classifier, build_mae, get_arch
+from .train import Runtime, Schedule, evaluate_classifier, fit, seed_all, setup_runtime
+
+MODEL_FILE = "model.pth"
+RESULT_FILE = "result.json"
+ERROR_FILE = "error.json"
+CONFIG_FILE = "config.json"
+SCHEDULE_KEYS = ("epochs", "warmup_epochs", "batch_size", "accum_iter", "blr", "min_lr", "weight_decay", "betas",
+                 "clip_grad")
+
+
+def spec_hash(spec: dict) -> str:
+    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def write_json(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _schedule(section: dict) -> Schedule:
+    return Schedule(**{k: section[k] for k in SCHEDULE_KEYS})
+
+
+def _data(spec: dict) -> DataSpec:
+    return DataSpec(**spec["data"])
+
+
+def _img(spec: dict) -> dict:
+    return dict(img_size=spec["data"]["img_size"], patch_size=spec["model"]["patch_size"])
+
+
+def load_teacher_encoder(path: str, model_cfg: dict, img_size: int, with_decoder: bool):
+    """A MAE encoder for feature targets from: a MAE checkpoint with decoder (official mae_visualize_*.pth or a
+    harness pre-train), an encoder-only release (mae_pretrain_*.pth) or a fine-tuned classifier."""
+    model = build_mae(get_arch(model_cfg["preset"]), img_size, model_cfg["patch_size"], with_decoder=with_decoder)
+    sd = state_dict_of(safe_load(path))
+    finetuned = "head.weight" in sd or "fc_norm.weight" in sd
+    ignore = ("fc_norm.", "head.", "distill_proj.") + (() if with_decoder else DECODER_KEYS)
+    load_weights(model, sd, source=f"teacher checkpoint {path}", ignore_prefixes=ignore,
+                 allow_missing=("norm.",) if finetuned else ())
+    return model
+
+
+def load_classifier(path: str, model_cfg: dict, img_size: int, num_classes: int):
+    model = build_classifier(get_arch(model_cfg["preset"]), num_classes, img_size, model_cfg["patch_size"])
+    load_weights(model, state_dict_of(safe_load(path)), source=f"classifier checkpoint {path}")
+    return model
+
+
+def _save_model(model, spec: dict, stage_id: str, run_dir: Path) -> None:
+    atomic_save({"model": model.state_dict(), "arch": dict(spec["model"]), "stage_id": stage_id},
+                run_dir / MODEL_FILE)
+
+
+def pretrain(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, stage_id: str) -> dict:
+    from timm.optim import param_groups_weight_decay
+    from .objectives import DMAEObjective, MAEObjective
+
+    p, data = spec["pretrain"], _data(spec)
+    seed_all(spec["seed"])
+    model = build_mae(get_arch(spec["model"]["preset"]), **_img(spec))
+    mae_kwargs = dict(mask_ratio=p["mask_ratio"], visible_rounding=p["visible_rounding"],
+                      norm_pix_loss=p["norm_pix_loss"])
+    if spec["objective"] == "mae":
+        objective = MAEObjective(**mae_kwargs)
+    elif spec["objective"] == "dmae":
+        d = spec["distill"]
+        teacher = load_teacher_encoder(inputs["teacher"], spec["teacher_model"], data.img_size,
+                                       with_decoder=d["teacher_mode"] == "full")
+        model.add_distill_heads([teacher.embed_dim] * len(d["pairs"]), d["projection"])
+        objective = DMAEObjective(teacher, d["pairs"], alpha=d["alpha"], pixel_weight=d["pixel_weight"],
+                                  distance=d["distance"], normalize=d["normalize"], include_cls=d["include_cls"],
+                                  teacher_mode=d["teacher_mode"], **mae_kwargs)
+    else:
+        raise ValueError(f"pre-training objective must be 'mae' or 'dmae', got {spec['objective']!r}")
+    train_ds, _ = build_dataset(data, "train", pretrain_transform(data.img_size))
+    groups = param_groups_weight_decay(model, p["weight_decay"], no_weight_decay_list=model.no_weight_decay())
+    res = fit(model=model, objective=objective, param_groups=groups, dataset=train_ds, schedule=_schedule(p),
+              run_dir=run_dir, spec_hash=spec_hash(spec), seed=spec["seed"], rt=rt, name=spec["name"])
+    if rt.is_main:
+        _save_model(model, spec, stage_id, run_dir)
+    last = res.history[-1] if res.history else {}
+    return {"final_loss": last.get("loss"), "final_loss_pix": last.get("loss_pix"),
+            "final_loss_feat": last.get("loss_feat"), "train_s": res.train_seconds,
+            "images_per_s": res.images_per_s, "resumed_from_epoch": res.resumed_from_epoch,
+            "epochs": p["epochs"], "train_images": len(train_ds)}
+
+
+def finetune(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, stage_id: str) -> dict:
+    from timm.optim import param_groups_layer_decay
+    from .objectives import ClassifyObjective
+
+    f, data = spec["finetune"], _data(spec)
+    seed_all(spec["seed"])
+    train_ds, num_classes = build_dataset(data, "train", finetune_transform(data.img_size, f["randaug"], f["reprob"]))
+    val_ds, _ = build_dataset(data, "val", eval_transform(data.img_size, data.eval_crop_pct))
+    model = build_classifier(get_arch(spec["model"]["preset"]), num_classes, drop_path=f["drop_path"], **_img(spec))
+    if inputs.get("init"):
+        sd = encoder_to_classifier(state_dict_of(safe_load(inputs["init"])))
+        load_weights(model, sd, source=f"pre-trained checkpoint {inputs['init']}", allow_missing=("head.", "fc_norm."))
+    mix = dict(mixup=f["mixup"], cutmix=f["cutmix"], smoothing=f["smoothing"])
+    if spec.get("kd"):
+        from baselines.kd import KDObjective
+        k = spec["kd"]
+        teacher = load_classifier(inputs["kd_teacher"], spec["teacher_model"], data.img_size, num_classes)
+        objective = KDObjective(teacher, num_classes, kind=k["kind"], weight=k["weight"],
+                                temperature=k["temperature"], **mix)
+    else:
+        objective = ClassifyObjective(num_classes, **mix)
+    groups = param_groups_layer_decay(model, f["weight_decay"], no_weight_decay_list=model.no_weight_decay(),
+                                      layer_decay=f["layer_decay"])
+    eval_fn = lambda m: evaluate_classifier(m, val_ds, f["eval_batch_size"], rt)  # noqa: E731
+    res = fit(model=model, objective=objective, param_groups=groups, dataset=train_ds, schedule=_schedule(f),
+              run_dir=run_dir, spec_hash=spec_hash(spec), seed=spec["seed"], rt=rt, name=spec["name"],
+              eval_fn=eval_fn)
+    if rt.is_main:
+        _save_model(model, spec, stage_id, run_dir)
+    best = max(res.history, key=lambda r: r["top1"])
+    last = res.history[-1]
+    return {"best_top1": best["top1"], "best_epoch": best["epoch"], "last_top1": last["top1"],
+            "last_top5": last["top5"], "final_loss": last["loss"], "train_s": res.train_seconds,
+            "images_per_s": res.images_per_s, "resumed_from_epoch": res.resumed_from_epoch,
+            "epochs": f["epochs"], "num_classes": num_classes, "train_images": len(train_ds)}
+
+
+def evaluate(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, stage_id: str) -> dict:
+    data = _data(spec)
+    val_ds, num_classes = build_dataset(data, "val", eval_transform(data.img_size, data.eval_crop_pct))
+    model = load_classifier(inputs["model"], spec["model"], data.img_size, num_classes).to(rt.device)
+    t0 = time.perf_counter()
+    metrics = evaluate_classifier(model, val_ds, spec["eval_batch_size"], rt)
+    metrics["images_per_s"] = metrics["n_eval"] / (time.perf_counter() - t0)
+    return metrics
+
+
+STAGES = {"pretrain": pretrain, "finetune": finetune, "evaluate": evaluate}
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def run_stage(spec: dict, run_dir: str | Path, inputs: Dict[str, str], runtime: dict, stage_id: str) -> dict:
+    """Run (or resume) one stage; returns its result dict. A finished stage returns its stored result at once."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    done = run_dir / RESULT_FILE
+    if done.exists():
+        return json.loads(done.read_text())
+    rt = setup_runtime(**runtime)
+    if rt.is_main:
+        write_json({"stage_id": stage_id, "spec": spec, "inputs": inputs, "runtime": runtime,
+                    "spec_hash": spec_hash(spec)}, run_dir / CONFIG_FILE)
+        (run_dir / ERROR_FILE).unlink(missing_ok=True)
+    t0 = time.time()
+    try:
+        out = STAGES[spec["kind"]](spec, run_dir, inputs, rt, stage_id)
+    except BaseException as e:
+        if rt.is_main and not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            write_json({"stage_id": stage_id, "error": f"{type(e).__name__}: {e}",
+                        "traceback": traceback.format_exc(), "at": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                       run_dir / ERROR_FILE)
+        raise
+    wall = time.time() - t0
+    result = {"stage_id": stage_id, "kind": spec["kind"], "name": spec["name"], "status": "done", **out,
+              "wall_s": wall, "device": rt.device.type,
+              "device_name": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor()
+              or platform.machine(), "world_size": rt.world, "device_hours": wall * rt.world / 3600.0,
+              "host": socket.gethostname(), "torch": torch.__version__, "python": sys.version.split()[0],
+              "git_commit": _git_commit(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if rt.is_main:
+        write_json(result, done)
+    return result
+
+
+def main() -> None:
+    """Re-run a stage from its run directory's config.json (debugging aid)."""
+    run_dir = Path(sys.argv[1])
+    cfg = json.loads((run_dir / CONFIG_FILE).read_text())
+    print(json.dumps(run_stage(cfg["spec"], run_dir, cfg["inputs"], cfg["runtime"], cfg["stage_id"]), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""The one training loop. MAE, DMAE, fine-tuning and KD are objectives that plug into `fit`.
+
+Per epoch it appends a line to `log.jsonl` and writes `checkpoint-last.pth` atomically (model, optimizer, scaler,
+epoch, RNG states, history, the stage's config hash); on start it resumes from it, refusing a checkpoint written
+for another config. Schedules are per iteration: linear warmup, then half-cosine to min_lr (timm CosineLRScheduler).
+
+    lr = blr * effective_batch / 256,   effective_batch = batch_size * accum_iter * world_size
+    e.g. paper pre-training: 128 * 4 * 8 GPUs = 4096 -> lr = 1.5e-4 * 4096 / 256 = 2.4e-3
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoints import CheckpointError, load_last, save_last
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN/inf; the message names the epoch, step and loss terms."""
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    amp: str = "none"  # none | bf16 | fp16
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    log_every: int = 20
+    num_workers: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            print(msg, flush=True)
+
+
+def setup_runtime(device: str = "auto", amp: str = "auto", threads: int = 0, log_every: int = 20,
+                  num_workers: int = 0) -> Runtime:
+    """Device, precision and torch.distributed from the environment (torchrun's env:// variables, or those that
+    submitit.helpers.TorchDistributedEnvironment().export() sets inside a Slurm job)."""
+    if threads:
+        torch.set_num_threads(threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://")
+    if amp == "auto":
+        amp = "bf16" if dev.type == "cuda" else "none"
+    if amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"run.amp must be auto|none|bf16|fp16, got {amp!r}")
+    return Runtime(dev, amp, rank, world, local_rank, log_every, num_workers)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _autocast(rt: Runtime):
+    if rt.amp == "none":
+        return torch.autocast(device_type=rt.device.type, enabled=False)
+    dtype = torch.bfloat16 if rt.amp == "bf16" else torch.float16
+    return torch.autocast(device_type=rt.device.type, dtype=dtype)
+
+
+def _to_python(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _to_python(v) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class Schedule:
+    epochs: int
+    warmup_epochs: float
+    batch_size: int  # per device
+    accum_iter: int
+    blr: float
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.95)
+    clip_grad: Optional[float] = None
+
+
+@dataclass
+class FitResult:
+    history: List[dict] = field(default_factory=list)
+    resumed_from_epoch: int = 0
+    train_seconds: float = 0.0
+    images_per_s: float = 0.0
+
+
+def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, schedule: Schedule, run_dir: Path,
+        spec_hash: str, seed: int, rt: Runtime, name: str = "stage",
+        eval_fn: Optional[Callable[[nn.Module], Dict[str, float]]] = None) -> FitResult:
+    """Train `model` with `objective` for schedule.epochs epochs, resuming from run_dir/checkpoint-last.pth."""
+    from timm.scheduler import CosineLRScheduler
+    from .data import loader
+
+    run_dir = Path(run_dir)
+    model.to(rt.device)
+    if getattr(objective, "teacher", None) is not None:
+        objective.teacher.to(rt.device)
+    eff_batch = schedule.batch_size * schedule.accum_iter * rt.world
+    lr = schedule.blr * eff_batch / 256
+    optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(schedule.betas))
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp == "fp16")
+
+    steps_per_epoch = len(loader(dataset, schedule.batch_size, True, 0, 0, rt.rank, rt.world))
+    if steps_per_epoch == 0:
+        raise ValueError(f"{name}: {len(dataset)} training images give no full batch of {schedule.batch_size} "
+                         f"per device on {rt.world} device(s); lower the batch size or use more data")
+    updates_per_epoch = max(1, steps_per_epoch // schedule.accum_iter)
+    total_updates = updates_per_epoch * schedule.epochs
+    warmup_updates = min(int(round(schedule.warmup_epochs * updates_per_epoch)), total_updates)
+    sched = CosineLRScheduler(optimizer, t_initial=max(1, total_updates - warmup_updates), lr_min=schedule.min_lr,
+                              warmup_t=warmup_updates, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+    rt.log(f"[{name}] base lr: {schedule.blr:.3e}  actual lr: {lr:.3e}  effective batch: {eff_batch} "
+           f"(= {schedule.batch_size} per device x {schedule.accum_iter} accum x {rt.world} device(s))  "
+           f"{steps_per_epoch} steps/epoch, {total_updates} updates, {warmup_updates} warmup")
+
+    result = FitResult()
+    start_epoch = 0
+    state = load_last(run_dir, log=rt.log)
+    if state is not None:
+        if state.get("spec_hash") != spec_hash:
+            raise CheckpointError(f"{run_dir}/checkpoint-last.pth was written for another configuration "
+                                  f"(hash {state.get('spec_hash')} vs {spec_hash}); refusing to resume. Move it away "
+                                  "or use a fresh run directory.")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_epoch = int(state["epoch"])
+        result.history = list(state.get("history", []))
+        result.resumed_from_epoch = start_epoch
+        rt.log(f"[{name}] resumed from checkpoint-last at epoch {start_epoch}/{schedule.epochs}")
+    else:
+        seed_all(seed * 1000 + rt.rank)
+
+    train_model = model
+    if rt.distributed:
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    t_start = time.perf_counter()
+    throughputs = []
+    for epoch in range(start_epoch, schedule.epochs):
+        train_model.train()
+        data = loader(dataset, schedule.batch_size, True, epoch, rt.num_workers, rt.rank, rt.world)
+        sums: Dict[str, float] = {}
+        n_steps, seen = 0, 0
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        for step, (imgs, labels) in enumerate(data):
+            if step % schedule.accum_iter == 0:
+                sched.step_update(num_updates=epoch * updates_per_epoch + step // schedule.accum_iter)
+            imgs = imgs.to(rt.device, non_blocking=True)
+            labels = labels.to(rt.device, non_blocking=True)
+            with _autocast(rt):
+                loss, terms = objective(train_model, imgs, labels)
+            if not torch.isfinite(loss):
+                detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+                raise NonFiniteLoss(f"[{name}] non-finite loss {loss.item()} at epoch {epoch} step {step} ({detail})")
+            scaler.scale(loss / schedule.accum_iter).backward()
+            if (step + 1) % schedule.accum_iter == 0:
+                if schedule.clip_grad:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), schedule.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            n_steps += 1
+            seen += imgs.shape[0]
+            sums["loss"] = sums.get("loss", 0.0) + loss.item()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            if rt.log_every and (step + 1) % rt.log_every == 0:
+                ips = seen * rt.world / (time.perf_counter() - t0)
+                rt.log(f"[{name}] epoch {epoch + 1}/{schedule.epochs} step {step + 1}/{steps_per_epoch} "
+                       f"loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} {ips:.0f} img/s")
+        epoch_s = time.perf_counter() - t0
+        throughputs.append(seen * rt.world / epoch_s)
+        row = {"epoch": epoch + 1, **{k: v / max(1, n_steps) for k, v in sums.items()},
+               "lr": optimizer.param_groups[0]["lr"], "epoch_s": epoch_s, "images_per_s": throughputs[-1]}
+        if eval_fn is not None:
+            row.update(eval_fn(model))
+        result.history.append(row)
+        if rt.is_main:
+            with open(run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            save_last({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scaler": scaler.state_dict(), "epoch": epoch + 1, "rng": rng_state(),
+                       "history": result.history, "spec_hash": spec_hash}, run_dir)
+        if rt.distributed:
+            dist.barrier()
+        extra = "".join(f" {k} {v:.2f}" for k, v in row.items() if k.startswith("top"))
+        rt.log(f"[{name}] epoch {epoch + 1}/{schedule.epochs} done: loss {row.get('loss', float('nan')):.4f}"
+               f"{extra} ({epoch_s:.1f} s, {throughputs[-1]:.0f} img/s)")
+    result.train_seconds = time.perf_counter() - t_start
+    result.images_per_s = float(np.median(throughputs)) if throughputs else 0.0
+    return result
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, dataset, batch_size: int, rt: Runtime) -> Dict[str, float]:
+    """Top-1/top-5 (%) over the whole held-out split; each rank takes every world-th image, counts are summed."""
+    model.eval()
+    idx = list(range(rt.rank, len(dataset), rt.world))
+    shard = torch.utils.data.Subset(dataset, idx)
+    dl = torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=rt.num_workers)
+    counts = torch.zeros(3, dtype=torch.float64)
+    for imgs, labels in dl:
+        imgs, labels = imgs.to(rt.device), labels.to(rt.device)
+        with _autocast(rt):
+            logits = model(imgs)
+        k = min(5, logits.shape[-1])
+        top = logits.float().topk(k, dim=-1).indices
+        hit = top.eq(labels[:, None])
+        counts += torch.tensor([hit[:, 0].sum().item(), hit.any(dim=1).sum().item(), len(labels)],
+                               dtype=torch.float64)
+    if rt.distributed:
+        counts = counts.to(rt.device)
+        dist.all_reduce(counts)
+        counts = counts.cpu()
+    n = counts[2].item()
+    return {"top1": 100.0 * counts[0].item() / n, "top5": 100.0 * counts[1].item() / n, "n_eval": int(n)}
+
