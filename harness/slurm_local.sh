@@ -46,17 +46,20 @@ fail() {
   exit 1
 }
 
-# wait_for SECONDS CMD...: poll CMD every 0.5 s until it succeeds; return 1 on timeout.
+# wait_for SECONDS CMD...: poll CMD every 0.2 s until it succeeds; return 1 on timeout.
 wait_for() {
   local deadline=$((SECONDS + $1)); shift
-  until "$@" >/dev/null 2>&1; do ((SECONDS < deadline)) || return 1; sleep 0.5; done
+  until "$@" >/dev/null 2>&1; do ((SECONDS < deadline)) || return 1; sleep 0.2; done
 }
+
+# alive PID: process exists and is not a zombie (PID 1 here may reap orphans late).
+alive() { local st; st=$(awk '{print $3}' /proc/"$1"/stat 2>/dev/null) && [[ -n $st && $st != Z ]]; }
 
 # pid_of NAME: the pid in NAME's pid file if that process is alive and really is NAME.
 pid_of() {
   local f=${PIDFILE[$1]} pid
   [[ -s $f ]] || return 1
-  pid=$(tr -dc 0-9 <"$f"); [[ -n $pid && -d /proc/$pid ]] || return 1
+  pid=$(tr -dc 0-9 <"$f"); [[ -n $pid ]] && alive "$pid" || return 1
   [[ $(cat /proc/"$pid"/comm 2>/dev/null) == "$1"* ]] || return 1
   echo "$pid"
 }
@@ -129,6 +132,9 @@ TaskPlugin=task/none
 MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2
+# submitit ignores SIGTERM, so scancel'ed jobs linger KillWait seconds (default 30) before SIGKILL,
+# and the scheduler holds new jobs back while one is completing.
+KillWait=5
 FirstJobId=$first_id
 MaxJobId=67043328
 SchedulerType=sched/backfill
@@ -228,14 +234,22 @@ do_status() {
 
 do_stop() {
   local i d pid pids=()
+  # Cancel jobs first so no job step outlives slurmd.
+  if pid_of slurmctld >/dev/null && [[ -n $(squeue -h -o %A 2>/dev/null) ]]; then
+    echo "cancelling jobs: $(squeue -h -o %A | tr '\n' ' ')"
+    squeue -h -o %A | xargs -r scancel 2>/dev/null || true
+    wait_for 20 bash -c '[[ -z $(squeue -h -o %A) ]]' || echo "warning: jobs still listed after 20 s"
+  fi
   for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do      # reverse start order
     d=${DAEMONS[i]}
     pid=$(pid_of "$d") || continue
     echo "stopping $d (pid $pid)"; kill -TERM "$pid" 2>/dev/null || true
     # wait up to 15 s, then SIGKILL
-    wait_for 15 bash -c "! kill -0 $pid" || { kill -KILL "$pid" 2>/dev/null || true; sleep 0.5; }
+    wait_for 15 eval "! alive $pid" || { kill -KILL "$pid" 2>/dev/null || true; sleep 0.5; }
     pids+=("$pid")
   done
+  # Job step daemons orphaned by slurmd (only if cancelling failed above).
+  for pid in $(pgrep -x slurmstepd || true); do kill -KILL "$pid" 2>/dev/null || true; done
   ((${#pids[@]})) || echo "nothing running"
   return 0
 }

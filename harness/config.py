@@ -1,0 +1,304 @@
+"""Structured configs (hydra-core / OmegaConf). A table recipe (recipes/<table>.yaml) is validated against
+`TableConfig`: unknown or mistyped keys and wrong types are errors that name the key, before anything runs.
+
+Compose a table's config exactly as the command line does:
+
+    >>> cfg = load_config("table2", ["profile=smoke", "seeds=2"])
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "vit_base"  # a key of harness.models.PRESETS
+    patch_size: int = 16
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"  # fashion_mnist | imagefolder
+    root: str = MISSING  # set by the profile; the paper profile asks for it on the command line
+    img_size: int = 28
+    train_subset: int = 0  # 0 = every image
+    val_subset: int = 0
+    eval_crop_pct: float = 1.0  # ImageNet: 0.875 (Resize 256 + CenterCrop 224)
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 100
+    warmup_epochs: float = 20
+    batch_size: int = 128  # per device
+    accum_iter: int = 4
+    blr: float = 1.5e-4  # lr = blr * effective batch / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    clip_grad: Optional[float] = None
+    mask_ratio: float = 0.75
+    visible_rounding: str = "paper"  # paper: round(N(1-r)) | official: int(N(1-r))
+    norm_pix_loss: bool = False
+
+
+@dataclass
+class DistillConfig:
+    alpha: float = 1.0
+    pixel_weight: float = 1.0  # 0 = feature distillation only
+    pairs: List[List[int]] = field(default_factory=lambda: [[8, 17]])  # (student block, teacher block), 0-based
+    projection: str = "linear"  # linear | mlp
+    distance: str = "l1"  # l1 | l2
+    normalize: bool = True
+    include_cls: bool = True
+    teacher_mode: str = "partial"  # partial: up to the deepest aligned block | full: every block + decoder
+    teacher_source: str = "pretrained"  # pretrained | finetuned
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 100
+    warmup_epochs: float = 20
+    batch_size: int = 128
+    accum_iter: int = 1
+    blr: float = 5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad: Optional[float] = None
+    layer_decay: float = 0.75
+    drop_path: float = 0.15
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+    reprob: float = 0.25
+    randaug: str = "rand-m9-mstd0.5-inc1"
+    eval_batch_size: int = 256
+
+
+@dataclass
+class KDConfig:
+    kind: str = "soft"  # soft (KL with temperature) | hard (DeiT hard label)
+    weight: float = 0.5
+    temperature: float = 1.0
+
+
+@dataclass
+class TeacherConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig("vit_large", 16))
+    # train=True: the harness pre-trains (MAE) and fine-tunes the teacher itself. train=False: provided checkpoints
+    # (paper profile: the official MAE releases) are checked before anything is submitted and used as they are.
+    train: bool = True
+    pretrained_ckpt: Optional[str] = None
+    finetuned_ckpt: Optional[str] = None
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+@dataclass
+class RowConfig:
+    label: str = MISSING
+    method: str = MISSING  # mae | dmae | kd (MAE pre-training, then KD from the fine-tuned teacher)
+    paper: Optional[str] = None  # "<table>/<row_label>" in recipes/paper-numbers.csv; None = not available
+    # Overrides of the table-level sections for this row (checked against their schemas).
+    pretrain: Dict[str, Any] = field(default_factory=dict)
+    distill: Dict[str, Any] = field(default_factory=dict)
+    finetune: Dict[str, Any] = field(default_factory=dict)
+    kd: Dict[str, Any] = field(default_factory=dict)
+    student: Dict[str, Any] = field(default_factory=dict)
+    teacher: Dict[str, Any] = field(default_factory=dict)  # model / pretrained_ckpt / ...: another teacher
+
+
+@dataclass
+class RunConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | none | bf16 | fp16
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    log_every: int = 20
+    num_workers: int = 0
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"  # local | slurm | debug (in-process)
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    timeout_min: int = 60
+    nodes: int = 1
+    gpus_per_node: int = 0  # one task per GPU; 0 = one CPU task
+    cpus_per_task: int = 2
+    mem_gb: Optional[float] = None
+    max_requeues: int = 3  # preemptions/timeouts a stage may survive
+    array_parallelism: int = 64
+    additional_parameters: Dict[str, Any] = field(default_factory=dict)  # extra sbatch parameters
+    poll_s: float = 2.0
+    # Slurm runs write sbatch scripts instead of submitting (sites without long-lived drivers)
+    write_sbatch: bool = False
+
+
+@dataclass
+class TableConfig:
+    table: str = MISSING
+    title: str = ""
+    profile: str = MISSING
+    profile_note: str = ""  # shown in the report (e.g. "not ImageNet numbers")
+    seeds: int = 1
+    seed: int = 0
+    results_root: str = "results"
+    reports_dir: str = "reports"
+    dry_run: bool = False
+    report: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    rows: Dict[str, RowConfig] = field(default_factory=dict)
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="table_schema", node=TableConfig)
+    cs.store(group="launcher", name="local_schema", node=LauncherConfig, package="launcher")
+
+
+register()
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the key."""
+
+
+def tables() -> List[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_config(table: str, overrides: Optional[List[str]] = None) -> DictConfig:
+    """Compose recipes/<table>.yaml with command-line style overrides (hydra's compose API)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    if table not in tables():
+        raise ConfigError(f"unknown table {table!r}; recipes: {', '.join(tables())}")
+    try:
+        with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+            cfg = compose(config_name=table, overrides=list(overrides or []))
+    except (HydraException, OmegaConfBaseException, YAMLError) as e:
+        raise ConfigError(str(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def merged(section: DictConfig, overrides: Dict[str, Any], schema, where: str) -> dict:
+    """Apply a row's overrides to a table-level section, type-checked against its dataclass."""
+    from omegaconf.errors import OmegaConfBaseException
+    base = OmegaConf.merge(OmegaConf.structured(schema), section)
+    try:
+        out = OmegaConf.merge(base, OmegaConf.create(dict(overrides)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return OmegaConf.to_container(out, resolve=True)
+
+
+CHOICES = {
+    "data.name": ("fashion_mnist", "imagefolder"),
+    "pretrain.visible_rounding": ("paper", "official"),
+    "distill.projection": ("linear", "mlp"),
+    "distill.distance": ("l1", "l2"),
+    "distill.teacher_mode": ("partial", "full"),
+    "distill.teacher_source": ("pretrained", "finetuned"),
+    "kd.kind": ("soft", "hard"),
+    "run.amp": ("auto", "none", "bf16", "fp16"),
+    "launcher.name": ("local", "slurm", "debug"),
+}
+
+
+def _check_section(where: str, sec: dict, kind: str) -> None:
+    for key, allowed in CHOICES.items():
+        group, name = key.split(".")
+        if group == kind and name in sec and sec[name] not in allowed:
+            raise ConfigError(f"{where}.{name}={sec[name]!r}: must be one of {', '.join(allowed)}")
+    if kind in ("pretrain", "finetune"):
+        if sec["epochs"] < 1 or sec["batch_size"] < 1 or sec["accum_iter"] < 1:
+            raise ConfigError(f"{where}: epochs, batch_size and accum_iter must be >= 1")
+        if not 0 <= sec["warmup_epochs"] <= sec["epochs"]:
+            raise ConfigError(f"{where}.warmup_epochs={sec['warmup_epochs']} must be within [0, epochs]")
+    if kind == "pretrain" and not 0.0 <= sec["mask_ratio"] < 1.0:
+        raise ConfigError(f"{where}.mask_ratio={sec['mask_ratio']} must be in [0, 1)")
+    if kind == "finetune" and sec["mixup"] + sec["cutmix"] > 0 and sec["batch_size"] % 2:
+        raise ConfigError(f"{where}.batch_size={sec['batch_size']} must be even with mixup/cutmix")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Semantic checks the schema cannot express (impossible values, unknown presets, block indices)."""
+    from .models import PRESETS
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"missing mandatory value(s): {', '.join(missing)} (set them on the command line, "
+                          f"e.g. {missing[0]}=...)")
+    for key, allowed in CHOICES.items():
+        group, name = key.split(".")
+        if group in ("data", "run", "launcher") and cfg[group][name] not in allowed:
+            raise ConfigError(f"{key}={cfg[group][name]!r}: must be one of {', '.join(allowed)}")
+    if cfg.seeds < 1:
+        raise ConfigError(f"seeds={cfg.seeds} must be >= 1")
+    if not cfg.rows:
+        raise ConfigError(f"table {cfg.table!r} has no rows")
+    for rkey, row in cfg.rows.items():
+        where = f"rows.{rkey}"
+        if row.method not in ("mae", "dmae", "kd"):
+            raise ConfigError(f"{where}.method={row.method!r}: must be mae, dmae or kd")
+        student = merged(cfg.student, row.student, ModelConfig, f"{where}.student")
+        teacher = merged(cfg.teacher, row.teacher, TeacherConfig, f"{where}.teacher")
+        pre = merged(cfg.pretrain, row.pretrain, PretrainConfig, f"{where}.pretrain")
+        dis = merged(cfg.distill, row.distill, DistillConfig, f"{where}.distill")
+        fin = merged(cfg.finetune, row.finetune, FinetuneConfig, f"{where}.finetune")
+        kd = merged(cfg.kd, row.kd, KDConfig, f"{where}.kd")
+        for name, sec, kind in ((f"{where}.pretrain", pre, "pretrain"), (f"{where}.distill", dis, "distill"),
+                                (f"{where}.finetune", fin, "finetune"), (f"{where}.kd", kd, "kd"),
+                                (f"{where}.teacher.pretrain", teacher["pretrain"], "pretrain"),
+                                (f"{where}.teacher.finetune", teacher["finetune"], "finetune")):
+            _check_section(name, sec, kind)
+        for who, m in (("student", student), ("teacher", teacher["model"])):
+            if m["preset"] not in PRESETS:
+                raise ConfigError(f"{where}.{who}.preset={m['preset']!r}: unknown; known: {', '.join(sorted(PRESETS))}")
+            if cfg.data.img_size % m["patch_size"]:
+                raise ConfigError(f"{where}.{who}: data.img_size={cfg.data.img_size} is not a multiple of "
+                                  f"patch_size={m['patch_size']}")
+        if not teacher["train"]:
+            needs = ["pretrained_ckpt"] if row.method == "dmae" and dis["teacher_source"] == "pretrained" else []
+            if row.method == "kd" or (row.method == "dmae" and dis["teacher_source"] == "finetuned"):
+                needs.append("finetuned_ckpt")
+            for n in needs:
+                if not teacher[n]:
+                    raise ConfigError(f"{where}: teacher.{n} is required when teacher.train=false (profile "
+                                      f"{cfg.profile}); give the official MAE checkpoint's path")
+        if row.method == "dmae":
+            s_depth, t_depth = PRESETS[student["preset"]].depth, PRESETS[teacher["model"]["preset"]].depth
+            for pair in dis["pairs"]:
+                if len(pair) != 2:
+                    raise ConfigError(f"{where}.distill.pairs: {pair} is not a (student block, teacher block) pair")
+                s, t = pair
+                if not 0 <= s < s_depth:
+                    raise ConfigError(f"{where}.distill.pairs: student block {s} is beyond the student's depth "
+                                      f"{s_depth} (0-based)")
+                if not 0 <= t < t_depth:
+                    raise ConfigError(f"{where}.distill.pairs: teacher block {t} is beyond the teacher's depth "
+                                      f"{t_depth} (0-based)")
+    if cfg.launcher.gpus_per_node and cfg.run.device == "cpu":
+        raise ConfigError("launcher.gpus_per_node > 0 with run.device=cpu")

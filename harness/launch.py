@@ -1,0 +1,236 @@
+"""Execute a plan's stages as submitit jobs.
+
+- debug: in this process, in graph order.
+- local: submitit's local executor; one stage at a time, in graph order.
+- slurm: submitit's Slurm executor. The driver submits every stage whose inputs are done (ready stages together as
+  one job array), polls, and submits the next wave. Each job is a submitit Checkpointable: on preemption or timeout
+  it is requeued (at most launcher.max_requeues times) and the stage resumes from its checkpoint-last. Multi-GPU
+  jobs start torch.distributed from submitit's job environment.
+
+The driver can be stopped and restarted at any time: finished stages are found by their result.json, and a stage
+whose Slurm job is still queued or running (its id is kept in <stage dir>/job.json) is re-attached, not resubmitted.
+A failed stage is reported with its log paths; stages that do not depend on it go on.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import submitit
+from omegaconf import DictConfig, OmegaConf
+
+from .plan import Plan, Stage
+from .stages import ERROR_FILE, run_stage, write_json
+
+JOB_FILE = "job.json"
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "UNKNOWN"}
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """The callable a job runs. checkpoint() (inherited) resubmits the same callable; the stage itself resumes from
+    its checkpoint-last, so a requeued job loses at most the epoch it was in."""
+
+    def __init__(self, stage_id: str, spec: dict, run_dir: str, inputs: Dict[str, str], runtime: dict,
+                 distributed: bool = False):
+        self.stage_id, self.spec, self.run_dir = stage_id, spec, run_dir
+        self.inputs, self.runtime, self.distributed = inputs, runtime, distributed
+
+    def __call__(self) -> dict:
+        if self.distributed:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        return run_stage(self.spec, self.run_dir, self.inputs, self.runtime, self.stage_id)
+
+
+@contextmanager
+def driver_lock(root: Path):
+    """One driver per results root: a second `reproduce` on the same root stops with a clear error instead of
+    running the same stages twice at once."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / ".driver.lock"
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise RuntimeError(f"another reproduce driver ({holder or 'unknown pid'}) is running on {root}; "
+                           "wait for it or stop it first") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    f.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def _runtime(cfg: DictConfig) -> dict:
+    r = cfg.run
+    return dict(device=r.device, amp=r.amp, threads=r.threads, log_every=r.log_every, num_workers=r.num_workers)
+
+
+def _job(plan: Plan, stage: Stage, cfg: DictConfig, distributed: bool) -> StageJob:
+    return StageJob(stage.id, stage.spec, str(plan.dir(stage.id)), plan.input_paths(stage), _runtime(cfg),
+                    distributed)
+
+
+class Progress:
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        # a stage that failed in an earlier run is tried again
+        self.state: Dict[str, str] = {sid: "done" if plan.status(sid) == "done" else "todo" for sid in plan.stages}
+        self.t0 = time.time()
+
+    def set(self, sid: str, state: str, extra: str = "") -> None:
+        self.state[sid] = state
+        n_done = sum(1 for v in self.state.values() if v == "done")
+        print(f"[reproduce {time.time() - self.t0:6.0f}s] {n_done}/{len(self.state)} done | {sid}: {state}"
+              f"{' ' + extra if extra else ''}", flush=True)
+
+    def blocked_by_failure(self, stage: Stage) -> Optional[str]:
+        for dep in self.plan.deps(stage):
+            if self.state.get(dep) in ("failed", "blocked"):
+                return dep
+        return None
+
+
+def _failure_detail(plan: Plan, sid: str, job=None) -> str:
+    err = plan.dir(sid) / ERROR_FILE
+    parts = []
+    if err.exists():
+        try:
+            parts.append(json.loads(err.read_text())["error"])
+        except (OSError, ValueError, KeyError):
+            parts.append(f"see {err}")
+    if job is not None:
+        parts.append(f"logs: {job.paths.stdout} / {job.paths.stderr}")
+    return "; ".join(parts)
+
+
+def execute(plan: Plan, cfg: DictConfig) -> Dict[str, str]:
+    """Run every stage that is not done. Returns {stage id: done | failed | blocked}."""
+    with driver_lock(plan.root):
+        name = cfg.launcher.name
+        if name == "slurm":
+            return _run_slurm(plan, cfg)
+        return _run_in_order(plan, cfg, local=name == "local")
+
+
+def _run_in_order(plan: Plan, cfg: DictConfig, local: bool) -> Dict[str, str]:
+    prog = Progress(plan)
+    executor = None
+    if local:
+        executor = submitit.AutoExecutor(folder=plan.root / ".submitit" / "%j", cluster="local")
+        executor.update_parameters(timeout_min=cfg.launcher.timeout_min, gpus_per_node=cfg.launcher.gpus_per_node,
+                                   tasks_per_node=max(1, cfg.launcher.gpus_per_node))
+    for sid, stage in plan.stages.items():
+        if prog.state[sid] == "done":
+            continue
+        dep = prog.blocked_by_failure(stage)
+        if dep:
+            prog.set(sid, "blocked", f"(input {dep} failed)")
+            continue
+        prog.set(sid, "running")
+        if executor is None:
+            try:
+                run_stage(stage.spec, plan.dir(sid), plan.input_paths(stage), _runtime(cfg), sid)
+                prog.set(sid, "done")
+            except Exception as e:  # reported, independent stages go on
+                prog.set(sid, "failed", f"{type(e).__name__}: {e}")
+            continue
+        job = executor.submit(_job(plan, stage, cfg, distributed=cfg.launcher.gpus_per_node > 1))
+        try:
+            job.result()
+            prog.set(sid, "done")
+        except Exception:
+            prog.set(sid, "failed", _failure_detail(plan, sid, job))
+    return dict(prog.state)
+
+
+def slurm_executor(plan: Plan, cfg: DictConfig) -> submitit.AutoExecutor:
+    la = cfg.launcher
+    ex = submitit.AutoExecutor(folder=plan.root / ".submitit" / "%j", cluster="slurm",
+                               slurm_max_num_timeout=la.max_requeues)
+    tasks = max(1, la.gpus_per_node)
+    params = dict(timeout_min=la.timeout_min, nodes=la.nodes, tasks_per_node=tasks, cpus_per_task=la.cpus_per_task,
+                  slurm_array_parallelism=la.array_parallelism,
+                  slurm_additional_parameters=OmegaConf.to_container(la.additional_parameters, resolve=True))
+    if la.gpus_per_node:
+        params["gpus_per_node"] = la.gpus_per_node
+    if la.mem_gb:
+        params["mem_gb"] = la.mem_gb
+    for key in ("partition", "account", "qos"):
+        if la[key]:
+            params[f"slurm_{key}"] = la[key]
+    ex.update_parameters(**params)
+    return ex
+
+
+def _attach(plan: Plan, sid: str):
+    """The still-active Slurm job of a stage submitted by an earlier driver, if any."""
+    f = plan.dir(sid) / JOB_FILE
+    if not f.exists():
+        return None
+    try:
+        info = json.loads(f.read_text())
+        job = submitit.SlurmJob(folder=info["folder"], job_id=info["job_id"])
+        return job if job.state.split()[0] in ACTIVE else None
+    except Exception:
+        return None
+
+
+def _run_slurm(plan: Plan, cfg: DictConfig) -> Dict[str, str]:
+    prog = Progress(plan)
+    ex = slurm_executor(plan, cfg)
+    distributed = cfg.launcher.nodes * max(1, cfg.launcher.gpus_per_node) > 1
+    running: Dict[str, object] = {}
+    for sid in plan.stages:
+        if prog.state[sid] != "done":
+            job = _attach(plan, sid)
+            if job is not None:
+                running[sid] = job
+                prog.set(sid, "re-attached", f"(job {job.job_id})")
+    while True:
+        ready: List[Stage] = []
+        for sid, stage in plan.stages.items():
+            if prog.state[sid] in ("done", "failed", "blocked") or sid in running:
+                continue
+            dep = prog.blocked_by_failure(stage)
+            if dep:
+                prog.set(sid, "blocked", f"(input {dep} failed)")
+            elif all(prog.state.get(d) == "done" for d in plan.deps(stage)):
+                ready.append(stage)
+        if ready:
+            with ex.batch():  # one job array for the whole wave
+                pending = [(s, ex.submit(_job(plan, s, cfg, distributed))) for s in ready]
+            for stage, job in pending:
+                plan.dir(stage.id).mkdir(parents=True, exist_ok=True)
+                write_json({"job_id": job.job_id, "folder": str(plan.root / ".submitit" / "%j"),
+                            "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, plan.dir(stage.id) / JOB_FILE)
+                running[stage.id] = job
+                prog.set(stage.id, "submitted", f"(job {job.job_id})")
+        if not running:
+            break
+        time.sleep(cfg.launcher.poll_s)
+        for sid, job in list(running.items()):
+            if not job.done():
+                continue
+            del running[sid]
+            if plan.status(sid) == "done":
+                prog.set(sid, "done")
+            else:
+                try:
+                    job.result()
+                    detail = "the job ended without a result"
+                except Exception as e:
+                    detail = _failure_detail(plan, sid, job) or str(e).splitlines()[0]
+                prog.set(sid, "failed", detail)
+    return dict(prog.state)

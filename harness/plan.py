@@ -1,0 +1,224 @@
+"""Expand a table recipe into a graph of stages.
+
+    teacher pre-train (or a provided checkpoint) -> teacher fine-tune (or provided)
+    -> student pre-trains (MAE / DMAE, one per row and seed) -> fine-tunes (KD rows: from the fine-tuned teacher)
+    -> evaluations
+
+A stage's id is `<what it is>-<hash>`, the hash taken over its resolved spec, which holds its inputs' ids: equal
+stages are shared (the MAE-baseline pre-train feeds the MAE and the KD rows; one teacher serves every row) and a
+rerun finds finished stages by id. Results live in <results_root>/<table>/<profile>/<stage id>/.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from .config import (ConfigError, DistillConfig, FinetuneConfig, KDConfig, ModelConfig, PretrainConfig, TeacherConfig,
+                     merged)
+from .stages import ERROR_FILE, MODEL_FILE, RESULT_FILE, spec_hash
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Stage:
+    id: str
+    kind: str  # pretrain | finetune | evaluate
+    role: str  # teacher-pretrain | teacher-finetune | student-pretrain | student-finetune | evaluate
+    spec: dict
+    inputs: Dict[str, str]  # input role -> stage id, or "file:<path>" for a provided checkpoint
+    cells: List[Tuple[str, int]] = field(default_factory=list)  # (row, seed) pairs this stage serves
+
+
+@dataclass
+class Cell:
+    """One (row, seed) of the table and the stages that produce its number."""
+    row: str
+    seed: int
+    label: str
+    method: str
+    paper: Optional[str]
+    pretrain: str
+    finetune: str
+    evaluate: str
+    teacher: Dict[str, str]
+    info: dict
+
+
+@dataclass
+class Plan:
+    table: str
+    profile: str
+    root: Path
+    stages: Dict[str, Stage]  # in dependency order
+    cells: List[Cell]
+
+    def dir(self, stage_id: str) -> Path:
+        return self.root / stage_id
+
+    def input_paths(self, stage: Stage) -> Dict[str, str]:
+        return {role: ref[len("file:"):] if ref.startswith("file:") else str(self.dir(ref) / MODEL_FILE)
+                for role, ref in stage.inputs.items()}
+
+    def deps(self, stage: Stage) -> List[str]:
+        return [ref for ref in stage.inputs.values() if not ref.startswith("file:")]
+
+    def status(self, stage_id: str) -> str:
+        d = self.dir(stage_id)
+        if (d / RESULT_FILE).exists():
+            return "done"
+        if (d / ERROR_FILE).exists():
+            return "failed"
+        if (d / "checkpoint-last.pth").exists():
+            return "partial"
+        return "todo"
+
+
+def _model_tag(m: dict) -> str:
+    return f"{m['preset']}p{m['patch_size']}"
+
+
+class _Builder:
+    def __init__(self, cfg: DictConfig, root: Path):
+        self.cfg = cfg
+        self.root = root
+        self.stages: Dict[str, Stage] = {}
+        self.data = OmegaConf.to_container(cfg.data, resolve=True)
+        self.amp = cfg.run.amp
+
+    def add(self, kind: str, role: str, desc: str, spec: dict, inputs: Dict[str, str], cell) -> str:
+        spec = {"kind": kind, **spec, "data": self.data, "amp": self.amp, "inputs": dict(inputs)}
+        sid = f"{desc}-{spec_hash(spec)[:10]}"
+        spec["name"] = desc
+        if sid not in self.stages:
+            self.stages[sid] = Stage(sid, kind, role, spec, dict(inputs))
+        if cell not in self.stages[sid].cells:
+            self.stages[sid].cells.append(cell)
+        return sid
+
+    def teacher(self, t: dict, cell) -> Dict[str, str]:
+        """Stage ids (or provided files) of the teacher's pre-trained and fine-tuned checkpoints."""
+        if not t["train"]:
+            return {k: f"file:{os.path.abspath(t[k + '_ckpt'])}" for k in ("pretrained", "finetuned") if t[k + "_ckpt"]}
+        tag = _model_tag(t["model"])
+        pt = self.add("pretrain", "teacher-pretrain", f"teacher-pretrain-mae-{tag}-e{t['pretrain']['epochs']}",
+                      {"objective": "mae", "model": t["model"], "pretrain": t["pretrain"], "seed": self.cfg.seed},
+                      {}, cell)
+        ft = self.add("finetune", "teacher-finetune", f"teacher-finetune-{tag}-e{t['finetune']['epochs']}",
+                      {"model": t["model"], "finetune": t["finetune"], "kd": None, "seed": self.cfg.seed},
+                      {"init": pt}, cell)
+        return {"pretrained": pt, "finetuned": ft}
+
+    def cell(self, key: str, row: DictConfig, seed: int) -> Cell:
+        cfg, where, c = self.cfg, f"rows.{key}", (key, seed)
+        student = merged(cfg.student, row.student, ModelConfig, f"{where}.student")
+        teacher_cfg = merged(cfg.teacher, row.teacher, TeacherConfig, f"{where}.teacher")
+        pre = merged(cfg.pretrain, row.pretrain, PretrainConfig, f"{where}.pretrain")
+        dis = merged(cfg.distill, row.distill, DistillConfig, f"{where}.distill")
+        fin = merged(cfg.finetune, row.finetune, FinetuneConfig, f"{where}.finetune")
+        kd = merged(cfg.kd, row.kd, KDConfig, f"{where}.kd")
+        teacher = self.teacher(teacher_cfg, c)
+        tag = _model_tag(student)
+        mask = f"m{round(pre['mask_ratio'] * 100)}"
+        if row.method == "dmae":
+            source = dis.pop("teacher_source")
+            ref = teacher.get(source)
+            if ref is None:
+                raise ConfigError(f"{where}: distilling from the {source} teacher needs teacher.{source}_ckpt")
+            pt = self.add("pretrain", "student-pretrain",
+                          f"student-pretrain-dmae-{tag}-from-{_model_tag(teacher_cfg['model'])}-{mask}-e{pre['epochs']}"
+                          f"-s{seed}", {"objective": "dmae", "model": student, "pretrain": pre, "distill": dis,
+                                        "teacher_model": teacher_cfg["model"], "seed": seed},
+                          {"teacher": ref}, c)
+        else:  # mae and kd rows share the MAE pre-training
+            pt = self.add("pretrain", "student-pretrain", f"student-pretrain-mae-{tag}-{mask}-e{pre['epochs']}-s{seed}",
+                          {"objective": "mae", "model": student, "pretrain": pre, "seed": seed}, {}, c)
+        ft_spec = {"model": student, "finetune": fin, "kd": None, "seed": seed}
+        ft_inputs = {"init": pt}
+        of = self.stages[pt].spec["name"].removeprefix("student-pretrain-")
+        ft_desc = f"student-finetune-e{fin['epochs']}-of-{of}"
+        if row.method == "kd":
+            if "finetuned" not in teacher:
+                raise ConfigError(f"{where}: the KD row needs a fine-tuned teacher (teacher.finetuned_ckpt)")
+            ft_spec.update(kd=kd, teacher_model=teacher_cfg["model"])
+            ft_inputs["kd_teacher"] = teacher["finetuned"]
+            ft_desc = f"student-finetune-kd{kd['kind']}-e{fin['epochs']}-of-{of}"
+        ft = self.add("finetune", "student-finetune", ft_desc, ft_spec, ft_inputs, c)
+        ev = self.add("evaluate", "evaluate", "evaluate-" + self.stages[ft].spec["name"].removeprefix("student-"),
+                      {"model": student, "eval_batch_size": fin["eval_batch_size"], "seed": seed}, {"model": ft}, c)
+        info = {"teacher": teacher_cfg["model"]["preset"], "student": student["preset"],
+                "mask_ratio": pre["mask_ratio"], "pretrain_epochs": pre["epochs"], "finetune_epochs": fin["epochs"],
+                "kd": kd["kind"] if row.method == "kd" else None,
+                "distill": dis if row.method == "dmae" else None}
+        return Cell(key, seed, row.label, row.method, row.paper, pt, ft, ev, teacher, info)
+
+
+def build_plan(cfg: DictConfig) -> Plan:
+    root = Path(cfg.results_root).resolve() / cfg.table / cfg.profile
+    b = _Builder(cfg, root)
+    cells = [b.cell(key, row, cfg.seed + s) for key, row in cfg.rows.items() for s in range(cfg.seeds)]
+    order = _toposort(b.stages)
+    return Plan(cfg.table, cfg.profile, root, {sid: b.stages[sid] for sid in order}, cells)
+
+
+def _toposort(stages: Dict[str, Stage]) -> List[str]:
+    order, seen = [], set()
+
+    def visit(sid: str) -> None:
+        if sid in seen:
+            return
+        seen.add(sid)
+        for ref in stages[sid].inputs.values():
+            if not ref.startswith("file:"):
+                visit(ref)
+        order.append(sid)
+
+    for sid in stages:
+        visit(sid)
+    return order
+
+
+def write_manifest(plan: Plan, cfg: DictConfig, command: str, overrides: List[str]) -> Path:
+    """Everything the report needs to map stage results back to table rows, plus provenance."""
+    from .stages import _git_commit, write_json
+    plan.root.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "table": plan.table, "profile": plan.profile, "title": cfg.title, "profile_note": cfg.profile_note,
+        "command": command, "overrides": list(overrides), "git_commit": _git_commit(), "seeds": cfg.seeds,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "cells": [c.__dict__ for c in plan.cells],
+        "stages": {s.id: {"kind": s.kind, "role": s.role, "name": s.spec["name"], "inputs": s.inputs,
+                          "cells": s.cells} for s in plan.stages.values()},
+    }
+    path = plan.root / MANIFEST
+    write_json(manifest, path)
+    (plan.root / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    return path
+
+
+def describe(plan: Plan, estimates: Optional[Dict[str, float]] = None) -> str:
+    """The --dry-run listing: each stage, whether it is done, what it needs, and an estimated cost."""
+    lines = [f"Plan for {plan.table} ({plan.profile}): {len(plan.stages)} stages, {len(plan.cells)} table cells",
+             f"results: {plan.root}"]
+    total = 0.0
+    for s in plan.stages.values():
+        st = plan.status(s.id)
+        est = (estimates or {}).get(s.id)
+        if est is not None and st != "done":
+            total += est
+        needs = ", ".join(f"{r}={ref if ref.startswith('file:') else ref}" for r, ref in s.inputs.items()) or "-"
+        cost = f"~{est / 60:.1f} min" if est is not None else "cost unknown"
+        lines.append(f"  [{st:>7}] {s.id}\n            needs: {needs}\n            serves: "
+                     f"{', '.join(f'{r}/s{sd}' for r, sd in s.cells)}; {cost if st != 'done' else 'done'}")
+    if estimates:
+        lines.append(f"Estimated remaining compute: ~{total / 60:.1f} min")
+    return "\n".join(lines)
+
+
+def load_manifest(root: Path) -> dict:
+    return json.loads((Path(root) / MANIFEST).read_text())
