@@ -137,7 +137,8 @@ class LauncherConfig:
     cpus_per_task: int = 2
     mem_gb: Optional[float] = None
     max_requeues: int = 3  # preemptions/timeouts a stage may survive
-    array_parallelism: int = 64
+    array_parallelism: int = 64  # Slurm: jobs of one array running at once
+    max_parallel: int = 1  # jobs in flight at once (0 = no limit); the local launcher runs them side by side
     additional_parameters: Dict[str, Any] = field(default_factory=dict)  # extra sbatch parameters
     poll_s: float = 2.0
     # Slurm runs write sbatch scripts instead of submitting (sites without long-lived drivers)

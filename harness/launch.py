@@ -119,18 +119,14 @@ def execute(plan: Plan, cfg: DictConfig) -> Dict[str, str]:
     """Run every stage that is not done. Returns {stage id: done | failed | blocked}."""
     with driver_lock(plan.root):
         name = cfg.launcher.name
-        if name == "slurm":
-            return _run_slurm(plan, cfg)
-        return _run_in_order(plan, cfg, local=name == "local")
+        if name == "debug":
+            return _run_in_process(plan, cfg)
+        ex = slurm_executor(plan, cfg) if name == "slurm" else local_executor(plan, cfg)
+        return _run_jobs(plan, cfg, ex, slurm=name == "slurm")
 
 
-def _run_in_order(plan: Plan, cfg: DictConfig, local: bool) -> Dict[str, str]:
+def _run_in_process(plan: Plan, cfg: DictConfig) -> Dict[str, str]:
     prog = Progress(plan)
-    executor = None
-    if local:
-        executor = submitit.AutoExecutor(folder=plan.root / ".submitit" / "%j", cluster="local")
-        executor.update_parameters(timeout_min=cfg.launcher.timeout_min, gpus_per_node=cfg.launcher.gpus_per_node,
-                                   tasks_per_node=max(1, cfg.launcher.gpus_per_node))
     for sid, stage in plan.stages.items():
         if prog.state[sid] == "done":
             continue
@@ -139,20 +135,19 @@ def _run_in_order(plan: Plan, cfg: DictConfig, local: bool) -> Dict[str, str]:
             prog.set(sid, "blocked", f"(input {dep} failed)")
             continue
         prog.set(sid, "running")
-        if executor is None:
-            try:
-                run_stage(stage.spec, plan.dir(sid), plan.input_paths(stage), _runtime(cfg), sid)
-                prog.set(sid, "done")
-            except Exception as e:  # reported, independent stages go on
-                prog.set(sid, "failed", f"{type(e).__name__}: {e}")
-            continue
-        job = executor.submit(_job(plan, stage, cfg, distributed=cfg.launcher.gpus_per_node > 1))
         try:
-            job.result()
+            run_stage(stage.spec, plan.dir(sid), plan.input_paths(stage), _runtime(cfg), sid)
             prog.set(sid, "done")
-        except Exception:
-            prog.set(sid, "failed", _failure_detail(plan, sid, job))
+        except Exception as e:  # reported; independent stages go on
+            prog.set(sid, "failed", f"{type(e).__name__}: {e}")
     return dict(prog.state)
+
+
+def local_executor(plan: Plan, cfg: DictConfig) -> submitit.AutoExecutor:
+    ex = submitit.AutoExecutor(folder=plan.root / ".submitit" / "%j", cluster="local")
+    ex.update_parameters(timeout_min=cfg.launcher.timeout_min, gpus_per_node=cfg.launcher.gpus_per_node,
+                         tasks_per_node=max(1, cfg.launcher.gpus_per_node))
+    return ex
 
 
 def slurm_executor(plan: Plan, cfg: DictConfig) -> submitit.AutoExecutor:
@@ -187,12 +182,14 @@ def _attach(plan: Plan, sid: str):
         return None
 
 
-def _run_slurm(plan: Plan, cfg: DictConfig) -> Dict[str, str]:
+def _run_jobs(plan: Plan, cfg: DictConfig, ex: submitit.AutoExecutor, slurm: bool) -> Dict[str, str]:
+    """Submit every stage whose inputs are done (at most launcher.max_parallel jobs at once, 0 = no limit; on
+    Slurm a wave goes out as one job array), poll, repeat."""
     prog = Progress(plan)
-    ex = slurm_executor(plan, cfg)
+    limit = cfg.launcher.max_parallel
     distributed = cfg.launcher.nodes * max(1, cfg.launcher.gpus_per_node) > 1
     running: Dict[str, object] = {}
-    for sid in plan.stages:
+    for sid in plan.stages if slurm else ():
         if prog.state[sid] != "done":
             job = _attach(plan, sid)
             if job is not None:
@@ -208,8 +205,10 @@ def _run_slurm(plan: Plan, cfg: DictConfig) -> Dict[str, str]:
                 prog.set(sid, "blocked", f"(input {dep} failed)")
             elif all(prog.state.get(d) == "done" for d in plan.deps(stage)):
                 ready.append(stage)
+        if limit:
+            ready = ready[:max(0, limit - len(running))]
         if ready:
-            with ex.batch():  # one job array for the whole wave
+            with ex.batch():  # on Slurm, one job array for the whole wave
                 pending = [(s, ex.submit(_job(plan, s, cfg, distributed))) for s in ready]
             for stage, job in pending:
                 plan.dir(stage.id).mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ def check_inputs(plan: Plan, cfg: DictConfig) -> None:
         check_data(DataSpec(**cfg.data))
     except DataError as e:
         raise PreflightError(str(e)) from None
-    checked = set()
+    checked, problems = set(), []
     for stage in plan.stages.values():
         for role, ref in stage.inputs.items():
             if not ref.startswith("file:") or (ref, role) in checked:
@@ -58,7 +58,9 @@ def check_inputs(plan: Plan, cfg: DictConfig) -> None:
                     load_teacher_encoder(path, stage.spec["teacher_model"], cfg.data.img_size,
                                          with_decoder=stage.spec.get("distill", {}).get("teacher_mode") == "full")
             except CheckpointError as e:
-                raise PreflightError(f"{role} checkpoint for {stage.id}: {e}") from None
+                problems.append(f"{role} checkpoint for {stage.id}: {e}")
+    if problems:
+        raise PreflightError("\n".join(problems))
     if cfg.launcher.name == "slurm":
         check_slurm(cfg.launcher.partition)
 

@@ -15,6 +15,7 @@
 # See shared/reference/slurm-on-one-machine.md for why each setting is here.
 set -euo pipefail
 
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH   # daemons live in /usr/sbin
 STATE=${SLURM_LOCAL_STATE:-/var/lib/slurm-local}
 TIMEOUT=${SLURM_LOCAL_TIMEOUT:-60}
 ETC=/etc/slurm
@@ -50,6 +51,16 @@ fail() {
 wait_for() {
   local deadline=$((SECONDS + $1)); shift
   until "$@" >/dev/null 2>&1; do ((SECONDS < deadline)) || return 1; sleep 0.2; done
+}
+
+# wait_up SECONDS DAEMON CMD...: like wait_for, but give up early once DAEMON has been dead for 3 s.
+wait_up() {
+  local deadline=$((SECONDS + $1)) grace=$((SECONDS + 3)) d=$2; shift 2
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || return 1
+    ((SECONDS < grace)) || pid_of "$d" >/dev/null || { log "$d is not running"; return 1; }
+    sleep 0.2
+  done
 }
 
 # alive PID: process exists and is not a zombie (PID 1 here may reap orphans late).
@@ -101,15 +112,13 @@ cluster_registered() { sacctmgr -n -P list cluster format=cluster 2>/dev/null | 
 mysql_up() { mariadb --socket=$MYSQL_SOCK -e 'select 1'; }
 munge_ok() { munge -n | unmunge; }
 
+# write_configs FIRST_JOB_ID
 write_configs() {
-  mkdir -p "$ETC" "$LOG" "$RUN" "$STATE/ctld" "$STATE/slurmd"
   # Node line from the hardware, with ~85% of RealMemory (the full amount makes the node drain).
   local node mem
   node=$(slurmd -C | head -n1) || die "slurmd -C failed"
   mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$node")
   node=$(sed "s/RealMemory=[0-9]*/RealMemory=$((mem * 85 / 100))/; s/^NodeName=[^ ]*/NodeName=$HOST/" <<<"$node")
-  # Job ids start from the clock so a cold start never reuses an id from an earlier run (pitfall 10).
-  local first_id=$(( $(date +%s) % 60000000 + 1000 ))
   cat >"$ETC/slurm.conf" <<EOF
 # Written by harness/slurm_local.sh -- single-node loopback cluster; edits are overwritten.
 ClusterName=$CLUSTER
@@ -118,7 +127,6 @@ CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 SlurmctldPort=6817
 SlurmdPort=6818
 SlurmUser=root
-SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=cred_expire=10
 StateSaveLocation=$STATE/ctld
@@ -129,15 +137,13 @@ SlurmctldLogFile=$LOG/slurmctld.log
 SlurmdLogFile=$LOG/slurmd.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
-MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2
 # submitit ignores SIGTERM, so scancel'ed jobs linger KillWait seconds (default 30) before SIGKILL,
 # and the scheduler holds new jobs back while one is completing.
 KillWait=5
-FirstJobId=$first_id
+FirstJobId=$1
 MaxJobId=67043328
-SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
@@ -145,7 +151,6 @@ DefMemPerCPU=1024
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=6819
-JobAcctGatherType=jobacct_gather/none
 $node NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
@@ -168,10 +173,7 @@ EOF
 }
 
 start_munge() {
-  if [[ ! -s /etc/munge/munge.key ]]; then
-    log "creating munge key"
-    dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
-  fi
+  [[ -s /etc/munge/munge.key ]] || dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
   chown munge:munge /etc/munge/munge.key; chmod 0400 /etc/munge/munge.key
   mkdir -p /run/munge /var/log/munge /var/lib/munge
   chown munge:munge /run/munge /var/log/munge /var/lib/munge; chmod 755 /run/munge
@@ -195,8 +197,17 @@ start_mariadb() {
     --skip-networking --pid-file="${PIDFILE[mariadbd]}" --log-error="${DLOG[mariadbd]}" \
     </dev/null >/dev/null 2>&1 &
   wait_for 30 mysql_up || fail "mariadbd did not come up" mariadbd
-  # Cold start: forget old jobs (their ids could collide with new ones); slurmdbd recreates it.
+}
+
+# Cold start: pick FirstJobId, then drop the accounting DB (slurmdbd recreates it). Job ids must
+# never repeat across cold starts (a reused submitit folder would return an old result, pitfall 10):
+# start from the clock, or past the highest id the old DB recorded if that is higher.
+reset_accounting() {
+  local last first=$(( $(date +%s) % 60000000 + 1000 ))
+  last=$(mariadb --socket=$MYSQL_SOCK -N -e "SELECT MAX(id_job) FROM slurm_acct_db.${CLUSTER}_job_table" 2>/dev/null) || last=
+  [[ $last =~ ^[0-9]+$ ]] && ((last >= first && last < 67000000)) && first=$((last + 1))
   mariadb --socket=$MYSQL_SOCK -e 'DROP DATABASE IF EXISTS slurm_acct_db' || fail "cannot drop slurm_acct_db" mariadbd
+  echo "$first"
 }
 
 do_start() {
@@ -206,16 +217,18 @@ do_start() {
   do_stop >/dev/null                    # clear any half-running leftovers: always a cold start
   local t0=$SECONDS
   getent hosts "$HOST" >/dev/null || { log "adding '127.0.0.1 $HOST' to /etc/hosts"; echo "127.0.0.1 $HOST" >>/etc/hosts; }
-  write_configs
+  mkdir -p "$ETC" "$LOG" "$RUN" "$STATE/ctld" "$STATE/slurmd"
   rm -rf "${STATE:?}/ctld/"* "${STATE:?}/slurmd/"*   # cold start: no old job state
   start_munge
   start_mariadb
+  local first_id; first_id=$(reset_accounting) || exit 1
+  write_configs "$first_id"
   slurmdbd || fail "slurmdbd failed to start" slurmdbd
-  wait_for 20 sacctmgr -n list cluster || fail "slurmdbd does not answer" slurmdbd mariadbd
+  wait_up 20 slurmdbd sacctmgr -n list cluster || fail "slurmdbd does not answer" slurmdbd mariadbd
   slurmctld -c || fail "slurmctld failed to start" slurmctld
-  wait_for 20 bash -c 'scontrol ping | grep -q UP' || fail "slurmctld does not answer" slurmctld
+  wait_up 20 slurmctld bash -c 'scontrol ping | grep -q UP' || fail "slurmctld does not answer" slurmctld
   slurmd || fail "slurmd failed to start" slurmd
-  wait_for "$TIMEOUT" node_idle || fail "node $HOST not idle after ${TIMEOUT}s: $(sinfo -h -N -o '%T %E' 2>&1)" slurmd slurmctld
+  wait_up "$TIMEOUT" slurmd node_idle || fail "node $HOST not idle: $(sinfo -h -N -o '%T %E' 2>&1)" slurmd slurmctld
   wait_for "$TIMEOUT" cluster_registered || fail "cluster '$CLUSTER' not registered in slurmdbd" slurmctld slurmdbd
   healthy || fail "cluster came up but the health check fails"
   log "cluster up in $((SECONDS - t0)) s (logs in $LOG)"
@@ -253,6 +266,13 @@ do_stop() {
   ((${#pids[@]})) || echo "nothing running"
   return 0
 }
+
+# start/stop/install run one at a time (parallel test workers may all call start). flock -o keeps
+# the lock fd out of the daemons this run starts.
+if [[ ${1:-} =~ ^(start|stop|install)$ && -z ${SLURM_LOCAL_LOCKED:-} ]]; then
+  [[ $EUID -eq 0 ]] || die "must run as root"
+  SLURM_LOCAL_LOCKED=1 exec flock -o -w 600 /run/slurm_local.lock bash "$0" "$@"
+fi
 
 case ${1:-} in
   install) do_install ;;

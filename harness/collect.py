@@ -1,0 +1,317 @@
+"""Read a table's results tree (results/<table>/<profile>/) into pandas.
+
+    >>> c = collect(Path("results/table2/tiny"))
+    >>> c.cells      # one row per table cell (row, seed): its number, its status, its cost
+    >>> c.stages     # one row per stage of the plan: status (with the reason), cost, provenance
+    >>> summarize(c) # one row per table row: mean +- std over finished seeds, n, the paper's number, delta
+    >>> c.warnings   # unreadable files and stray stage directories, each naming its path
+
+Every planned stage and cell appears with a status, never silently dropped:
+
+    done         result.json is there and readable
+    failed       error.json is there (the reason is its `error`)
+    partial      running or interrupted: checkpoint-last.pth, log.jsonl or a submitted Slurm job (job.json) exists
+    unreadable   result.json exists but cannot be read; the stage is skipped and the path is in `warnings`
+    not started  none of the above
+
+A cell's status is its evaluation's when that is done, else the worst status among the stages it depends on
+(teacher stages included), so a cell blocked by a failed teacher says so.
+
+    python -m harness.collect results/table2/tiny [--csv out/]      # print the per-cell frame, export CSVs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import pandas as pd
+
+PAPER_NUMBERS = Path(__file__).resolve().parent.parent / "recipes" / "paper-numbers.csv"
+RESULT, ERROR, CONFIG, LOG, LAST, JOB = "result.json", "error.json", "config.json", "log.jsonl", \
+    "checkpoint-last.pth", "job.json"
+NOT_AVAILABLE = "not available"
+NOT_IMAGENET = "n/a (not ImageNet)"
+# worst first: a cell is as bad as the worst stage it needs
+SEVERITY = ("failed", "unreadable", "partial", "not started", "done")
+ROLES = ("teacher-pretrain", "teacher-finetune", "student-pretrain", "student-finetune", "evaluate")
+
+
+@dataclass
+class Collected:
+    root: Path
+    manifest: dict
+    stages: pd.DataFrame
+    cells: pd.DataFrame
+    warnings: List[str] = field(default_factory=list)
+
+    @property
+    def profile(self) -> str:
+        return self.manifest.get("profile", self.root.name)
+
+    @property
+    def table(self) -> str:
+        return self.manifest.get("table", self.root.parent.name)
+
+
+def read_log(path: Path, warnings: Optional[List[str]] = None) -> List[dict]:
+    """The per-epoch records of a log.jsonl; unparsable lines are skipped (and named in `warnings`)."""
+    if not path.exists():
+        return []
+    out = []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if isinstance(rec, dict):
+                out.append(rec)
+                continue
+        except ValueError:
+            pass
+        if warnings is not None:
+            warnings.append(f"{path}: line {i} is not a JSON record; skipped")
+    return out
+
+
+def _read_json(path: Path):
+    obj = json.loads(path.read_text())
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def read_stage(d: Path, warnings: List[str]) -> dict:
+    """Status, reason and result fields of one stage directory."""
+    rec: Dict[str, object] = {"status": "not started", "reason": "", "config_path": str(d / CONFIG),
+                              "epochs_logged": len(read_log(d / LOG, warnings))}
+    if (d / RESULT).exists():
+        try:
+            res = _read_json(d / RESULT)
+        except (OSError, ValueError) as e:
+            warnings.append(f"{d / RESULT}: unreadable result file ({type(e).__name__}: {e}); stage skipped")
+            rec.update(status="unreadable", reason=f"unreadable {RESULT}")
+            return rec
+        rec.update({k: v for k, v in res.items() if not isinstance(v, (dict, list))})
+        rec["status"] = res.get("status", "done")
+        return rec
+    if (d / ERROR).exists():
+        try:
+            reason = str(_read_json(d / ERROR).get("error", "unknown error"))
+        except (OSError, ValueError) as e:
+            warnings.append(f"{d / ERROR}: unreadable error file ({type(e).__name__}: {e})")
+            reason = f"unreadable {ERROR}"
+        rec.update(status="failed", reason=reason)
+    elif (d / LAST).exists() or rec["epochs_logged"] or (d / JOB).exists():
+        bits = [f"{rec['epochs_logged']} epoch(s) logged"]
+        if (d / LAST).exists():
+            bits.append("checkpoint-last exists")
+        if (d / JOB).exists():
+            bits.append("a job was submitted")
+        rec.update(status="partial", reason="running or interrupted: " + ", ".join(bits))
+    return rec
+
+
+STAGE_COLUMNS = ["stage_id", "kind", "role", "serves", "status", "reason", "epochs_logged", "top1", "top5", "n_eval",
+                 "best_top1", "best_epoch", "last_top1", "last_top5", "final_loss", "final_loss_pix", "final_loss_feat",
+                 "wall_s", "device_hours", "images_per_s", "device", "device_name", "world_size", "host", "torch",
+                 "python", "git_commit", "finished_at", "config_path"]
+
+
+def collect(root: Path) -> Collected:
+    root = Path(root).resolve()
+    if not (root / "manifest.json").exists():
+        raise FileNotFoundError(f"{root / 'manifest.json'} not found: is {root} a results/<table>/<profile> tree?")
+    manifest = json.loads((root / "manifest.json").read_text())
+    warnings: List[str] = []
+    recs = []
+    cell_order = {(c["row"], c["seed"]): i for i, c in enumerate(manifest["cells"])}
+
+    def order(item):  # dependency order (teachers first), then the table's row order
+        sid, st = item
+        served = [cell_order.get(tuple(x), len(cell_order)) for x in st.get("cells", [])]
+        return ROLES.index(st["role"]) if st["role"] in ROLES else len(ROLES), min(served, default=0), sid
+
+    for sid, st in sorted(manifest["stages"].items(), key=order):
+        rec = read_stage(root / sid, warnings)
+        rec.update(stage_id=sid, kind=st["kind"], role=st["role"],
+                   serves=", ".join(f"{r}/s{s}" for r, s in st.get("cells", [])))
+        recs.append(rec)
+    stages = pd.DataFrame(recs).reindex(columns=STAGE_COLUMNS)
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if d.name not in manifest["stages"]:
+            warnings.append(f"{d}: stage directory not in the manifest (left from an earlier plan?); ignored")
+    cells = _cells(manifest, stages.set_index("stage_id", drop=False))
+    bad = (cells["status"] == "done") & cells["top1"].isna()
+    for ev in cells.loc[bad, "evaluate_id"]:
+        warnings.append(f"{root / ev / RESULT}: no numeric top1; cell skipped")
+    cells.loc[bad, ["status", "reason"]] = ["unreadable", f"{RESULT} has no numeric top1"]
+    return Collected(root, manifest, stages, cells, warnings)
+
+
+def _deps(manifest: dict, sid: str) -> List[str]:
+    """sid and every stage it needs, transitively."""
+    out, todo = [], [sid]
+    while todo:
+        s = todo.pop()
+        if s in out or s not in manifest["stages"]:
+            continue
+        out.append(s)
+        todo.extend(r for r in manifest["stages"][s]["inputs"].values() if not r.startswith("file:"))
+    return out
+
+
+def _num(st: pd.DataFrame, sid: str, col: str):
+    v = st.at[sid, col] if sid in st.index else None
+    return None if v is None or (isinstance(v, float) and np.isnan(v)) else v
+
+
+def _cells(manifest: dict, st: pd.DataFrame) -> pd.DataFrame:
+    recs = []
+    for c in manifest["cells"]:
+        info, ev, ft, pt = c.get("info", {}), c["evaluate"], c["finetune"], c["pretrain"]
+        status, reason = "done", ""
+        if st.at[ev, "status"] != "done":
+            deps = _deps(manifest, ev)
+            worst = min(deps, key=lambda s: (SEVERITY.index(st.at[s, "status"]), deps.index(s)))
+            status = st.at[worst, "status"]
+            if status == "done":  # every input done, the evaluation not yet run
+                status, worst = "not started", ev
+            reason = f"{st.at[worst, 'role']} {worst}: {st.at[worst, 'reason'] or status}"
+        own = [pt, ft, ev]
+        done = all(st.at[s, "status"] == "done" for s in own)
+        recs.append({
+            "row": c["row"], "label": c["label"], "method": c["method"], "paper": c.get("paper"),
+            "teacher": info.get("teacher"), "student": info.get("student"), "mask_ratio": info.get("mask_ratio"),
+            "pretrain_epochs": info.get("pretrain_epochs"), "finetune_epochs": info.get("finetune_epochs"),
+            "kd": info.get("kd"), "seed": c["seed"], "status": status, "reason": reason,
+            "top1": _num(st, ev, "top1") if status == "done" else None,
+            "top5": _num(st, ev, "top5") if status == "done" else None,
+            "top1_best": _num(st, ft, "best_top1"), "top1_best_epoch": _num(st, ft, "best_epoch"),
+            "top1_last": _num(st, ft, "last_top1"), "pretrain_final_loss": _num(st, pt, "final_loss"),
+            "wall_s": sum(_num(st, s, "wall_s") or 0.0 for s in own) if done else None,
+            "device_hours": sum(_num(st, s, "device_hours") or 0.0 for s in own) if done else None,
+            "pretrain_images_per_s": _num(st, pt, "images_per_s"),
+            "finetune_images_per_s": _num(st, ft, "images_per_s"),
+            "pretrain_id": pt, "finetune_id": ft, "evaluate_id": ev,
+            "config_path": st.at[ev, "config_path"], "git_commit": _num(st, ev, "git_commit"),
+        })
+    df = pd.DataFrame(recs)
+    for col in ("top1", "top5", "top1_best", "top1_last", "wall_s", "device_hours"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
+    return df
+
+
+def load_paper_numbers(path: Path = PAPER_NUMBERS) -> Dict[str, dict]:
+    """{'<table>/<row_label>': {value (float or None), text, source, metric}} from recipes/paper-numbers.csv."""
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    out = {}
+    for r in df.to_dict("records"):
+        val = pd.to_numeric(r["value"], errors="coerce")
+        out[f"{r['table']}/{r['row_label']}"] = {
+            "value": None if pd.isna(val) else float(val), "text": r["value"], "source": r["source"],
+            "metric": r["metric"], "masking_ratio": r["masking_ratio"], "table": r["table"],
+            "row_label": r["row_label"]}
+    return out
+
+
+def paper_number(key: Optional[str], papers: Dict[str, dict]) -> Optional[dict]:
+    """The paper's number for a row's `paper` key, or None when the key is null, unknown or its value is NA."""
+    p = papers.get(key) if key else None
+    return p if p and p["value"] is not None else None
+
+
+def delta_text(mean: Optional[float], paper: Optional[dict], profile: str) -> str:
+    """ours - paper, only where both exist and the profile is the paper's (ImageNet) setting."""
+    if paper is None:
+        return NOT_AVAILABLE
+    if profile != "paper":
+        return NOT_IMAGENET
+    if mean is None or np.isnan(mean):
+        return "—"
+    return f"{mean - paper['value']:+.2f}"
+
+
+def summarize(c: Collected, papers: Optional[Dict[str, dict]] = None) -> pd.DataFrame:
+    """Per table row (manifest order): n finished, mean and std (ddof=1) of top-1 over seeds, paper number, delta."""
+    papers = load_paper_numbers() if papers is None else papers
+    recs = []
+    for row, g in c.cells.groupby("row", sort=False):
+        vals = g.loc[g["status"] == "done", "top1"].dropna()
+        n = len(vals)
+        mean = float(vals.mean()) if n else None
+        std = float(vals.std(ddof=1)) if n >= 2 else None
+        key = g["paper"].iloc[0]
+        key = key if isinstance(key, str) else None
+        p = paper_number(key, papers)
+        counts = g["status"].value_counts()
+        status = "; ".join(f"{counts[s]}/{len(g)} {s}" for s in SEVERITY[::-1] if s in counts)
+        recs.append({"row": row, "label": g["label"].iloc[0], "method": g["method"].iloc[0],
+                     "mask_ratio": g["mask_ratio"].iloc[0], "n": n, "n_planned": len(g), "mean": mean, "std": std,
+                     "seeds_top1": list(vals), "paper_key": key, "paper_value": p["value"] if p else None,
+                     "paper_text": p["text"] if p else NOT_AVAILABLE, "paper_source": p["source"] if p else None,
+                     "delta": (mean - p["value"]) if (p and mean is not None and c.profile == "paper") else None,
+                     "delta_text": delta_text(mean, p, c.profile), "status": status})
+    return pd.DataFrame(recs)
+
+
+def row_costs(c: Collected) -> pd.DataFrame:
+    """Per row: finished seeds, mean wall time and device-hours per seed (its own pre-train + fine-tune + evaluate),
+    device-hours over all finished seeds, and which rows share its pre-training (mae and kd do)."""
+    cells, recs = c.cells, []
+    shared = cells.groupby("pretrain_id")["row"].unique()
+    for row, g in cells.groupby("row", sort=False):
+        done = g[g["status"] == "done"]
+        others = sorted({o for p in g["pretrain_id"] for o in shared.get(p, []) if o != row})
+        recs.append({"row": row, "finished": len(done),
+                     "wall_s": done["wall_s"].mean() if len(done) else None,
+                     "device_hours": done["device_hours"].mean() if len(done) else None,
+                     "device_hours_total": done["device_hours"].sum() if len(done) else None,
+                     "note": f"pre-train shared with {', '.join(others)}" if others else ""})
+    return pd.DataFrame(recs)
+
+
+def export(c: Collected, out_dir: Path, summary: Optional[pd.DataFrame] = None) -> List[Path]:
+    """cells.csv, stages.csv and rows.csv (plus .parquet when pyarrow is importable) into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(c) if summary is None else summary
+    frames = {"cells": c.cells, "stages": c.stages, "rows": summary.drop(columns=["seeds_top1"])}
+    try:
+        import pyarrow  # noqa: F401
+        parquet = True
+    except ImportError:
+        parquet = False
+    paths = []
+    for name, df in frames.items():
+        paths.append(out_dir / f"{name}.csv")
+        df.to_csv(paths[-1], index=False)
+        if parquet:
+            paths.append(out_dir / f"{name}.parquet")
+            df.to_parquet(paths[-1], index=False)
+    return paths
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harness.collect", description=__doc__.split("\n")[0])
+    p.add_argument("root", type=Path, help="results/<table>/<profile>")
+    p.add_argument("--csv", type=Path, default=None, help="also write cells/stages/rows CSVs into this folder")
+    args = p.parse_args(argv)
+    c = collect(args.root)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(c.cells[["row", "seed", "status", "top1", "top1_best", "top5", "wall_s", "device_hours"]])
+        print(summarize(c)[["row", "n", "mean", "std", "paper_text", "delta_text", "status"]])
+    for w in c.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if args.csv:
+        for path in export(c, args.csv):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Recipes, config validation and stage planning (no training)."""
+import pytest
+
+from harness.config import ConfigError, load_config, tables
+from harness.plan import build_plan, describe
+
+
+def plan_for(*overrides, tmp_path=None):
+    extra = [f"results_root={tmp_path}"] if tmp_path else []
+    return build_plan(load_config("table2", ["profile=smoke", *extra, *overrides]))
+
+
+def test_table2_is_a_recipe_and_defaults_to_tiny():
+    assert "table2" in tables()
+    cfg = load_config("table2")
+    assert cfg.profile == "tiny" and cfg.launcher.name == "local"
+    assert set(cfg.rows) == {"mae", "kd_finetuned_teacher", "dmae_75", "dmae_95", "dmae_98"}
+
+
+def test_shared_stages_run_once(tmp_path):
+    plan = plan_for(tmp_path=tmp_path)
+    by_role = {}
+    for s in plan.stages.values():
+        by_role.setdefault(s.role, []).append(s)
+    assert len(by_role["teacher-pretrain"]) == 1 and len(by_role["teacher-finetune"]) == 1
+    # MAE baseline pre-train feeds both the MAE row and the KD row: 4 student pre-trains for 5 rows
+    assert len(by_role["student-pretrain"]) == 4
+    assert len(by_role["student-finetune"]) == 5 and len(by_role["evaluate"]) == 5
+    cells = {c.row: c for c in plan.cells}
+    assert cells["mae"].pretrain == cells["kd_finetuned_teacher"].pretrain
+    assert cells["mae"].finetune != cells["kd_finetuned_teacher"].finetune
+    kd_ft = plan.stages[cells["kd_finetuned_teacher"].finetune]
+    assert kd_ft.inputs["kd_teacher"] == cells["kd_finetuned_teacher"].teacher["finetuned"]
+    dmae_pt = plan.stages[cells["dmae_95"].pretrain]
+    assert dmae_pt.inputs["teacher"] == cells["dmae_95"].teacher["pretrained"]
+    assert dmae_pt.spec["pretrain"]["mask_ratio"] == 0.95
+
+
+def test_graph_order_puts_inputs_first(tmp_path):
+    plan = plan_for(tmp_path=tmp_path)
+    seen = set()
+    for sid, stage in plan.stages.items():
+        assert all(dep in seen for dep in plan.deps(stage)), sid
+        seen.add(sid)
+
+
+def test_seeds_repeat_student_rows_only(tmp_path):
+    one, three = plan_for(tmp_path=tmp_path), plan_for("seeds=3", tmp_path=tmp_path)
+    roles = lambda p, r: [s for s in p.stages.values() if s.role == r]  # noqa: E731
+    assert len(roles(three, "teacher-pretrain")) == 1
+    assert len(roles(three, "student-pretrain")) == 3 * len(roles(one, "student-pretrain"))
+    assert len(three.cells) == 15 and {c.seed for c in three.cells} == {0, 1, 2}
+
+
+def test_stage_ids_are_stable_and_change_only_downstream(tmp_path):
+    a, b = plan_for(tmp_path=tmp_path), plan_for(tmp_path=tmp_path)
+    assert list(a.stages) == list(b.stages)
+    c = plan_for("rows.dmae_95.pretrain.mask_ratio=0.9", tmp_path=tmp_path)
+    changed = set(c.stages) ^ set(a.stages)
+    assert changed and all("dmae" in sid and ("m95" in sid or "m90" in sid) for sid in changed)
+    # a teacher change invalidates everything that depends on the teacher, not the MAE baseline
+    d = plan_for("teacher.pretrain.epochs=2", tmp_path=tmp_path)
+    cells_a, cells_d = {x.row: x for x in a.cells}, {x.row: x for x in d.cells}
+    assert cells_a["mae"].evaluate == cells_d["mae"].evaluate
+    assert cells_a["dmae_75"].evaluate != cells_d["dmae_75"].evaluate
+
+
+def test_dry_run_lists_every_stage(tmp_path):
+    plan = plan_for(tmp_path=tmp_path)
+    text = describe(plan)
+    assert all(sid in text for sid in plan.stages)
+    assert "[   todo]" in text
+
+
+@pytest.mark.parametrize("override, message", [
+    ("pretrain.mask_ration=0.5", "mask_ration"),
+    ("rows.dmae_95.pretrain.mask_ratio=1.0", "mask_ratio"),
+    ("distill.pairs=[[1,7]]", "teacher block 7"),
+    ("distill.pairs=[[5,1]]", "student block 5"),
+    ("student.preset=vit_gigantic", "vit_gigantic"),
+    ("pretrain.epochs=ten", "epochs"),
+    ("launcher=nope", "launcher"),
+    ("distill.distance=cosine", "distance"),
+    ("finetune.batch_size=63", "even"),
+    ("data.img_size=30", "patch_size"),
+    ("seeds=0", "seeds"),
+])
+def test_bad_config_is_rejected_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("table2", ["profile=smoke", override])
+
+
+def test_row_override_typo_is_rejected():
+    with pytest.raises(ConfigError, match="mask_ration"):
+        load_config("table2", ["profile=smoke", "+rows.dmae_95.pretrain.mask_ration=0.9"])
+
+
+def test_paper_profile_requires_data_and_checkpoints():
+    with pytest.raises(ConfigError, match="data.root"):
+        load_config("table2", ["profile=paper"])
+    with pytest.raises(ConfigError, match="finetuned_ckpt"):
+        load_config("table2", ["profile=paper", "data.root=/x", "teacher.pretrained_ckpt=/a"])
+    cfg = load_config("table2", ["profile=paper", "data.root=/x", "teacher.pretrained_ckpt=/a",
+                                 "teacher.finetuned_ckpt=/b"])
+    assert cfg.student.preset == "vit_base" and cfg.teacher.model.preset == "vit_large"
+    assert list(cfg.distill.pairs) == [[8, 17]]
+    # 128 per GPU x 4 accum x 8 GPUs = 4096
+    assert cfg.pretrain.batch_size * cfg.pretrain.accum_iter * cfg.launcher.gpus_per_node == 4096
+    plan = build_plan(cfg)
+    assert not [s for s in plan.stages.values() if s.role.startswith("teacher")]
+    assert {s.inputs.get("teacher") for s in plan.stages.values() if s.role == "student-pretrain"} >= {"file:/a"}
+
+
+def test_unknown_table():
+    with pytest.raises(ConfigError, match="unknown table"):
+        load_config("table99")
