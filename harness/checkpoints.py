@@ -52,7 +52,8 @@ def state_dict_of(obj: dict) -> Dict[str, torch.Tensor]:
 
 
 def resample_pos_embed(sd: Dict[str, torch.Tensor], model: nn.Module) -> None:
-    """Interpolate an absolute position embedding (class token kept) when the image size differs."""
+    """Interpolate an absolute position embedding (class token kept) when the image size differs: bicubic,
+    align_corners=False, no antialiasing, as MAE's util/pos_embed.interpolate_pos_embed."""
     from timm.layers import resample_abs_pos_embed
     for key, n_prefix in (("pos_embed", 1), ("decoder_pos_embed", 1)):
         if key not in sd or not hasattr(model, key):
@@ -64,7 +65,8 @@ def resample_pos_embed(sd: Dict[str, torch.Tensor], model: nn.Module) -> None:
         new = int(round((target.shape[1] - n_prefix) ** 0.5))
         if old * old + n_prefix != sd[key].shape[1] or sd[key].shape[-1] != target.shape[-1]:
             continue  # left for the shape check to report
-        sd[key] = resample_abs_pos_embed(sd[key], new_size=(new, new), old_size=(old, old), num_prefix_tokens=n_prefix)
+        sd[key] = resample_abs_pos_embed(sd[key], new_size=(new, new), old_size=(old, old), num_prefix_tokens=n_prefix,
+                                         antialias=False)
 
 
 def load_weights(model: nn.Module, sd: Dict[str, torch.Tensor], *, source: str = "checkpoint",

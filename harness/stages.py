@@ -106,7 +106,9 @@ def pretrain(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, sta
     else:
         raise ValueError(f"pre-training objective must be 'mae' or 'dmae', got {spec['objective']!r}")
     train_ds, _ = build_dataset(data, "train", pretrain_transform(data.img_size))
-    groups = param_groups_weight_decay(model, p["weight_decay"], no_weight_decay_list=model.no_weight_decay())
+    # MAE/DMAE pre-training (optim_factory.add_weight_decay, no skip list): no decay on biases and 1-D (norm) params
+    # only; cls_token and mask_token are decayed, pos_embeds are frozen.
+    groups = param_groups_weight_decay(model, p["weight_decay"])
     res = fit(model=model, objective=objective, param_groups=groups, dataset=train_ds, schedule=_schedule(p),
               run_dir=run_dir, spec_hash=spec_hash(spec), seed=spec["seed"], rt=rt, name=spec["name"])
     if rt.is_main:
@@ -115,7 +117,7 @@ def pretrain(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, sta
     return {"final_loss": last.get("loss"), "final_loss_pix": last.get("loss_pix"),
             "final_loss_feat": last.get("loss_feat"), "train_s": res.train_seconds,
             "images_per_s": res.images_per_s, "resumed_from_epoch": res.resumed_from_epoch,
-            "epochs": p["epochs"], "train_images": len(train_ds)}
+            "earlier_attempts_s": res.earlier_seconds, "epochs": p["epochs"], "train_images": len(train_ds)}
 
 
 def finetune(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, stage_id: str) -> dict:
@@ -152,7 +154,8 @@ def finetune(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, sta
     return {"best_top1": best["top1"], "best_epoch": best["epoch"], "last_top1": last["top1"],
             "last_top5": last["top5"], "final_loss": last["loss"], "train_s": res.train_seconds,
             "images_per_s": res.images_per_s, "resumed_from_epoch": res.resumed_from_epoch,
-            "epochs": f["epochs"], "num_classes": num_classes, "train_images": len(train_ds)}
+            "earlier_attempts_s": res.earlier_seconds, "epochs": f["epochs"], "num_classes": num_classes,
+            "train_images": len(train_ds)}
 
 
 def evaluate(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, stage_id: str) -> dict:
@@ -198,7 +201,8 @@ def run_stage(spec: dict, run_dir: str | Path, inputs: Dict[str, str], runtime: 
                         "traceback": traceback.format_exc(), "at": time.strftime("%Y-%m-%dT%H:%M:%S")},
                        run_dir / ERROR_FILE)
         raise
-    wall = time.time() - t0
+    # a resumed stage also counts the training time of its earlier attempts (up to their last checkpoint)
+    wall = time.time() - t0 + out.pop("earlier_attempts_s", 0.0)
     result = {"stage_id": stage_id, "kind": spec["kind"], "name": spec["name"], "status": "done", **out,
               "wall_s": wall, "device": rt.device.type,
               "device_name": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor()

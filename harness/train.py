@@ -133,8 +133,9 @@ class Schedule:
 class FitResult:
     history: List[dict] = field(default_factory=list)
     resumed_from_epoch: int = 0
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # all attempts: earlier ones up to their last checkpoint, plus this one
     images_per_s: float = 0.0
+    earlier_seconds: float = 0.0  # training time of earlier attempts, from the checkpoint resumed
 
 
 def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, schedule: Schedule, run_dir: Path,
@@ -167,7 +168,7 @@ def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, s
            f"{steps_per_epoch} steps/epoch, {total_updates} updates, {warmup_updates} warmup")
 
     result = FitResult()
-    start_epoch = 0
+    start_epoch, prior_seconds = 0, 0.0
     state = load_last(run_dir, log=rt.log)
     if state is not None:
         if state.get("spec_hash") != spec_hash:
@@ -180,10 +181,15 @@ def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, s
         set_rng_state(state["rng"])
         start_epoch = int(state["epoch"])
         result.history = list(state.get("history", []))
+        prior_seconds = float(state.get("train_seconds", 0.0))
         result.resumed_from_epoch = start_epoch
         rt.log(f"[{name}] resumed from checkpoint-last at epoch {start_epoch}/{schedule.epochs}")
     else:
         seed_all(seed * 1000 + rt.rank)
+    if rt.is_main:  # log.jsonl = the checkpoint's history: drop lines of epochs written after it (or after a fallback)
+        tmp = run_dir / f".log.jsonl.tmp-{os.getpid()}"
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in result.history))
+        os.replace(tmp, run_dir / "log.jsonl")
 
     train_model = model
     if rt.distributed:
@@ -238,13 +244,15 @@ def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, s
                 f.write(json.dumps(row) + "\n")
             save_last({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scaler": scaler.state_dict(), "epoch": epoch + 1, "rng": rng_state(),
-                       "history": result.history, "spec_hash": spec_hash}, run_dir)
+                       "history": result.history, "spec_hash": spec_hash,
+                       "train_seconds": prior_seconds + time.perf_counter() - t_start}, run_dir)
         if rt.distributed:
             dist.barrier()
         extra = "".join(f" {k} {v:.2f}" for k, v in row.items() if k.startswith("top"))
         rt.log(f"[{name}] epoch {epoch + 1}/{schedule.epochs} done: loss {row.get('loss', float('nan')):.4f}"
                f"{extra} ({epoch_s:.1f} s, {throughputs[-1]:.0f} img/s)")
-    result.train_seconds = time.perf_counter() - t_start
+    result.train_seconds = prior_seconds + time.perf_counter() - t_start
+    result.earlier_seconds = prior_seconds
     result.images_per_s = float(np.median(throughputs)) if throughputs else 0.0
     return result
 

@@ -5,3 +5,30 @@ from pathlib import Path
 ROOT = str(Path(__file__).resolve().parents[1])
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+SLURM_SCRIPT = os.path.join(ROOT, "harness", "slurm_local.sh")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real single-node Slurm on loopback (harness/slurm_local.sh), started once per test session.
+    Skipped where it cannot run (not root, no apt-get) unless HARNESS_REQUIRE_SLURM=1 (`make test`, CI)."""
+    required = os.environ.get("HARNESS_REQUIRE_SLURM") == "1"
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        if required:
+            pytest.fail("HARNESS_REQUIRE_SLURM=1 but the local Slurm needs root and apt-get")
+        pytest.skip("the local Slurm cluster needs root and apt-get")
+    started = subprocess.run(["bash", SLURM_SCRIPT, "start"], capture_output=True, text=True, timeout=900)
+    if started.returncode != 0:
+        msg = f"could not start the local Slurm:\n{started.stdout}\n{started.stderr}"
+        if required:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    yield
+    subprocess.run(["bash", SLURM_SCRIPT, "stop"], capture_output=True, text=True, timeout=300)

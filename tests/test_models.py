@@ -9,8 +9,18 @@ from harness.models import (PRESETS, build_classifier, build_mae, get_arch, num_
 
 IMG, PATCH = 32, 16  # 2x2 = 4 tokens: paper presets stay cheap
 N_TOKENS = (IMG // PATCH) ** 2
-# Paper-scale presets are built on the meta device: shapes and keys only, no 600M-parameter initialisation on CPU.
-META = {"vit_base", "vit_large", "vit_huge"}
+# Paper-width presets are built and run on the meta device (the same code path, shapes and keys only): initialising
+# ViT-L/H on CPU alone takes ~20 s. The CPU-sized presets run for real.
+META = {"vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest and immune to oversubscription on a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def encoder_keys(depth):
@@ -177,10 +187,26 @@ def test_mae_pos_embeds_are_fixed_sincos():
 def test_classifier_head_init_and_pooling():
     torch.manual_seed(0)
     clf = build_classifier(PRESETS["vit_pico"], num_classes=10, img_size=16, patch_size=4)
-    assert clf.head.weight.std() < 1e-4 and clf.head.weight.abs().max() <= 4e-5 + 1e-12  # trunc_normal(2e-5)
+    assert 1e-5 < clf.head.weight.std().item() < 4e-5  # trunc_normal(std=2e-5), as MAE's fine-tuning
     assert torch.equal(clf.head.bias, torch.zeros(10))
     assert clf.global_pool == "avg"
     # MAE's global_pool fine-tuning: mean over the patch tokens (class token excluded), then fc_norm
     x = torch.randn(2, 1 + 16, 48)
     pooled = clf.forward_head(x, pre_logits=True)
     torch.testing.assert_close(pooled, clf.fc_norm(x[:, 1:].mean(1)))
+
+
+def test_distill_heads_are_xavier_linear_with_zero_bias():
+    # official: proj = nn.Linear(768, 1024) with bias, xavier-uniform weight, zero bias; one head per aligned pair
+    torch.manual_seed(0)
+    mae = build_mae(PRESETS["vit_femto"], 16, 4)
+    assert mae.distill_proj is None
+    mae.add_distill_heads([48, 64])
+    assert len(mae.distill_proj) == 2
+    for head, out in zip(mae.distill_proj, (48, 64)):
+        assert isinstance(head, torch.nn.Linear) and head.weight.shape == (out, 32)
+        assert torch.equal(head.bias, torch.zeros(out))
+        bound = (6.0 / (32 + out)) ** 0.5
+        assert head.weight.abs().max() <= bound and head.weight.abs().max() > 0.8 * bound
+    with pytest.raises(ValueError, match="projection"):
+        mae.add_distill_heads([48], kind="conv")
