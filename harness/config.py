@@ -7,6 +7,7 @@ Compose a table's config exactly as the command line does:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -47,13 +48,17 @@ class PretrainConfig:
     mask_ratio: float = 0.75
     visible_rounding: str = "paper"  # paper: round(N(1-r)) | official: int(N(1-r))
     norm_pix_loss: bool = False
+    epoch_scale: float = 1.0  # schedule ablations: epochs and warmup scaled by this (>= 1 epoch)
 
 
 @dataclass
 class DistillConfig:
     alpha: float = 1.0
     pixel_weight: float = 1.0  # 0 = feature distillation only
-    pairs: List[List[int]] = field(default_factory=lambda: [[8, 17]])  # (student block, teacher block), 0-based
+    # Aligned (student block, teacher block) pairs, 0-based. Empty: derived from `align`, fractions of depth:
+    # block ceil(f * depth) - 1 of each, so 0.75 gives the official pair (8, 17) for ViT-B (12) <- ViT-L (24).
+    pairs: List[List[int]] = field(default_factory=list)
+    align: List[float] = field(default_factory=lambda: [0.75])
     projection: str = "linear"  # linear | mlp
     distance: str = "l1"  # l1 | l2
     normalize: bool = True
@@ -157,6 +162,12 @@ class TableConfig:
     reports_dir: str = "reports"
     dry_run: bool = False
     report: bool = True
+    # The paper's model sizes at this profile's scale (recipes refer to ${models.base} etc.), and provided
+    # checkpoints of other teachers (paper profile: the official MAE releases; required when a row uses them).
+    models: Dict[str, str] = field(default_factory=lambda: {"large": "vit_large", "base": "vit_base",
+                                                            "small": "vit_small", "tiny": "vit_tiny"})
+    checkpoints: Dict[str, Optional[str]] = field(default_factory=lambda: {"base_pretrained": None,
+                                                                           "base_finetuned": None})
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
@@ -209,6 +220,8 @@ def merged(section: DictConfig, overrides: Dict[str, Any], schema, where: str) -
     from omegaconf.errors import OmegaConfBaseException
     base = OmegaConf.merge(OmegaConf.structured(schema), section)
     try:
+        if isinstance(overrides, DictConfig):  # resolve ${models.base} etc. against the whole config first
+            overrides = OmegaConf.to_container(overrides, resolve=True)
         out = OmegaConf.merge(base, OmegaConf.create(dict(overrides)))
     except OmegaConfBaseException as e:
         raise ConfigError(f"{where}: {e}") from None
@@ -226,6 +239,32 @@ CHOICES = {
     "run.amp": ("auto", "none", "bf16", "fp16"),
     "launcher.name": ("local", "slurm", "debug"),
 }
+
+
+def resolve_pairs(distill: dict, student_depth: int, teacher_depth: int) -> List[List[int]]:
+    """Explicit pairs, or pairs derived from the `align` depth fractions."""
+    if distill["pairs"]:
+        return [list(p) for p in distill["pairs"]]
+    pairs = []
+    for f in distill["align"]:
+        if not 0.0 < f <= 1.0:
+            raise ConfigError(f"distill.align: {f} is not a fraction of depth in (0, 1]")
+        pairs.append([math.ceil(f * student_depth) - 1, math.ceil(f * teacher_depth) - 1])
+    if not pairs:
+        raise ConfigError("distill: give pairs or align")
+    return pairs
+
+
+def resolve_schedule(pretrain: dict) -> dict:
+    """Apply epoch_scale (schedule ablations); the stage spec holds the resulting epochs only."""
+    out = dict(pretrain)
+    scale = out.pop("epoch_scale", 1.0)
+    if scale <= 0:
+        raise ConfigError(f"pretrain.epoch_scale={scale} must be > 0")
+    if scale != 1.0:
+        out["epochs"] = max(1, int(round(out["epochs"] * scale)))
+        out["warmup_epochs"] = min(out["warmup_epochs"] * scale, out["epochs"])
+    return out
 
 
 def _check_section(where: str, sec: dict, kind: str) -> None:
@@ -291,7 +330,7 @@ def validate(cfg: DictConfig) -> None:
                                       f"{cfg.profile}); give the official MAE checkpoint's path")
         if row.method == "dmae":
             s_depth, t_depth = PRESETS[student["preset"]].depth, PRESETS[teacher["model"]["preset"]].depth
-            for pair in dis["pairs"]:
+            for pair in resolve_pairs(dis, s_depth, t_depth):
                 if len(pair) != 2:
                     raise ConfigError(f"{where}.distill.pairs: {pair} is not a (student block, teacher block) pair")
                 s, t = pair

@@ -195,6 +195,18 @@ def _run_jobs(plan: Plan, cfg: DictConfig, ex: submitit.AutoExecutor, slurm: boo
             if job is not None:
                 running[sid] = job
                 prog.set(sid, "re-attached", f"(job {job.job_id})")
+    try:
+        _drive(plan, cfg, ex, prog, running, limit, distributed)
+    except BaseException:
+        if not slurm:  # local jobs die with their driver; Slurm jobs go on and are re-attached by the next one
+            for job in running.values():
+                job.cancel(check=False)
+        raise
+    return dict(prog.state)
+
+
+def _drive(plan: Plan, cfg: DictConfig, ex, prog: Progress, running: Dict[str, object], limit: int,
+           distributed: bool) -> None:
     while True:
         ready: List[Stage] = []
         for sid, stage in plan.stages.items():
@@ -232,4 +244,3 @@ def _run_jobs(plan: Plan, cfg: DictConfig, ex: submitit.AutoExecutor, slurm: boo
                 except Exception as e:
                     detail = _failure_detail(plan, sid, job) or str(e).splitlines()[0]
                 prog.set(sid, "failed", detail)
-    return dict(prog.state)

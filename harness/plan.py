@@ -19,7 +19,8 @@ from typing import Dict, List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from .config import (ConfigError, DistillConfig, FinetuneConfig, KDConfig, ModelConfig, PretrainConfig, TeacherConfig,
-                     merged)
+                     merged, resolve_pairs, resolve_schedule)
+from .models import get_arch
 from .stages import ERROR_FILE, MODEL_FILE, RESULT_FILE, spec_hash
 
 MANIFEST = "manifest.json"
@@ -101,35 +102,41 @@ class _Builder:
             self.stages[sid].cells.append(cell)
         return sid
 
-    def teacher(self, t: dict, cell) -> Dict[str, str]:
-        """Stage ids (or provided files) of the teacher's pre-trained and fine-tuned checkpoints."""
+    def teacher(self, t: dict, cell, need: str) -> str:
+        """The stage id (or provided file) of the teacher's `need` ('pretrained' | 'finetuned') checkpoint;
+        a fine-tuned teacher brings its pre-training stage along."""
         if not t["train"]:
-            return {k: f"file:{os.path.abspath(t[k + '_ckpt'])}" for k in ("pretrained", "finetuned") if t[k + "_ckpt"]}
+            if not t[need + "_ckpt"]:
+                raise ConfigError(f"rows.{cell[0]}: needs the {need} teacher: set teacher.{need}_ckpt")
+            return f"file:{os.path.abspath(t[need + '_ckpt'])}"
         tag = _model_tag(t["model"])
-        pt = self.add("pretrain", "teacher-pretrain", f"teacher-pretrain-mae-{tag}-e{t['pretrain']['epochs']}",
-                      {"objective": "mae", "model": t["model"], "pretrain": t["pretrain"], "seed": self.cfg.seed},
+        pre = resolve_schedule(t["pretrain"])
+        pt = self.add("pretrain", "teacher-pretrain", f"teacher-pretrain-mae-{tag}-e{pre['epochs']}",
+                      {"objective": "mae", "model": t["model"], "pretrain": pre, "seed": self.cfg.seed},
                       {}, cell)
-        ft = self.add("finetune", "teacher-finetune", f"teacher-finetune-{tag}-e{t['finetune']['epochs']}",
-                      {"model": t["model"], "finetune": t["finetune"], "kd": None, "seed": self.cfg.seed},
-                      {"init": pt}, cell)
-        return {"pretrained": pt, "finetuned": ft}
+        if need == "pretrained":
+            return pt
+        return self.add("finetune", "teacher-finetune", f"teacher-finetune-{tag}-e{t['finetune']['epochs']}",
+                        {"model": t["model"], "finetune": t["finetune"], "kd": None, "seed": self.cfg.seed},
+                        {"init": pt}, cell)
 
     def cell(self, key: str, row: DictConfig, seed: int) -> Cell:
         cfg, where, c = self.cfg, f"rows.{key}", (key, seed)
         student = merged(cfg.student, row.student, ModelConfig, f"{where}.student")
         teacher_cfg = merged(cfg.teacher, row.teacher, TeacherConfig, f"{where}.teacher")
-        pre = merged(cfg.pretrain, row.pretrain, PretrainConfig, f"{where}.pretrain")
+        pre = resolve_schedule(merged(cfg.pretrain, row.pretrain, PretrainConfig, f"{where}.pretrain"))
         dis = merged(cfg.distill, row.distill, DistillConfig, f"{where}.distill")
+        dis["pairs"] = resolve_pairs(dis, get_arch(student["preset"]).depth,
+                                     get_arch(teacher_cfg["model"]["preset"]).depth)
+        dis.pop("align")
         fin = merged(cfg.finetune, row.finetune, FinetuneConfig, f"{where}.finetune")
         kd = merged(cfg.kd, row.kd, KDConfig, f"{where}.kd")
-        teacher = self.teacher(teacher_cfg, c)
+        teacher: Dict[str, str] = {}
         tag = _model_tag(student)
         mask = f"m{round(pre['mask_ratio'] * 100)}"
         if row.method == "dmae":
             source = dis.pop("teacher_source")
-            ref = teacher.get(source)
-            if ref is None:
-                raise ConfigError(f"{where}: distilling from the {source} teacher needs teacher.{source}_ckpt")
+            ref = teacher[source] = self.teacher(teacher_cfg, c, source)
             pt = self.add("pretrain", "student-pretrain",
                           f"student-pretrain-dmae-{tag}-from-{_model_tag(teacher_cfg['model'])}-{mask}-e{pre['epochs']}"
                           f"-s{seed}", {"objective": "dmae", "model": student, "pretrain": pre, "distill": dis,
@@ -143,8 +150,7 @@ class _Builder:
         of = self.stages[pt].spec["name"].removeprefix("student-pretrain-")
         ft_desc = f"student-finetune-e{fin['epochs']}-of-{of}"
         if row.method == "kd":
-            if "finetuned" not in teacher:
-                raise ConfigError(f"{where}: the KD row needs a fine-tuned teacher (teacher.finetuned_ckpt)")
+            teacher["finetuned"] = self.teacher(teacher_cfg, c, "finetuned")
             ft_spec.update(kd=kd, teacher_model=teacher_cfg["model"])
             ft_inputs["kd_teacher"] = teacher["finetuned"]
             ft_desc = f"student-finetune-kd{kd['kind']}-e{fin['epochs']}-of-{of}"

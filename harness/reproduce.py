@@ -19,6 +19,7 @@ import argparse
 import itertools
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from typing import List
@@ -127,6 +128,8 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the plan and estimated cost; run nothing")
     p.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated override values")
     args = p.parse_args(argv)
+    # SIGTERM (kill, a scheduler ending the driver) unwinds like Ctrl-C, so local jobs are cancelled with it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     command = "python -m harness.reproduce " + " ".join(shlex.quote(a) for a in argv)
     names = tables() if args.table == "all" else [args.table]
     runs = expand_sweep(args.overrides) if args.multirun else [args.overrides]

@@ -76,6 +76,7 @@ def test_dry_run_lists_every_stage(tmp_path):
     ("pretrain.mask_ration=0.5", "mask_ration"),
     ("rows.dmae_95.pretrain.mask_ratio=1.0", "mask_ratio"),
     ("distill.pairs=[[1,7]]", "teacher block 7"),
+    ("distill.align=[1.5]", "fraction"),
     ("distill.pairs=[[5,1]]", "student block 5"),
     ("student.preset=vit_gigantic", "vit_gigantic"),
     ("pretrain.epochs=ten", "epochs"),
@@ -103,11 +104,13 @@ def test_paper_profile_requires_data_and_checkpoints():
     cfg = load_config("table2", ["profile=paper", "data.root=/x", "teacher.pretrained_ckpt=/a",
                                  "teacher.finetuned_ckpt=/b"])
     assert cfg.student.preset == "vit_base" and cfg.teacher.model.preset == "vit_large"
-    assert list(cfg.distill.pairs) == [[8, 17]]
+    assert list(cfg.distill.align) == [0.75]  # -> the official pair (8, 17) for ViT-B <- ViT-L
     # 128 per GPU x 4 accum x 8 GPUs = 4096
     assert cfg.pretrain.batch_size * cfg.pretrain.accum_iter * cfg.launcher.gpus_per_node == 4096
     plan = build_plan(cfg)
     assert not [s for s in plan.stages.values() if s.role.startswith("teacher")]
+    assert {str(s.spec["distill"]["pairs"]) for s in plan.stages.values() if s.spec.get("objective") == "dmae"} == \
+        {"[[8, 17]]"}
     assert {s.inputs.get("teacher") for s in plan.stages.values() if s.role == "student-pretrain"} >= {"file:/a"}
 
 

@@ -154,11 +154,11 @@ def test_report_table_banner_and_every_link_exists(tree, tmp_path):
 @pytest.mark.slow
 def test_report_is_deterministic_apart_from_its_date(tree, tmp_path):
     first = report(tree, tmp_path, figures=True)
-    pngs = {p.name: p.read_bytes() for p in (tmp_path / "reports" / "table2").glob("*.png")}
+    pngs = {p.name: p.read_bytes() for p in (tmp_path / "reports" / "table2.smoke").glob("*.png")}
     assert len(pngs) == 8
     second = report(tree, tmp_path, figures=True)
     assert GEN.sub("", first) == GEN.sub("", second) and len(GEN.findall(first)) == 1
-    assert pngs == {p.name: p.read_bytes() for p in (tmp_path / "reports" / "table2").glob("*.png")}
+    assert pngs == {p.name: p.read_bytes() for p in (tmp_path / "reports" / "table2.smoke").glob("*.png")}
 
 
 @pytest.mark.slow
@@ -235,7 +235,7 @@ def test_corrupt_result_is_named_and_skipped(tree, tmp_path):
     assert f"{log}: line 3 is not a JSON record; skipped" in warnings and "no numeric top1; cell skipped" in warnings
     assert re.search(r"^\| `dmae_75` .* \(n=1\) \| .* \| 1/2 done; 1/2 unreadable \|$", text, re.M)
     assert re.search(r"^\| `mae` .* \| 12.50 \(n=1\) \| .* \| 1/2 done; 1/2 unreadable \|$", text, re.M)
-    assert (tmp_path / "reports" / "table2" / "curves-dmae_75.png").is_file()
+    assert (tmp_path / "reports" / "table2.smoke" / "curves-dmae_75.png").is_file()
 
 
 @pytest.mark.slow
@@ -254,7 +254,7 @@ def test_paper_profile_shows_delta_against_the_paper(tree, tmp_path):
 def test_cli_picks_the_single_profile_and_lists_several(tree, tmp_path, capsys):
     results, out = tree.parent.parent, tmp_path / "cli-reports"
     assert main(["table2", "--results-root", str(results), "--reports-dir", str(out)]) == 0
-    assert (out / "table2.md").exists() and (out / "table2" / "top1_by_row.png").exists()
+    assert (out / "table2.smoke.md").exists() and (out / "table2.smoke" / "top1_by_row.png").exists()
     shutil.copytree(tree, tree.parent / "tiny", ignore=shutil.ignore_patterns("*-s1-*"))
     with pytest.raises(SystemExit):
         main(["table2", "--results-root", str(results), "--reports-dir", str(out)])
