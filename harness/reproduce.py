@@ -92,7 +92,13 @@ def run_table(table: str, overrides: List[str], dry_run: bool = False, command: 
     write_manifest(plan, cfg, command, overrides)
     print(f"{table} ({cfg.profile}): {len(plan.stages)} stages, launcher={cfg.launcher.name}, results in {plan.root}",
           flush=True)
-    from .launch import execute
+    from .launch import _runtime, execute
+    if cfg.launcher.write_sbatch:
+        from .sbatch import write_sbatch
+        path = write_sbatch(plan, cfg, _runtime(cfg))
+        print(f"wrote sbatch scripts; submit them with: bash {path}\n"
+              f"then, when the jobs are done: python -m harness.report {table} --profile {cfg.profile}")
+        return 0
     states = execute(plan, cfg)
     failed = [sid for sid, st in states.items() if st != "done"]
     if cfg.report:

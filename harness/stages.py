@@ -218,6 +218,9 @@ def main() -> None:
     """Re-run a stage from its run directory's config.json (debugging aid)."""
     run_dir = Path(sys.argv[1])
     cfg = json.loads((run_dir / CONFIG_FILE).read_text())
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:  # srun of a multi-GPU sbatch job
+        import submitit
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     print(json.dumps(run_stage(cfg["spec"], run_dir, cfg["inputs"], cfg["runtime"], cfg["stage_id"]), indent=2))
 
 

@@ -1,0 +1,69 @@
+"""Plain sbatch scripts for sites that forbid a long-running driver (`launcher.write_sbatch=true`).
+
+    python -m harness.reproduce table2 profile=paper launcher=slurm launcher.write_sbatch=true ...
+    bash results/table2/paper/sbatch/submit_all.sh      # submits every unfinished stage, chained with afterok
+
+Each stage gets `<stage dir>/config.json` (what it runs) and `sbatch/<stage id>.sbatch`, which runs
+`srun python -m harness.stages <stage dir>`. Dependencies are Slurm's (`--dependency=afterok:<input job ids>`);
+`--requeue` lets a preempted job come back, and the stage resumes from its checkpoint-last. After the jobs end,
+`python -m harness.report <table> --profile <profile>` writes the report.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import List
+
+from omegaconf import DictConfig
+
+from .plan import Plan
+from .stages import CONFIG_FILE, spec_hash, write_json
+
+
+def _directives(cfg: DictConfig, stage_id: str, log_dir: Path) -> List[str]:
+    la = cfg.launcher
+    tasks = max(1, la.gpus_per_node)
+    lines = [f"--job-name={stage_id[:60]}", f"--output={log_dir}/%j.out", f"--error={log_dir}/%j.err",
+             f"--time={la.timeout_min}", f"--nodes={la.nodes}", f"--ntasks-per-node={tasks}",
+             f"--cpus-per-task={la.cpus_per_task}", "--requeue"]
+    if la.gpus_per_node:
+        lines.append(f"--gpus-per-node={la.gpus_per_node}")
+    if la.mem_gb:
+        lines.append(f"--mem={int(la.mem_gb * 1024)}M")
+    for key in ("partition", "account", "qos"):
+        if la[key]:
+            lines.append(f"--{key}={la[key]}")
+    for key, value in la.additional_parameters.items():
+        lines.append(f"--{key.replace('_', '-')}={value}")
+    return [f"#SBATCH {shlex.quote(x)}" for x in lines]
+
+
+def write_sbatch(plan: Plan, cfg: DictConfig, runtime: dict) -> Path:
+    """Write one sbatch script per unfinished stage and submit_all.sh; returns the latter's path."""
+    out = plan.root / "sbatch"
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    python = shlex.quote(sys.executable)
+    submit = ["#!/usr/bin/env bash", f"# {plan.table} ({plan.profile}): submit every unfinished stage in graph order.",
+              "set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}", "declare -A JOB"]
+    for sid, stage in plan.stages.items():
+        if plan.status(sid) == "done":
+            submit.append(f"# {sid}: done")
+            continue
+        run_dir = plan.dir(sid)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json({"stage_id": sid, "spec": stage.spec, "inputs": plan.input_paths(stage), "runtime": runtime,
+                    "spec_hash": spec_hash(stage.spec)}, run_dir / CONFIG_FILE)
+        script = out / f"{sid}.sbatch"
+        script.write_text("\n".join(["#!/usr/bin/env bash", *_directives(cfg, sid, logs), "set -euo pipefail",
+                                     f"cd {shlex.quote(str(Path.cwd()))}",
+                                     f"srun {python} -m harness.stages {shlex.quote(str(run_dir))}", ""]))
+        deps = [d for d in plan.deps(stage) if plan.status(d) != "done"]
+        dep_arg = (f"--dependency=afterok:{':'.join('${JOB[' + d + ']}' for d in deps)} " if deps else "")
+        submit.append(f"JOB[{sid}]=$(sbatch --parsable {dep_arg}{shlex.quote(str(script))})")
+        submit.append(f'echo "{sid}: job ${{JOB[{sid}]}}"')
+    path = out / "submit_all.sh"
+    path.write_text("\n".join(submit) + "\n")
+    path.chmod(0o755)
+    return path

@@ -1,0 +1,48 @@
+"""launcher.write_sbatch: plain sbatch scripts chained by Slurm dependencies, for sites without a long driver."""
+import json
+import subprocess
+import time
+
+import pytest
+
+from harness.config import load_config
+from harness.plan import build_plan
+from harness.reproduce import run_table
+
+
+def _args(tmp_path, *extra):
+    return ["profile=smoke", "launcher=slurm", "launcher.write_sbatch=true", "launcher.partition=debug",
+            "launcher.timeout_min=10", f"results_root={tmp_path}", *extra]
+
+
+def test_scripts_chain_stages_with_dependencies(tmp_path, monkeypatch):
+    monkeypatch.setattr("harness.reproduce.check_slurm", lambda partition: None)  # no cluster needed to write
+    assert run_table("schedule", _args(tmp_path, "+launcher.additional_parameters.constraint=a100")) == 0
+    plan = build_plan(load_config("schedule", _args(tmp_path)))
+    submit = (plan.root / "sbatch" / "submit_all.sh").read_text()
+    for sid, stage in plan.stages.items():
+        script = (plan.root / "sbatch" / f"{sid}.sbatch").read_text()
+        assert "#SBATCH --partition=debug" in script and "#SBATCH --requeue" in script
+        assert "#SBATCH --constraint=a100" in script
+        assert f"-m harness.stages {plan.dir(sid)}" in script
+        cfg = json.loads((plan.dir(sid) / "config.json").read_text())
+        assert cfg["spec"] == stage.spec and cfg["inputs"] == plan.input_paths(stage)
+        line = next(x for x in submit.splitlines() if x.startswith(f"JOB[{sid}]="))
+        for dep in plan.deps(stage):
+            assert f"${{JOB[{dep}]}}" in line
+            assert submit.index(f"JOB[{dep}]=") < submit.index(f"JOB[{sid}]=")
+    assert not list(plan.root.glob("*/result.json"))  # nothing ran
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_submit_all_runs_the_table_on_slurm(slurm_cluster, tmp_path):
+    assert run_table("schedule", _args(tmp_path, "launcher.cpus_per_task=1", "launcher.mem_gb=3")) == 0
+    plan = build_plan(load_config("schedule", _args(tmp_path)))
+    subprocess.run(["bash", str(plan.root / "sbatch" / "submit_all.sh")], check=True, timeout=60)
+    deadline = time.time() + 600
+    while not all((plan.dir(sid) / "result.json").exists() for sid in plan.stages):
+        assert time.time() < deadline, "sbatch jobs did not finish"
+        time.sleep(2)
+    for c in plan.cells:
+        assert 0 <= json.loads((plan.dir(c.evaluate) / "result.json").read_text())["top1"] <= 100
