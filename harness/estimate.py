@@ -1,6 +1,284 @@
-"""Cost estimates for --dry-run (filled in from benchmark measurements)."""
+"""Cost estimates for `reproduce --dry-run` and the report, from measured step times (harness.bench), not guesses.
+
+    cost of a stage = per-image step time x images per device x epochs  (+ per-epoch evaluation, + input pipeline)
+
+- The step times come from the benchmark files in results/bench/ (or $DMAE_BENCH_DIR, or `bench_dir=`) measured on
+  the plan's device type (run.device; auto = cuda when this machine has one). Files from this very machine are
+  preferred; for each step the newest measurement wins.
+- A stage maps to a measured step of the same kind (mae | dmae | finetune | finetune_kd | eval), model, patch,
+  image size, visible-patch count and teacher depth run. The benchmark's batch may differ (the paper shapes run at
+  batch 8 on a CPU): the per-image cost is used as measured, and the stage's source says so. A shape that was not
+  benchmarked is FLOP-scaled: its FLOPs per image (counted on the meta device) divided by the achieved FLOP/s of the
+  nearest measured step (same kind first, then nearest FLOPs).
+- The input pipeline (measured separately) adds to the step time with num_workers=0 (the CPU profiles) and overlaps
+  it with workers: per-image cost = max(step, data / workers).
+- A stage whose twin (same spec but for seed/inputs, same world size) already finished under the plan's results
+  folder is estimated by that twin's measured wall time instead.
+- Data parallel: `world` devices each process 1/world of the images; the returned seconds are wall seconds of the
+  stage (device-seconds / world), ignoring communication.
+
+No benchmark for the device: estimate_plan returns {} (the dry-run shows "cost unknown").
+"""
 from __future__ import annotations
 
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
-def estimate_plan(plan, cfg) -> dict:
-    return {}
+# Sizes of the datasets the profiles use, when no subset is set.
+FASHION_MNIST_SIZES = {"train": 60000, "val": 10000}
+IMAGENET_SIZES = {"train": 1281167, "val": 50000}
+
+
+def estimate_plan(plan, cfg, bench_dir: Optional[str | Path] = None, verbose: bool = True) -> Dict[str, float]:
+    """{stage id: estimated wall seconds} for every stage of the plan ({} when nothing was benchmarked for the
+    plan's device). Notes on where each figure comes from go to stderr when verbose."""
+    details = estimate_details(plan, cfg, bench_dir)
+    if verbose:
+        for note in details["notes"]:
+            print(f"[estimate] {note}", file=sys.stderr)
+    return {sid: d["seconds"] for sid, d in details["stages"].items()}
+
+
+def _device_type(cfg) -> str:
+    dev = str(cfg.run.device)
+    if dev == "auto":
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if dev.startswith("cuda") else dev
+
+
+def _world(cfg) -> int:
+    la = cfg.launcher
+    if la.name == "debug":
+        return 1
+    gpus = max(1, int(la.gpus_per_node or 0))
+    return gpus * (int(la.nodes or 1) if la.name == "slurm" else 1)
+
+
+def _dataset_sizes(data: dict) -> Tuple[int, int, str]:
+    note = ""
+    if data["name"] == "fashion_mnist":
+        full = FASHION_MNIST_SIZES
+    else:
+        full, note = IMAGENET_SIZES, "image counts assumed to be ImageNet-1k's (1,281,167 train / 50,000 val)"
+        root = Path(str(data.get("root", "")))
+        try:
+            classes = [c for c in (root / "train").iterdir() if c.is_dir()]
+            if classes and len(classes) != 1000:  # not ImageNet-1k: count (small folders only)
+                full = {split: sum(1 for c in (root / split).iterdir() if c.is_dir() for f in c.iterdir())
+                        for split in ("train", "val")}
+                note = f"image counts read from {root}"
+        except OSError:
+            pass
+    train = min(full["train"], data.get("train_subset") or full["train"])
+    val = min(full["val"], data.get("val_subset") or full["val"])
+    return train, val, note
+
+
+class _Index:
+    """The newest measured entry per (step key, batch) and per data pipeline, on one device type."""
+
+    def __init__(self, results: List[dict]):
+        from .bench import StepSpec
+        self.steps: Dict[tuple, Dict[Tuple[int, int], dict]] = {}
+        self.all: List[dict] = []
+        self.data: Dict[tuple, dict] = {}
+        self.files: List[str] = []
+        for r in results:  # oldest first: newer entries overwrite
+            used = False
+            for sh in r.get("shapes", {}).values():
+                for e in sh.get("steps", []):
+                    if e.get("options") or not e.get("s_per_image"):
+                        continue
+                    e = dict(e, _file=r["_path"], _device=r["device"]["key"])
+                    spec = StepSpec.from_dict(e["spec"])
+                    e["_spec"] = spec
+                    self.steps.setdefault(spec.match_key(), {})[(spec.batch, int(e.get("threads", 0)))] = e
+                    self.all.append(e)
+                    used = True
+            for d in r.get("data", []):
+                self.data[(d["transform"], d["img_size"], d.get("randaug") or "", float(d.get("reprob", 0.0)))] = \
+                    dict(d, _file=r["_path"])
+                used = True
+            if used:
+                self.files.append(r["_path"])
+
+    def step(self, spec, threads: int = 0) -> Tuple[Optional[float], str]:
+        """(seconds per image, where it comes from); threads: the stage's CPU threads (0: any)."""
+        from .bench import meta_flops_per_image
+        found = self.steps.get(spec.match_key())
+        if found:
+            b, t = min(found, key=lambda bt: (bool(threads) and bt[1] != threads, abs(math.log(bt[0] / spec.batch)),
+                                              -bt[0]))
+            e = found[(b, t)]
+            src = f"measured {e['id']}"
+            if b != spec.batch:
+                src += f" at batch {b} (stage batch {spec.batch})"
+            if threads and t and t != threads:
+                src += f" with {t} thread(s) (stage: {threads})"
+            return e["s_per_image"], src
+        cands = [e for e in self.all if e["trains"] == spec.trains and e.get("achieved_flops_per_s")]
+        if not cands:
+            return None, "no measured step to scale from"
+        flops = meta_flops_per_image(spec)
+        e = min(cands, key=lambda e: (e["_spec"].kind != spec.kind, abs(math.log(flops / e["flops_per_image"]))))
+        return flops / e["achieved_flops_per_s"], (f"FLOP-scaled from {e['id']} ({flops / 1e9:.3g} vs "
+                                                   f"{e['flops_per_image'] / 1e9:.3g} GFLOP/image)")
+
+    def pipeline(self, transform: str, img_size: int, randaug: str = "", reprob: float = 0.0
+                 ) -> Tuple[float, str]:
+        key = (transform, img_size, randaug or "", float(reprob))
+        d = self.data.get(key)
+        if d is None:  # same transform and size, other augmentation settings
+            d = next((v for k, v in reversed(list(self.data.items())) if k[:2] == key[:2]), None)
+        if d is None:
+            return 0.0, f"input pipeline ({transform}, {img_size}px) not measured"
+        return d["s_per_image"], ""
+
+
+def _combine(step_spi: float, data_spi: float, workers: int) -> float:
+    return step_spi + data_spi if workers <= 0 else max(step_spi, data_spi / workers)
+
+
+def _step_spec(stage_spec: dict, kind: str, batch: int, num_classes: int):
+    from .bench import StepSpec
+    m = stage_spec["model"]
+    base = dict(model=m["preset"], patch_size=int(m["patch_size"]), img_size=int(stage_spec["data"]["img_size"]),
+                batch=int(batch), num_classes=num_classes)
+    if kind in ("mae", "dmae"):
+        p = stage_spec["pretrain"]
+        extra = dict(mask_ratio=float(p["mask_ratio"]), visible_rounding=p.get("visible_rounding", "paper"))
+        if kind == "dmae":
+            d, t = stage_spec["distill"], stage_spec["teacher_model"]
+            extra.update(teacher=t["preset"], teacher_patch=int(t["patch_size"]),
+                         teacher_mode=d.get("teacher_mode", "partial"),
+                         pairs=tuple(tuple(int(x) for x in pr) for pr in d["pairs"]))
+        return StepSpec(kind, **base, **extra)
+    if kind in ("finetune", "finetune_kd"):
+        f = stage_spec["finetune"]
+        extra = dict(drop_path=float(f["drop_path"]), mixup=float(f["mixup"]), cutmix=float(f["cutmix"]),
+                     smoothing=float(f["smoothing"]))
+        if kind == "finetune_kd":
+            t = stage_spec["teacher_model"]
+            extra.update(teacher=t["preset"], teacher_patch=int(t["patch_size"]))
+        return StepSpec(kind, **base, **extra)
+    return StepSpec("eval", **base)
+
+
+def _twin_key(spec: dict) -> str:
+    s = {k: v for k, v in spec.items() if k not in ("seed", "name", "inputs")}
+    return json.dumps(s, sort_keys=True, default=str)
+
+
+def _finished(root: Path) -> Dict[str, dict]:
+    """Finished stages under the plan's results folder: twin key -> {wall_s, world_size, stage_id}."""
+    out: Dict[str, dict] = {}
+    if not root.is_dir():
+        return out
+    for d in root.iterdir():
+        try:
+            res = json.loads((d / "result.json").read_text())
+            spec = json.loads((d / "config.json").read_text())["spec"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if res.get("wall_s") and not res.get("resumed_from_epoch"):
+            out[_twin_key(spec)] = {"wall_s": float(res["wall_s"]), "world_size": int(res.get("world_size", 1)),
+                                    "stage_id": res.get("stage_id", d.name)}
+    return out
+
+
+def estimate_details(plan, cfg, bench_dir: Optional[str | Path] = None) -> dict:
+    """Per stage: seconds, the measured step it maps to, images, epochs; plus notes. The report's cost section
+    reads this."""
+    from .bench import current_device_key, load_results
+    dev_type = _device_type(cfg)
+    world = _world(cfg)
+    out = {"device_type": dev_type, "world": world, "files": [], "stages": {}, "notes": []}
+    from .bench import bench_dir as _bench_dir
+    if bench_dir is None and not os.environ.get("DMAE_BENCH_DIR"):
+        bench_dir = Path(str(cfg.results_root)) / "bench"
+    where = _bench_dir(bench_dir)
+    results = [r for r in load_results(where) if r["device"].get("type") == dev_type]
+    if not results:
+        out["notes"].append(f"no benchmark for device type {dev_type} in {where}: run `python -m harness.bench"
+                            f"{' --device cuda' if dev_type == 'cuda' else ''}` on the target machine for estimates")
+        return out
+    here = current_device_key(dev_type)
+    mine = [r for r in results if r["device"].get("key") == here]
+    if mine:
+        results = mine
+    else:
+        out["notes"].append(f"no benchmark from this machine ({here}); using {results[-1]['device']['key']}'s")
+    idx = _Index(results)
+    out["files"] = idx.files
+    n_train, n_val, size_note = _dataset_sizes(plan.stages[next(iter(plan.stages))].spec["data"]
+                                               if plan.stages else {"name": "fashion_mnist"})
+    if size_note:
+        out["notes"].append(size_note)
+    workers = int(cfg.run.num_workers or 0)
+    threads = int(cfg.run.threads or 0) if dev_type == "cpu" else 0
+    twins = _finished(Path(plan.root))
+    per_device_val = math.ceil(n_val / world)
+    counts = {"measured": 0, "scaled": 0, "twin": 0, "batch": 0, "none": 0}
+    for sid, stage in plan.stages.items():
+        spec = stage.spec
+        twin = twins.get(_twin_key(spec))
+        if twin and twin["world_size"] == world:
+            out["stages"][sid] = {"seconds": twin["wall_s"], "source": f"finished twin {twin['stage_id']}"}
+            counts["twin"] += 1
+            continue
+        n_cls = 10 if spec["data"]["name"] == "fashion_mnist" else 1000
+        img = int(spec["data"]["img_size"])
+        parts, sources = [], []
+        if stage.kind == "pretrain":
+            sec = spec["pretrain"]
+            st = _step_spec(spec, spec["objective"], sec["batch_size"], n_cls)
+            data_spi, dn = idx.pipeline("pretrain", img)
+            epochs = int(sec["epochs"])
+            per_epoch = (n_train // (int(sec["batch_size"]) * world)) * int(sec["batch_size"])
+            parts.append((st, per_epoch * epochs, data_spi))
+        elif stage.kind == "finetune":
+            sec = spec["finetune"]
+            st = _step_spec(spec, "finetune_kd" if spec.get("kd") else "finetune", sec["batch_size"], n_cls)
+            data_spi, dn = idx.pipeline("finetune", img, sec.get("randaug") or "", sec.get("reprob", 0.0))
+            epochs = int(sec["epochs"])
+            per_epoch = (n_train // (int(sec["batch_size"]) * world)) * int(sec["batch_size"])
+            parts.append((st, per_epoch * epochs, data_spi))
+            ev_spi, _ = idx.pipeline("eval", img)
+            parts.append((_step_spec(spec, "eval", sec["eval_batch_size"], n_cls), per_device_val * epochs, ev_spi))
+        else:
+            epochs = 1
+            data_spi, dn = idx.pipeline("eval", img)
+            parts.append((_step_spec(spec, "eval", spec["eval_batch_size"], n_cls), per_device_val, data_spi))
+        total, known = 0.0, True
+        detail = []
+        for st, images, d_spi in parts:
+            spi, src = idx.step(st, threads)
+            if spi is None:
+                known = False
+                sources.append(src)
+                break
+            total += images * _combine(spi, d_spi, workers)
+            sources.append(src)
+            detail.append({"step": st.kind, "images_per_device": images, "s_per_image": spi,
+                           "data_s_per_image": d_spi})
+        if dn:
+            sources.append(dn)
+        if not known:
+            counts["none"] += 1
+            continue
+        kind = "scaled" if any("FLOP-scaled" in s for s in sources) else "measured"
+        counts[kind] += 1
+        counts["batch"] += any("at batch" in s for s in sources)
+        out["stages"][sid] = {"seconds": total, "source": "; ".join(sources), "epochs": epochs, "parts": detail}
+    batch_note = f" ({counts['batch']} at another batch size)" if counts["batch"] else ""
+    none_note = f", {counts['none']} unknown" if counts["none"] else ""
+    out["notes"].append(
+        f"cost estimates from {len(idx.files)} benchmark file(s) ({', '.join(Path(f).name for f in idx.files)}), "
+        f"{world} device(s) per stage: {counts['measured']} stage(s) from measured steps{batch_note}, "
+        f"{counts['scaled']} FLOP-scaled, {counts['twin']} from finished twins{none_note}")
+    return out

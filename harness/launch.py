@@ -241,6 +241,7 @@ def _drive(plan: Plan, cfg: DictConfig, ex, prog: Progress, running: Dict[str, o
                 prog.set(sid, "blocked", f"(input {dep} failed)")
             elif all(prog.state.get(d) == "done" for d in plan.deps(stage)):
                 ready.append(stage)
+        ready.sort(key=lambda st: not st.role.startswith("teacher"))  # teachers gate most of the graph
         if limit:
             ready = ready[:max(0, limit - len(running))]
         if ready:
