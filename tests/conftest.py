@@ -15,6 +15,17 @@ import pytest
 SLURM_SCRIPT = os.path.join(ROOT, "harness", "slurm_local.sh")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tests use tiny models: one intra-op thread is fastest and immune to oversubscription on a shared 2-core box
+    (two threads per process collapse when anything else runs)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """A real single-node Slurm on loopback (harness/slurm_local.sh), started once per test session.

@@ -16,15 +16,6 @@ PRESET, PATCH, IMG = "vit_pico", 4, 16  # width 48, 3 blocks, decoder 48 x 1 blo
 MODEL_CFG = {"preset": PRESET, "patch_size": PATCH}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest and immune to oversubscription on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _block(prefix, d, mlp=4):
     return {f"{prefix}.norm1.weight": (d,), f"{prefix}.norm1.bias": (d,),
             f"{prefix}.attn.qkv.weight": (3 * d, d), f"{prefix}.attn.qkv.bias": (3 * d,),

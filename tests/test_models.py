@@ -14,15 +14,6 @@ N_TOKENS = (IMG // PATCH) ** 2
 META = {"vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest and immune to oversubscription on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def encoder_keys(depth):
     keys = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"}
     for i in range(depth):

@@ -11,14 +11,6 @@ from harness.models import PRESETS, build_mae, num_visible, random_masking
 from harness.objectives import DMAEObjective, MAEObjective, feature_distance, pixel_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest and immune to oversubscription on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # ---------------------------------------------------------------------------------------------------------------
 # feature distance and pixel loss on hand-written tensors
 

@@ -21,15 +21,6 @@ TIMING = ("epoch_s", "images_per_s", "train_s", "wall_s", "device_hours", "finis
           "device_name", "git_commit")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest and immune to oversubscription on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def pretrain_spec(objective="mae", **over):
     pt = dict(epochs=EPOCHS, warmup_epochs=1, batch_size=16, accum_iter=2, blr=1.5e-3, min_lr=0.0, weight_decay=0.05,
               betas=[0.9, 0.95], clip_grad=None, mask_ratio=0.75, visible_rounding="paper", norm_pix_loss=False)
