@@ -2,9 +2,10 @@
 
     cost of a stage = per-image step time x images per device x epochs  (+ per-epoch evaluation, + input pipeline)
 
-- The step times come from the benchmark files in results/bench/ (or $DMAE_BENCH_DIR, or `bench_dir=`) measured on
-  the plan's device type (run.device; auto = cuda when this machine has one). Files from this very machine are
-  preferred; for each step the newest measurement wins.
+- The step times come from the benchmark files in <results_root>/bench/ and the repository's results/bench/ (or
+  only $DMAE_BENCH_DIR, or only `bench_dir=`) measured on the plan's device type (run.device; auto = cuda when
+  this machine has one). Files from this very machine are preferred; for each step the newest measurement wins,
+  with the stage's CPU threads (run.threads) preferred.
 - A stage maps to a measured step of the same kind (mae | dmae | finetune | finetune_kd | eval), model, patch,
   image size, visible-patch count and teacher depth run. The benchmark's batch may differ (the paper shapes run at
   batch 8 on a CPU): the per-image cost is used as measured, and the stage's source says so. A shape that was not
@@ -13,7 +14,8 @@
 - The input pipeline (measured separately) adds to the step time with num_workers=0 (the CPU profiles) and overlaps
   it with workers: per-image cost = max(step, data / workers).
 - A stage whose twin (same spec but for seed/inputs, same world size) already finished under the plan's results
-  folder is estimated by that twin's measured wall time instead.
+  folder is estimated by that twin's measured wall time instead. A partly done stage counts its remaining epochs
+  (lines of its log.jsonl).
 - Data parallel: `world` devices each process 1/world of the images; the returned seconds are wall seconds of the
   stage (device-seconds / world), ignoring communication.
 
@@ -28,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+REPO_BENCH = Path(__file__).resolve().parent.parent / "results" / "bench"
 # Sizes of the datasets the profiles use, when no subset is set.
 FASHION_MNIST_SIZES = {"train": 60000, "val": 10000}
 IMAGENET_SIZES = {"train": 1281167, "val": 50000}
@@ -94,7 +97,7 @@ class _Index:
                 for e in sh.get("steps", []):
                     if e.get("options") or not e.get("s_per_image"):
                         continue
-                    e = dict(e, _file=r["_path"], _device=r["device"]["key"])
+                    e = dict(e, _file=r["_path"], _device=r["device"]["key"], _order=len(self.all))
                     spec = StepSpec.from_dict(e["spec"])
                     e["_spec"] = spec
                     self.steps.setdefault(spec.match_key(), {})[(spec.batch, int(e.get("threads", 0)))] = e
@@ -113,7 +116,7 @@ class _Index:
         found = self.steps.get(spec.match_key())
         if found:
             b, t = min(found, key=lambda bt: (bool(threads) and bt[1] != threads, abs(math.log(bt[0] / spec.batch)),
-                                              -bt[0]))
+                                              -bt[0], -found[bt]["_order"]))  # ties: the newest
             e = found[(b, t)]
             src = f"measured {e['id']}"
             if b != spec.batch:
@@ -191,6 +194,13 @@ def _finished(root: Path) -> Dict[str, dict]:
     return out
 
 
+def _epochs_logged(run_dir: Path) -> int:
+    try:
+        return sum(1 for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip())
+    except OSError:
+        return 0
+
+
 def estimate_details(plan, cfg, bench_dir: Optional[str | Path] = None) -> dict:
     """Per stage: seconds, the measured step it maps to, images, epochs; plus notes. The report's cost section
     reads this."""
@@ -198,11 +208,13 @@ def estimate_details(plan, cfg, bench_dir: Optional[str | Path] = None) -> dict:
     dev_type = _device_type(cfg)
     world = _world(cfg)
     out = {"device_type": dev_type, "world": world, "files": [], "stages": {}, "notes": []}
-    from .bench import bench_dir as _bench_dir
-    if bench_dir is None and not os.environ.get("DMAE_BENCH_DIR"):
-        bench_dir = Path(str(cfg.results_root)) / "bench"
-    where = _bench_dir(bench_dir)
-    results = [r for r in load_results(where) if r["device"].get("type") == dev_type]
+    if bench_dir is not None or os.environ.get("DMAE_BENCH_DIR"):
+        dirs = [Path(bench_dir or os.environ["DMAE_BENCH_DIR"])]
+    else:  # the plan's results root, and the repository's results/bench (where `python -m harness.bench` writes)
+        dirs = list(dict.fromkeys(p.resolve() for p in (Path(str(cfg.results_root)) / "bench", REPO_BENCH)))
+    where = " or ".join(str(d) for d in dirs)
+    results = sorted((r for d in dirs for r in load_results(d) if r["device"].get("type") == dev_type),
+                     key=lambda r: r.get("created", ""))
     if not results:
         out["notes"].append(f"no benchmark for device type {dev_type} in {where}: run `python -m harness.bench"
                             f"{' --device cuda' if dev_type == 'cuda' else ''}` on the target machine for estimates")
@@ -212,7 +224,8 @@ def estimate_details(plan, cfg, bench_dir: Optional[str | Path] = None) -> dict:
     if mine:
         results = mine
     else:
-        out["notes"].append(f"no benchmark from this machine ({here}); using {results[-1]['device']['key']}'s")
+        out["notes"].append(f"no benchmark from this machine{f' ({here})' if here else ''}; using the "
+                            f"measurements of {', '.join(sorted({r['device']['key'] for r in results}))}")
     idx = _Index(results)
     out["files"] = idx.files
     n_train, n_val, size_note = _dataset_sizes(plan.stages[next(iter(plan.stages))].spec["data"]
@@ -271,6 +284,11 @@ def estimate_details(plan, cfg, bench_dir: Optional[str | Path] = None) -> dict:
         if not known:
             counts["none"] += 1
             continue
+        if stage.kind in ("pretrain", "finetune") and plan.status(sid) == "partial":
+            done = _epochs_logged(Path(plan.dir(sid)))  # resumes after its last finished epoch
+            if 0 < done < epochs:
+                total *= (epochs - done) / epochs
+                sources.append(f"{done}/{epochs} epochs already done")
         kind = "scaled" if any("FLOP-scaled" in s for s in sources) else "measured"
         counts[kind] += 1
         counts["batch"] += any("at batch" in s for s in sources)

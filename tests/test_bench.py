@@ -1,0 +1,114 @@
+"""The benchmark end to end at the smoke shapes (seconds), and the cost estimates built from its JSON.
+
+Timings are never asserted (machines are shared and noisy); FLOP counts are, because they are counts."""
+import json
+import math
+
+import pytest
+
+from harness import bench
+from harness.config import load_config
+from harness.estimate import estimate_details, estimate_plan
+from harness.plan import build_plan
+
+STEP_FIELDS = ("id", "shape", "label", "spec", "batch", "flops_per_image", "step_s", "s_per_image", "images_per_s",
+               "achieved_flops_per_s", "peak_fraction", "reps", "times_s")
+
+
+@pytest.fixture(scope="module")
+def smoke_bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # one thread: the test machines are shared, and two OpenMP threads on a busy 2-core machine crawl
+    assert bench.main(["--shapes", "smoke", "--steps", "2", "--warmup", "1", "--data-images", "32", "--threads", "1",
+                       "--out", str(out)]) == 0
+    files = list(out.glob("*.json"))
+    assert len(files) == 1 and files[0].with_suffix(".md").is_file()
+    return out, json.loads(files[0].read_text())
+
+
+def finite_pos(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_json_fields_and_sane_values(smoke_bench):
+    _, r = smoke_bench
+    assert r["schema"] == bench.SCHEMA and r["device"]["type"] == "cpu" and r["device"]["dtype"] == "fp32"
+    sh = r["shapes"]["smoke"]
+    assert finite_pos(sh["peak"]["flops_per_s"]["median"])
+    labels = {e["label"] for e in sh["steps"]}
+    assert {"mae_m75", "dmae_partial_m75", "dmae_full_m75", "dmae_partial_m95", "dmae_partial_m98", "finetune",
+            "finetune_kd", "eval", "teacher_mae_m75", "teacher_finetune", "teacher_eval"} <= labels
+    for e in sh["steps"]:
+        for f in STEP_FIELDS:
+            assert f in e, (e["label"], f)
+        assert e["reps"] == 2 and len(e["times_s"]) == 2
+        for f in ("flops_per_image", "s_per_image", "achieved_flops_per_s", "peak_fraction"):
+            assert finite_pos(e[f]), (e["label"], f, e[f])
+        assert e["step_s"]["min"] <= e["step_s"]["median"] <= e["step_s"]["max"]
+        assert e["images_per_s"]["min"] <= e["images_per_s"]["median"] <= e["images_per_s"]["max"]
+    by = {e["label"]: e for e in sh["steps"]}
+    fl = {k: v["flops_per_image"] for k, v in by.items()}
+    # FLOP counts (not timings): the teacher costs, the partial teacher costs less, fewer visible patches cost less
+    assert fl["dmae_partial_m75"] > fl["mae_m75"]
+    assert fl["dmae_partial_m75"] < fl["dmae_full_m75"]
+    assert fl["dmae_partial_m98"] < fl["dmae_partial_m95"] < fl["dmae_partial_m75"]
+    assert fl["finetune_kd"] > fl["finetune"] > fl["eval"]
+    # attention is counted on CPU too (SDPA's CPU kernel has no built-in formula)
+    assert any("attention" in op for op in by["mae_m75"]["flops_by_op_per_image"])
+    rt = sh["ratios"]
+    assert rt["dmae_over_mae"]["flops"] > 1
+    assert rt["partial_over_full_teacher"]["flops"] < 1
+    for v in rt.values():
+        assert finite_pos(v["time"]) and finite_pos(v["flops"])
+    assert r["data"], "Fashion-MNIST input pipeline was not measured"
+    for d in r["data"]:
+        assert finite_pos(d["images_per_s"]) and d["transform"] in ("pretrain", "finetune", "eval")
+
+
+def test_meta_flop_count_equals_measured_count(smoke_bench):
+    """The estimator's meta-device count (for shapes never benchmarked) agrees with the count of the real step."""
+    _, r = smoke_bench
+    for e in r["shapes"]["smoke"]["steps"]:
+        spec = bench.StepSpec.from_dict(e["spec"])
+        assert bench.meta_flops_per_image(spec) == pytest.approx(e["flops_per_image"], rel=1e-6), e["label"]
+
+
+def smoke_plan(tmp_path, profile="smoke"):
+    cfg = load_config("table2", [f"profile={profile}", f"results_root={tmp_path / 'results'}"])
+    return build_plan(cfg), cfg
+
+
+def test_estimate_plan_from_bench(smoke_bench, tmp_path):
+    out, _ = smoke_bench
+    plan, cfg = smoke_plan(tmp_path)
+    est = estimate_plan(plan, cfg, bench_dir=out, verbose=False)
+    assert set(est) == set(plan.stages)
+    assert all(finite_pos(v) for v in est.values()), est
+    details = estimate_details(plan, cfg, bench_dir=out)
+    assert all(d["source"].startswith("measured smoke/") for d in details["stages"].values()), details["stages"]
+
+
+def test_estimate_plan_flop_scales_unbenchmarked_shapes(smoke_bench, tmp_path):
+    out, _ = smoke_bench
+    plan, cfg = smoke_plan(tmp_path, "tiny")  # tiny's models were not benchmarked: FLOP-scaled from smoke's
+    details = estimate_details(plan, cfg, bench_dir=out)
+    assert set(details["stages"]) == set(plan.stages)
+    assert all(finite_pos(d["seconds"]) and "FLOP-scaled" in d["source"] for d in details["stages"].values())
+
+
+def test_estimate_plan_prefers_a_finished_twin(smoke_bench, tmp_path):
+    out, _ = smoke_bench
+    plan, cfg = smoke_plan(tmp_path)
+    sid, stage = next((s, st) for s, st in plan.stages.items() if st.role == "student-pretrain")
+    twin = plan.root / "twin-stage"
+    twin.mkdir(parents=True)
+    (twin / "config.json").write_text(json.dumps({"spec": dict(stage.spec, seed=stage.spec["seed"] + 7)}))
+    (twin / "result.json").write_text(json.dumps({"wall_s": 123.0, "world_size": 1, "stage_id": "twin-stage"}))
+    assert estimate_plan(plan, cfg, bench_dir=out, verbose=False)[sid] == 123.0
+
+
+def test_estimate_plan_without_benchmarks_is_empty(tmp_path):
+    plan, cfg = smoke_plan(tmp_path)
+    assert estimate_plan(plan, cfg, bench_dir=tmp_path / "no-bench", verbose=False) == {}
+    (tmp_path / "empty").mkdir()
+    assert estimate_plan(plan, cfg, bench_dir=tmp_path / "empty", verbose=False) == {}
