@@ -28,6 +28,12 @@ def safe_load(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
+    with open(p, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (legacy format: a pickle, which starts with the PROTO opcode 0x80)
+    if head != b"PK\x03\x04" and not head.startswith(b"\x80"):
+        raise CheckpointError(f"cannot read checkpoint {p}: not a torch checkpoint (neither a zip archive nor a "
+                              f"pickle; {'empty file' if not head else f'starts with {head!r}'})")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -142,24 +148,35 @@ def save_last(state: dict, run_dir: Path) -> None:
     _fsync_dir(run_dir)
 
 
-def load_last(run_dir: Path, log=print) -> Optional[dict]:
-    """The newest readable of checkpoint-last / checkpoint-prev, or None when neither exists. A corrupt file is
-    reported and skipped; raises if checkpoints exist but none can be read (never a silent restart)."""
+def load_last(run_dir: Path, log=print, quarantine: bool = False) -> Optional[dict]:
+    """The newest readable of checkpoint-last / checkpoint-prev, or None when neither exists. A corrupt or missing
+    checkpoint-last is reported (warning) and checkpoint-prev used; raises if checkpoints exist but none can be read
+    (never a silent restart). quarantine=True (the writing rank): an unreadable checkpoint-last is renamed to
+    checkpoint-last.pth.corrupt, so the next save_last() does not rotate it over the good checkpoint-prev."""
     run_dir = Path(run_dir)
     errors = []
+    if not (run_dir / LAST).exists() and (run_dir / PREV).exists():
+        errors.append(f"{run_dir / LAST} is missing (a run stopped between the two renames of save_last)")
     for name in (LAST, PREV):
         p = run_dir / name
         if not p.exists():
             continue
         try:
             state = safe_load(p)
-            if errors:
-                msg = f"WARNING: {'; '.join(errors)}; resuming from {p} instead"
-                warnings.warn(msg)
-                log(msg)
-            return state
         except CheckpointError as e:
             errors.append(str(e))
+            continue
+        if errors:
+            if quarantine and name == PREV and (run_dir / LAST).exists():
+                try:
+                    os.replace(run_dir / LAST, run_dir / (LAST + ".corrupt"))
+                    errors[-1] += f" (moved aside to {LAST}.corrupt)"
+                except OSError:
+                    pass
+            msg = f"WARNING: {'; '.join(errors)}; resuming from {p} instead"
+            warnings.warn(msg)
+            log(msg)
+        return state
     if errors:
         raise CheckpointError("no readable checkpoint to resume from: " + "; ".join(errors) +
                               ". Delete the files to restart this stage from scratch.")

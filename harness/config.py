@@ -8,6 +8,7 @@ Compose a table's config exactly as the command line does:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -48,6 +49,9 @@ class PretrainConfig:
     mask_ratio: float = 0.75
     visible_rounding: str = "paper"  # paper: round(N(1-r)) | official: int(N(1-r))
     norm_pix_loss: bool = False
+    # Optional: the total batch per optimizer update. When set, accum_iter is derived from it:
+    # effective_batch / (batch_size x launcher.nodes x max(1, launcher.gpus_per_node)), which must be an integer.
+    effective_batch: Optional[int] = None
     epoch_scale: float = 1.0  # schedule ablations: epochs and warmup scaled by this (>= 1 epoch)
 
 
@@ -86,6 +90,7 @@ class FinetuneConfig:
     reprob: float = 0.25
     randaug: str = "rand-m9-mstd0.5-inc1"
     eval_batch_size: int = 256
+    effective_batch: Optional[int] = None  # as PretrainConfig.effective_batch: derives accum_iter when set
 
 
 @dataclass
@@ -128,6 +133,7 @@ class RunConfig:
     threads: int = 0  # torch CPU threads (0 = torch's default)
     log_every: int = 20
     num_workers: int = 0
+    nan_restarts: int = 0  # a non-finite loss restarts the stage from its last checkpoint this many times (logged)
 
 
 @dataclass
@@ -146,6 +152,7 @@ class LauncherConfig:
     max_parallel: int = 1  # jobs in flight at once (0 = no limit); the local launcher runs them side by side
     additional_parameters: Dict[str, Any] = field(default_factory=dict)  # extra sbatch parameters
     poll_s: float = 2.0
+    signal_delay_s: Optional[int] = None  # USR2 this many seconds before the time limit (None: submitit's default)
     # Slurm runs write sbatch scripts instead of submitting (sites without long-lived drivers)
     write_sbatch: bool = False
 
@@ -224,7 +231,8 @@ def merged(section: DictConfig, overrides: Dict[str, Any], schema, where: str) -
             overrides = OmegaConf.to_container(overrides, resolve=True)
         out = OmegaConf.merge(base, OmegaConf.create(dict(overrides)))
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{where}: {e}") from None
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"{where}{'.' + key if key else ''}: {str(e).splitlines()[0]}") from None
     return OmegaConf.to_container(out, resolve=True)
 
 
@@ -267,6 +275,49 @@ def resolve_schedule(pretrain: dict) -> dict:
     return out
 
 
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def check_name(what: str, value) -> None:
+    """table, profile and row keys become path components (results/<table>/<profile>/, report figures): plain names
+    only, no '/', no '..'."""
+    if not isinstance(value, str) or not NAME.fullmatch(value) or ".." in value:
+        raise ConfigError(f"{what}={value!r}: must be a plain name ([A-Za-z0-9_.-], not starting with '.' or '-', "
+                          "no '..', no '/')")
+
+
+def world_size(launcher) -> int:
+    """Devices one stage runs on: nodes x GPUs per node (a CPU job counts as one)."""
+    return int(launcher["nodes"]) * max(1, int(launcher["gpus_per_node"]))
+
+
+def resolve_accum(sec: dict, world: int, where: str) -> dict:
+    """Derive accum_iter from the optional effective_batch (then dropped: the stage spec holds accum_iter only, so
+    a section without effective_batch gives the same stage as before)."""
+    out = dict(sec)
+    eff = out.pop("effective_batch", None)
+    if eff is None:
+        return out
+    per_step = out["batch_size"] * world
+    if eff < 1 or eff % per_step:
+        raise ConfigError(f"{where}.effective_batch={eff} is not a positive multiple of batch_size {out['batch_size']} "
+                          f"x {world} device(s) = {per_step} per step (accum_iter would be {eff / per_step:g}); "
+                          "change effective_batch, batch_size or the GPU count")
+    out["accum_iter"] = eff // per_step
+    return out
+
+
+def _check_range(where: str, sec: dict, key: str, lo=None, hi=None, lo_open=False, hi_open=False) -> None:
+    v = sec.get(key)
+    if v is None:
+        return
+    bad = (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi))
+    if bad or v != v:  # NaN is never in range
+        lo_s = "" if lo is None else f"{'(' if lo_open else '['}{lo}"
+        hi_s = "inf)" if hi is None else f"{hi}{')' if hi_open else ']'}"
+        raise ConfigError(f"{where}.{key}={v} must be in {lo_s or '(-inf'}, {hi_s}")
+
+
 def _check_section(where: str, sec: dict, kind: str) -> None:
     for key, allowed in CHOICES.items():
         group, name = key.split(".")
@@ -277,6 +328,26 @@ def _check_section(where: str, sec: dict, kind: str) -> None:
             raise ConfigError(f"{where}: epochs, batch_size and accum_iter must be >= 1")
         if not 0 <= sec["warmup_epochs"] <= sec["epochs"]:
             raise ConfigError(f"{where}.warmup_epochs={sec['warmup_epochs']} must be within [0, epochs]")
+    if kind in ("pretrain", "finetune"):
+        _check_range(where, sec, "blr", 0, lo_open=True)
+        _check_range(where, sec, "min_lr", 0)
+        _check_range(where, sec, "weight_decay", 0)
+        _check_range(where, sec, "clip_grad", 0, lo_open=True)
+    if kind == "finetune":
+        for key, hi, hi_open in (("drop_path", 1, True), ("smoothing", 1, True), ("reprob", 1, False)):
+            _check_range(where, sec, key, 0, hi, hi_open=hi_open)
+        for key in ("mixup", "cutmix"):
+            _check_range(where, sec, key, 0)
+        _check_range(where, sec, "layer_decay", 0, 1, lo_open=True)
+        if sec["eval_batch_size"] < 1:
+            raise ConfigError(f"{where}.eval_batch_size={sec['eval_batch_size']} must be >= 1")
+    if kind == "kd":
+        _check_range(where, sec, "weight", 0, 1)
+        _check_range(where, sec, "temperature", 0, lo_open=True)
+    if kind == "distill":  # NaN passes here on purpose: a NaN weight is a run-time fault (NonFiniteLoss), tested
+        for key in ("alpha", "pixel_weight"):
+            if sec[key] < 0:
+                raise ConfigError(f"{where}.{key}={sec[key]} must be >= 0")
     if kind == "pretrain" and not 0.0 <= sec["mask_ratio"] < 1.0:
         raise ConfigError(f"{where}.mask_ratio={sec['mask_ratio']} must be in [0, 1)")
     if kind == "finetune" and sec["mixup"] + sec["cutmix"] > 0 and sec["batch_size"] % 2:
@@ -285,8 +356,14 @@ def _check_section(where: str, sec: dict, kind: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Semantic checks the schema cannot express (impossible values, unknown presets, block indices)."""
+    from omegaconf.errors import OmegaConfBaseException
     from .models import PRESETS
 
+    try:  # hydra lets `+section.key=...` add keys to a structured config: re-check the whole tree against the schema
+        OmegaConf.merge(OmegaConf.structured(TableConfig), OmegaConf.to_container(cfg, resolve=False))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or "?"
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]} (unknown key or wrong type)") from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"missing mandatory value(s): {', '.join(missing)} (set them on the command line, "
@@ -295,12 +372,33 @@ def validate(cfg: DictConfig) -> None:
         group, name = key.split(".")
         if group in ("data", "run", "launcher") and cfg[group][name] not in allowed:
             raise ConfigError(f"{key}={cfg[group][name]!r}: must be one of {', '.join(allowed)}")
+    check_name("table", cfg.table)
+    check_name("profile", cfg.profile)
     if cfg.seeds < 1:
         raise ConfigError(f"seeds={cfg.seeds} must be >= 1")
+    la, d = cfg.launcher, cfg.data
+    for key, lo in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_task", 1), ("timeout_min", 1),
+                    ("max_requeues", 0), ("array_parallelism", 1), ("max_parallel", 0)):
+        if la[key] < lo:
+            raise ConfigError(f"launcher.{key}={la[key]} must be >= {lo}")
+    if not la.poll_s > 0:
+        raise ConfigError(f"launcher.poll_s={la.poll_s} must be > 0")
+    if la.signal_delay_s is not None and not 0 <= la.signal_delay_s < 60 * la.timeout_min:
+        raise ConfigError(f"launcher.signal_delay_s={la.signal_delay_s} must be in [0, timeout_min x 60 = "
+                          f"{60 * la.timeout_min})")
+    for key in ("threads", "num_workers", "nan_restarts"):
+        if cfg.run[key] < 0:
+            raise ConfigError(f"run.{key}={cfg.run[key]} must be >= 0")
+    if d.img_size < 1 or d.train_subset < 0 or d.val_subset < 0:
+        raise ConfigError(f"data: img_size={d.img_size} must be >= 1, train_subset={d.train_subset} and "
+                          f"val_subset={d.val_subset} >= 0")
+    _check_range("data", d, "eval_crop_pct", 0, 1, lo_open=True)
+    world = world_size(la)
     if not cfg.rows:
         raise ConfigError(f"table {cfg.table!r} has no rows")
     for rkey, row in cfg.rows.items():
         where = f"rows.{rkey}"
+        check_name("row key", rkey)
         if row.method not in ("mae", "dmae", "kd"):
             raise ConfigError(f"{where}.method={row.method!r}: must be mae, dmae or kd")
         student = merged(cfg.student, row.student, ModelConfig, f"{where}.student")
@@ -309,6 +407,10 @@ def validate(cfg: DictConfig) -> None:
         dis = merged(cfg.distill, row.distill, DistillConfig, f"{where}.distill")
         fin = merged(cfg.finetune, row.finetune, FinetuneConfig, f"{where}.finetune")
         kd = merged(cfg.kd, row.kd, KDConfig, f"{where}.kd")
+        pre = resolve_accum(pre, world, f"{where}.pretrain")
+        fin = resolve_accum(fin, world, f"{where}.finetune")
+        teacher["pretrain"] = resolve_accum(teacher["pretrain"], world, f"{where}.teacher.pretrain")
+        teacher["finetune"] = resolve_accum(teacher["finetune"], world, f"{where}.teacher.finetune")
         for name, sec, kind in ((f"{where}.pretrain", pre, "pretrain"), (f"{where}.distill", dis, "distill"),
                                 (f"{where}.finetune", fin, "finetune"), (f"{where}.kd", kd, "kd"),
                                 (f"{where}.teacher.pretrain", teacher["pretrain"], "pretrain"),

@@ -26,7 +26,7 @@ import submitit
 from omegaconf import DictConfig, OmegaConf
 
 from .plan import Plan, Stage
-from .stages import ERROR_FILE, RESULT_FILE, run_stage, write_json
+from .stages import ERROR_FILE, RESULT_FILE, lock_holder, run_stage, write_json
 
 JOB_FILE = "job.json"
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "UNKNOWN"}
@@ -47,10 +47,25 @@ class StageJob(submitit.helpers.Checkpointable):
         return run_stage(self.spec, self.run_dir, self.inputs, self.runtime, self.stage_id)
 
 
+class DriverLocked(RuntimeError):
+    """Another `reproduce` driver holds the results root."""
+
+
+_HELD: Dict[Path, int] = {}  # roots this process holds the driver lock of (re-entrant: run_table, then execute)
+
+
 @contextmanager
 def driver_lock(root: Path):
     """One driver per results root: a second `reproduce` on the same root stops with a clear error instead of
     running the same stages twice at once."""
+    root = Path(root).resolve()
+    if _HELD.get(root):
+        _HELD[root] += 1
+        try:
+            yield
+        finally:
+            _HELD[root] -= 1
+        return
     root.mkdir(parents=True, exist_ok=True)
     path = root / ".driver.lock"
     f = open(path, "a+")
@@ -60,22 +75,27 @@ def driver_lock(root: Path):
         f.seek(0)
         holder = f.read().strip()
         f.close()
-        raise RuntimeError(f"another reproduce driver ({holder or 'unknown pid'}) is running on {root}; "
+        raise DriverLocked(f"another reproduce driver ({holder or 'unknown pid'}) is running on {root}; "
                            "wait for it or stop it first") from None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {os.uname().nodename}")
     f.flush()
+    _HELD[root] = 1
     try:
         yield
     finally:
+        del _HELD[root]
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
 
 
 def _runtime(cfg: DictConfig) -> dict:
     r = cfg.run
-    return dict(device=r.device, amp=r.amp, threads=r.threads, log_every=r.log_every, num_workers=r.num_workers)
+    out = dict(device=r.device, amp=r.amp, threads=r.threads, log_every=r.log_every, num_workers=r.num_workers)
+    if r.get("nan_restarts"):
+        out["nan_restarts"] = r.nan_restarts
+    return out
 
 
 def _job(plan: Plan, stage: Stage, cfg: DictConfig, distributed: bool) -> StageJob:
@@ -111,9 +131,27 @@ def _failure_detail(plan: Plan, sid: str, job=None) -> str:
             parts.append(json.loads(err.read_text())["error"])
         except (OSError, ValueError, KeyError):
             parts.append(f"see {err}")
-    if job is not None:
+    if job is not None and getattr(job, "paths", None) is not None:
         parts.append(f"logs: {job.paths.stdout} / {job.paths.stderr}")
     return "; ".join(parts)
+
+
+class Elsewhere:
+    """A stage that another process is running (it holds <stage dir>/.stage.lock: e.g. a job left behind by a driver
+    that was killed): waited for, never started a second time."""
+    paths = None
+
+    def __init__(self, run_dir: Path, holder: str):
+        self.run_dir, self.job_id = Path(run_dir), holder
+
+    def done(self) -> bool:
+        return lock_holder(self.run_dir) is None
+
+    def result(self):
+        raise RuntimeError(f"the run by {self.job_id} ended without a result")
+
+    def cancel(self, check: bool = False) -> None:
+        """Not ours to stop."""
 
 
 def reuse_finished(plan: Plan) -> List[str]:
@@ -123,6 +161,8 @@ def reuse_finished(plan: Plan) -> List[str]:
     reused = []
     for sid in plan.stages:
         if plan.status(sid) == "done":
+            continue
+        if lock_holder(plan.dir(sid)):  # being run right now (e.g. by a killed driver's job): leave it alone
             continue
         for other in sorted(plan.root.parent.parent.glob(f"*/{plan.profile}/{sid}/{RESULT_FILE}")):
             src, dst = other.parent, plan.dir(sid)
@@ -140,6 +180,7 @@ def reuse_finished(plan: Plan) -> List[str]:
 
 def execute(plan: Plan, cfg: DictConfig) -> Dict[str, str]:
     """Run every stage that is not done. Returns {stage id: done | failed | blocked}."""
+    plan.check_paths()
     with driver_lock(plan.root):
         reuse_finished(plan)
         name = cfg.launcher.name
@@ -167,10 +208,15 @@ def _run_in_process(plan: Plan, cfg: DictConfig) -> Dict[str, str]:
     return dict(prog.state)
 
 
-def local_executor(plan: Plan, cfg: DictConfig) -> submitit.AutoExecutor:
-    ex = submitit.AutoExecutor(folder=plan.root / ".submitit" / "%j", cluster="local")
-    ex.update_parameters(timeout_min=cfg.launcher.timeout_min, gpus_per_node=cfg.launcher.gpus_per_node,
-                         tasks_per_node=max(1, cfg.launcher.gpus_per_node))
+def local_executor(plan: Plan, cfg: DictConfig) -> submitit.LocalExecutor:
+    """Jobs on this machine. On launcher.timeout_min a job gets USR2 (signal_delay_s before the limit, submitit's
+    default 30 s), checkpoints and is restarted, at most launcher.max_requeues times, as on Slurm."""
+    la = cfg.launcher
+    ex = submitit.LocalExecutor(folder=plan.root / ".submitit" / "%j", max_num_timeout=la.max_requeues)
+    params = dict(timeout_min=la.timeout_min, gpus_per_node=la.gpus_per_node, tasks_per_node=max(1, la.gpus_per_node))
+    if la.get("signal_delay_s") is not None:
+        params["signal_delay_s"] = la.signal_delay_s
+    ex.update_parameters(**params)
     return ex
 
 
@@ -186,6 +232,8 @@ def slurm_executor(plan: Plan, cfg: DictConfig) -> submitit.AutoExecutor:
         params["gpus_per_node"] = la.gpus_per_node
     if la.mem_gb:
         params["mem_gb"] = la.mem_gb
+    if la.get("signal_delay_s") is not None:
+        params["slurm_signal_delay_s"] = la.signal_delay_s
     for key in ("partition", "account", "qos"):
         if la[key]:
             params[f"slurm_{key}"] = la[key]
@@ -213,9 +261,9 @@ def _run_jobs(plan: Plan, cfg: DictConfig, ex: submitit.AutoExecutor, slurm: boo
     limit = cfg.launcher.max_parallel
     distributed = cfg.launcher.nodes * max(1, cfg.launcher.gpus_per_node) > 1
     running: Dict[str, object] = {}
-    for sid in plan.stages if slurm else ():
+    for sid in plan.stages:
         if prog.state[sid] != "done":
-            job = _attach(plan, sid)
+            job = _attach(plan, sid) if slurm else None
             if job is not None:
                 running[sid] = job
                 prog.set(sid, "re-attached", f"(job {job.job_id})")
@@ -237,8 +285,12 @@ def _drive(plan: Plan, cfg: DictConfig, ex, prog: Progress, running: Dict[str, o
             if prog.state[sid] in ("done", "failed", "blocked") or sid in running:
                 continue
             dep = prog.blocked_by_failure(stage)
+            holder = lock_holder(plan.dir(sid))
             if dep:
                 prog.set(sid, "blocked", f"(input {dep} failed)")
+            elif holder:  # e.g. the job of a killed driver, still running: wait for it, do not start it twice
+                running[sid] = Elsewhere(plan.dir(sid), holder)
+                prog.set(sid, "re-attached", f"(running elsewhere: {holder})")
             elif all(prog.state.get(d) == "done" for d in plan.deps(stage)):
                 ready.append(stage)
         ready.sort(key=lambda st: not st.role.startswith("teacher"))  # teachers gate most of the graph
@@ -262,6 +314,8 @@ def _drive(plan: Plan, cfg: DictConfig, ex, prog: Progress, running: Dict[str, o
             del running[sid]
             if plan.status(sid) == "done":
                 prog.set(sid, "done")
+            elif isinstance(job, Elsewhere) and plan.status(sid) != "failed":
+                prog.set(sid, "todo", f"(the run by {job.job_id} stopped without a result; resubmitting)")
             else:
                 try:
                     job.result()

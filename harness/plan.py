@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from .config import (ConfigError, DistillConfig, FinetuneConfig, KDConfig, ModelConfig, PretrainConfig, TeacherConfig,
-                     merged, resolve_pairs, resolve_schedule)
+                     check_name, merged, resolve_accum, resolve_pairs, resolve_schedule, world_size)
 from .models import get_arch
 from .stages import ERROR_FILE, MODEL_FILE, RESULT_FILE, spec_hash
 
@@ -69,6 +69,14 @@ class Plan:
     def deps(self, stage: Stage) -> List[str]:
         return [ref for ref in stage.inputs.values() if not ref.startswith("file:")]
 
+    def check_paths(self) -> None:
+        """Every stage directory is a direct child of the plan's root (nothing is written outside results_root)."""
+        root = Path(os.path.normpath(self.root))
+        for sid in self.stages:
+            d = Path(os.path.normpath(self.dir(sid)))
+            if d.parent != root or not check_name_ok(sid):
+                raise ConfigError(f"stage directory {d} (stage id {sid!r}) is not inside {root}; refusing to write it")
+
     def status(self, stage_id: str) -> str:
         d = self.dir(stage_id)
         if (d / RESULT_FILE).exists():
@@ -91,6 +99,7 @@ class _Builder:
         self.stages: Dict[str, Stage] = {}
         self.data = OmegaConf.to_container(cfg.data, resolve=True)
         self.amp = cfg.run.amp
+        self.world = world_size(cfg.launcher)
 
     def add(self, kind: str, role: str, desc: str, spec: dict, inputs: Dict[str, str], cell) -> str:
         spec = {"kind": kind, **spec, "data": self.data, "amp": self.amp, "inputs": dict(inputs)}
@@ -110,26 +119,29 @@ class _Builder:
                 raise ConfigError(f"rows.{cell[0]}: needs the {need} teacher: set teacher.{need}_ckpt")
             return f"file:{os.path.abspath(t[need + '_ckpt'])}"
         tag = _model_tag(t["model"])
-        pre = resolve_schedule(t["pretrain"])
+        pre = resolve_accum(resolve_schedule(t["pretrain"]), self.world, "teacher.pretrain")
+        fin = resolve_accum(t["finetune"], self.world, "teacher.finetune")
         pt = self.add("pretrain", "teacher-pretrain", f"teacher-pretrain-mae-{tag}-e{pre['epochs']}",
                       {"objective": "mae", "model": t["model"], "pretrain": pre, "seed": self.cfg.seed},
                       {}, cell)
         if need == "pretrained":
             return pt
-        return self.add("finetune", "teacher-finetune", f"teacher-finetune-{tag}-e{t['finetune']['epochs']}",
-                        {"model": t["model"], "finetune": t["finetune"], "kd": None, "seed": self.cfg.seed},
+        return self.add("finetune", "teacher-finetune", f"teacher-finetune-{tag}-e{fin['epochs']}",
+                        {"model": t["model"], "finetune": fin, "kd": None, "seed": self.cfg.seed},
                         {"init": pt}, cell)
 
     def cell(self, key: str, row: DictConfig, seed: int) -> Cell:
         cfg, where, c = self.cfg, f"rows.{key}", (key, seed)
         student = merged(cfg.student, row.student, ModelConfig, f"{where}.student")
         teacher_cfg = merged(cfg.teacher, row.teacher, TeacherConfig, f"{where}.teacher")
-        pre = resolve_schedule(merged(cfg.pretrain, row.pretrain, PretrainConfig, f"{where}.pretrain"))
+        pre = resolve_accum(resolve_schedule(merged(cfg.pretrain, row.pretrain, PretrainConfig, f"{where}.pretrain")),
+                            self.world, f"{where}.pretrain")
         dis = merged(cfg.distill, row.distill, DistillConfig, f"{where}.distill")
         dis["pairs"] = resolve_pairs(dis, get_arch(student["preset"]).depth,
                                      get_arch(teacher_cfg["model"]["preset"]).depth)
         dis.pop("align")
-        fin = merged(cfg.finetune, row.finetune, FinetuneConfig, f"{where}.finetune")
+        fin = resolve_accum(merged(cfg.finetune, row.finetune, FinetuneConfig, f"{where}.finetune"), self.world,
+                            f"{where}.finetune")
         kd = merged(cfg.kd, row.kd, KDConfig, f"{where}.kd")
         teacher: Dict[str, str] = {}
         tag = _model_tag(student)
@@ -164,12 +176,27 @@ class _Builder:
         return Cell(key, seed, row.label, row.method, row.paper, pt, ft, ev, teacher, info)
 
 
+def check_name_ok(name: str) -> bool:
+    try:
+        check_name("name", name)
+        return True
+    except ConfigError:
+        return False
+
+
 def build_plan(cfg: DictConfig) -> Plan:
-    root = Path(cfg.results_root).resolve() / cfg.table / cfg.profile
+    check_name("table", cfg.table)
+    check_name("profile", cfg.profile)
+    results_root = Path(cfg.results_root).resolve()
+    root = results_root / cfg.table / cfg.profile
+    if Path(os.path.normpath(root)).parent.parent != results_root:  # lexical: a symlinked results tree is fine
+        raise ConfigError(f"results directory {root} is not <results_root>/<table>/<profile> under {results_root}")
     b = _Builder(cfg, root)
     cells = [b.cell(key, row, cfg.seed + s) for key, row in cfg.rows.items() for s in range(cfg.seeds)]
     order = _toposort(b.stages)
-    return Plan(cfg.table, cfg.profile, root, {sid: b.stages[sid] for sid in order}, cells)
+    plan = Plan(cfg.table, cfg.profile, root, {sid: b.stages[sid] for sid in order}, cells)
+    plan.check_paths()
+    return plan
 
 
 def _toposort(stages: Dict[str, Stage]) -> List[str]:

@@ -27,6 +27,7 @@ from typing import List
 from omegaconf import DictConfig
 
 from .config import ConfigError, load_config, tables
+from .launch import DriverLocked
 from .plan import Plan, build_plan, describe, write_manifest
 
 
@@ -41,6 +42,8 @@ def check_inputs(plan: Plan, cfg: DictConfig) -> None:
 
     try:
         check_data(DataSpec(**cfg.data))
+        if cfg.data.name == "imagefolder":
+            check_imagefolder_classes(cfg.data.root)
     except DataError as e:
         raise PreflightError(str(e)) from None
     checked, problems = set(), []
@@ -66,6 +69,22 @@ def check_inputs(plan: Plan, cfg: DictConfig) -> None:
         check_slurm(cfg.launcher.partition)
 
 
+def check_imagefolder_classes(root: str) -> None:
+    """Every class folder of both splits holds at least one image (torchvision's ImageFolder would otherwise fail
+    inside the job, after submission). Stops at each folder's first image, so it stays cheap on ImageNet."""
+    from pathlib import Path
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    from .data import DataError
+    for split in ("train", "val"):
+        d = Path(root) / split
+        empty = [c.name for c in sorted(d.iterdir()) if c.is_dir()
+                 and not any(f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS) for f in c.iterdir())]
+        if empty:
+            raise DataError(f"{d}: {len(empty)} class folder(s) hold no image ({', '.join(empty[:5])}"
+                            f"{' ...' if len(empty) > 5 else ''}); expected {d}/<class>/<image> "
+                            f"({', '.join(IMG_EXTENSIONS[:4])}, ...)")
+
+
 def check_slurm(partition) -> None:
     if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
         raise PreflightError("launcher=slurm but the Slurm commands (sinfo, sbatch) are not on PATH")
@@ -89,17 +108,18 @@ def run_table(table: str, overrides: List[str], dry_run: bool = False, command: 
         print(describe(plan, estimate_plan(plan, cfg)))
         return 0
     check_inputs(plan, cfg)
-    write_manifest(plan, cfg, command, overrides)
-    print(f"{table} ({cfg.profile}): {len(plan.stages)} stages, launcher={cfg.launcher.name}, results in {plan.root}",
-          flush=True)
-    from .launch import _runtime, execute
-    if cfg.launcher.write_sbatch:
-        from .sbatch import write_sbatch
-        path = write_sbatch(plan, cfg, _runtime(cfg))
-        print(f"wrote sbatch scripts; submit them with: bash {path}\n"
-              f"then, when the jobs are done: python -m harness.report {table} --profile {cfg.profile}")
-        return 0
-    states = execute(plan, cfg)
+    from .launch import _runtime, driver_lock, execute
+    with driver_lock(plan.root):  # before the manifest: a second driver on this root changes nothing
+        write_manifest(plan, cfg, command, overrides)
+        print(f"{table} ({cfg.profile}): {len(plan.stages)} stages, launcher={cfg.launcher.name}, results in "
+              f"{plan.root}", flush=True)
+        if cfg.launcher.write_sbatch:
+            from .sbatch import write_sbatch
+            path = write_sbatch(plan, cfg, _runtime(cfg))
+            print(f"wrote sbatch scripts; submit them with: bash {path}\n"
+                  f"then, when the jobs are done: python -m harness.report {table} --profile {cfg.profile}")
+            return 0
+        states = execute(plan, cfg)
     failed = [sid for sid, st in states.items() if st != "done"]
     if cfg.report:
         from .report import write_report
@@ -149,6 +169,9 @@ def main(argv: List[str] | None = None) -> int:
             except (ConfigError, PreflightError) as e:
                 print(f"error: {e}\nNothing was submitted.", file=sys.stderr)
                 return 2
+            except DriverLocked as e:
+                print(f"error: {e}\nNothing was submitted by this invocation.", file=sys.stderr)
+                return 3
     return code
 
 

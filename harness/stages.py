@@ -7,11 +7,15 @@ harness.plan), a run directory and the paths of its inputs' model files, and lea
     model.pth            final weights, official MAE layout: {'model': state_dict, 'arch': ..., 'stage_id': ...}
     result.json          written last: its presence means the stage is done
     error.json           written when the stage fails: the error, for the report
+    .stage.lock          flock'ed by the process running the stage (rank 0): a second runner is refused
+
+Temporary files (.<name>.tmp-<pid>) left by a killed process are removed when the stage starts again.
 
 Run one by hand:  python -m harness.stages results/table2/smoke/<stage-id>
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -21,6 +25,7 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -29,12 +34,13 @@ import torch
 from .checkpoints import atomic_save, encoder_to_classifier, load_weights, safe_load, state_dict_of, DECODER_KEYS
 from .data import DataSpec, build_dataset, eval_transform, finetune_transform, pretrain_transform
 from .models import build_classifier, build_mae, get_arch
-from .train import Runtime, Schedule, evaluate_classifier, fit, seed_all, setup_runtime
+from .train import NonFiniteLoss, Runtime, Schedule, evaluate_classifier, fit, seed_all, setup_runtime
 
 MODEL_FILE = "model.pth"
 RESULT_FILE = "result.json"
 ERROR_FILE = "error.json"
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".stage.lock"
 SCHEDULE_KEYS = ("epochs", "warmup_epochs", "batch_size", "accum_iter", "blr", "min_lr", "weight_decay", "betas",
                  "clip_grad")
 
@@ -180,21 +186,128 @@ def _git_commit() -> Optional[str]:
         return None
 
 
+class StageLocked(RuntimeError):
+    """Another process is running this stage (it holds <run_dir>/.stage.lock)."""
+
+
+def _read_holder(f) -> str:
+    f.seek(0)
+    return f.read().strip()
+
+
+@contextmanager
+def stage_lock(run_dir: Path, stage_id: str, wait_s: float = 1.0):
+    """Exclusive, non-blocking flock on <run_dir>/.stage.lock for as long as the stage runs; released by the kernel
+    when the process dies, so a killed run never leaves a stale lock. A brief retry (wait_s) absorbs a driver's
+    probe (lock_holder); then StageLocked names the holder."""
+    path = Path(run_dir) / LOCK_FILE
+    f = open(path, "a+")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = _read_holder(f)
+                f.close()
+                raise StageLocked(f"stage {stage_id} is already being run by {holder or 'another process'} (it holds "
+                                  f"{path}); refusing to run it twice at once. Wait for that run to end, or stop "
+                                  "it first.") from None
+            time.sleep(0.05)
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}")
+    f.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def lock_holder(run_dir: str | Path) -> Optional[str]:
+    """Who runs the stage in run_dir now ('pid N on host since ...'), or None when nobody holds its lock."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        f = open(path, "r")
+    except FileNotFoundError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(f) or "another process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return None
+
+
+def _remove_stale_tmp(run_dir: Path, log) -> None:
+    """Temporary files of killed processes (config/log/model/result writes); checkpoint ones are left to fit(),
+    which reports them when no complete checkpoint exists."""
+    for p in sorted(run_dir.glob(".*.tmp-*")):
+        if p.name.startswith(".checkpoint-") or p.name.endswith(f"-{os.getpid()}"):
+            continue
+        p.unlink(missing_ok=True)
+        log(f"removed {p}, left by an interrupted run")
+
+
 def run_stage(spec: dict, run_dir: str | Path, inputs: Dict[str, str], runtime: dict, stage_id: str) -> dict:
-    """Run (or resume) one stage; returns its result dict. A finished stage returns its stored result at once."""
+    """Run (or resume) one stage; returns its result dict. A finished stage returns its stored result at once.
+
+    runtime: setup_runtime()'s arguments, plus nan_restarts (default 0): how many times a non-finite loss restarts
+    the stage from its last checkpoint (logged) before it fails."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     done = run_dir / RESULT_FILE
     if done.exists():
         return json.loads(done.read_text())
-    rt = setup_runtime(**runtime)
+    nan_restarts = int(runtime.get("nan_restarts") or 0)
+    rt = setup_runtime(**{k: v for k, v in runtime.items() if k != "nan_restarts"})
+    with ExitStack() as stack:
+        locked = None
+        if rt.is_main:
+            try:
+                stack.enter_context(stage_lock(run_dir, stage_id))
+            except StageLocked as e:
+                locked = e
+        if rt.distributed:  # every rank stops when rank 0 could not take the lock
+            import torch.distributed as dist
+            flag = torch.tensor([0 if locked else 1], device=rt.device)
+            dist.broadcast(flag, 0)
+            if not flag.item() and locked is None:
+                locked = StageLocked(f"stage {stage_id}: rank 0 found it already running elsewhere")
+        if locked is not None:
+            raise locked
+        if done.exists():  # finished by the runner that held the lock before us
+            return json.loads(done.read_text())
+        return _run_locked(spec, run_dir, inputs, runtime, stage_id, rt, nan_restarts)
+
+
+def _run_locked(spec: dict, run_dir: Path, inputs: Dict[str, str], runtime: dict, stage_id: str, rt: Runtime,
+                nan_restarts: int) -> dict:
+    done = run_dir / RESULT_FILE
     if rt.is_main:
+        _remove_stale_tmp(run_dir, rt.log)
         write_json({"stage_id": stage_id, "spec": spec, "inputs": inputs, "runtime": runtime,
                     "spec_hash": spec_hash(spec)}, run_dir / CONFIG_FILE)
         (run_dir / ERROR_FILE).unlink(missing_ok=True)
     t0 = time.time()
     try:
-        out = STAGES[spec["kind"]](spec, run_dir, inputs, rt, stage_id)
+        restarts = 0
+        while True:
+            try:
+                out = STAGES[spec["kind"]](spec, run_dir, inputs, rt, stage_id)
+                break
+            except NonFiniteLoss as e:
+                if restarts >= nan_restarts:
+                    if restarts:
+                        raise NonFiniteLoss(f"{e} (again after {restarts} restart(s) from the last checkpoint)") \
+                            from None
+                    raise
+                restarts += 1
+                rt.log(f"WARNING: [{spec.get('name', stage_id)}] {e}; restarting from the last checkpoint "
+                       f"(run.nan_restarts: {restarts}/{nan_restarts})")
     except BaseException as e:
         if rt.is_main and not isinstance(e, (KeyboardInterrupt, SystemExit)):
             write_json({"stage_id": stage_id, "error": f"{type(e).__name__}: {e}",

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -129,6 +130,33 @@ class Schedule:
     clip_grad: Optional[float] = None
 
 
+def _stray_checkpoint_tmps(run_dir: Path) -> List[Path]:
+    """Temporary checkpoint files of earlier (killed) processes: save_last writes .checkpoint-last.pth.tmp-<pid>."""
+    return sorted(p for p in Path(run_dir).glob(".checkpoint-*.tmp-*") if not p.name.endswith(f"-{os.getpid()}"))
+
+
+def _fresh_start_notice(run_dir: Path, rt: Runtime, name: str) -> None:
+    """A stage never starts at epoch 0 silently: say so, and warn loudly when the run directory shows an earlier
+    attempt (epochs in log.jsonl, an interrupted checkpoint write) whose progress is lost."""
+    if not rt.is_main:
+        return
+    log = run_dir / "log.jsonl"
+    epochs = sum(1 for line in log.read_text(errors="replace").splitlines() if line.strip()) if log.exists() else 0
+    stray = _stray_checkpoint_tmps(run_dir)
+    if not epochs and not stray:
+        rt.log(f"[{name}] starting from scratch (no checkpoint in {run_dir})")
+        return
+    found = []
+    if epochs:
+        found.append(f"log.jsonl records {epochs} epoch(s)")
+    if stray:
+        found.append(f"an interrupted checkpoint write left {', '.join(p.name for p in stray)}")
+    msg = (f"WARNING: [{name}] {run_dir}: {' and '.join(found)}, but there is no complete checkpoint to resume from; "
+           "starting from scratch at epoch 0 (log.jsonl is rewritten)")
+    warnings.warn(msg)
+    rt.log(msg)
+
+
 @dataclass
 class FitResult:
     history: List[dict] = field(default_factory=list)
@@ -169,7 +197,7 @@ def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, s
 
     result = FitResult()
     start_epoch, prior_seconds = 0, 0.0
-    state = load_last(run_dir, log=rt.log)
+    state = load_last(run_dir, log=rt.log, quarantine=rt.is_main)
     if state is not None:
         if state.get("spec_hash") != spec_hash:
             raise CheckpointError(f"{run_dir}/checkpoint-last.pth was written for another configuration "
@@ -185,7 +213,12 @@ def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, s
         result.resumed_from_epoch = start_epoch
         rt.log(f"[{name}] resumed from checkpoint-last at epoch {start_epoch}/{schedule.epochs}")
     else:
+        _fresh_start_notice(run_dir, rt, name)
         seed_all(seed * 1000 + rt.rank)
+    if rt.is_main:
+        for p in _stray_checkpoint_tmps(run_dir):
+            p.unlink(missing_ok=True)
+            rt.log(f"[{name}] removed {p.name}, left by an interrupted checkpoint write")
     if rt.is_main:  # log.jsonl = the checkpoint's history: drop lines of epochs written after it (or after a fallback)
         tmp = run_dir / f".log.jsonl.tmp-{os.getpid()}"
         tmp.write_text("".join(json.dumps(row) + "\n" for row in result.history))
@@ -214,7 +247,10 @@ def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, s
                 loss, terms = objective(train_model, imgs, labels)
             if not torch.isfinite(loss):
                 detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-                raise NonFiniteLoss(f"[{name}] non-finite loss {loss.item()} at epoch {epoch} step {step} ({detail})")
+                if terms and all(torch.isfinite(v).all() for v in terms.values()):
+                    detail += "; every term is finite, so a weight combining them is not (e.g. distill.alpha)"
+                raise NonFiniteLoss(f"non-finite loss {loss.item()} at epoch {epoch} step {step} (0-based; {detail}) "
+                                    f"in {name}")
             scaler.scale(loss / schedule.accum_iter).backward()
             if (step + 1) % schedule.accum_iter == 0:
                 if schedule.clip_grad:
