@@ -94,8 +94,10 @@ def check_imagefolder(root: str) -> None:
     train_classes = sorted(c.name for c in (base / "train").iterdir() if c.is_dir())
     val_classes = sorted(c.name for c in (base / "val").iterdir() if c.is_dir())
     if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))[:5]
+        only_val = sorted(set(val_classes) - set(train_classes))[:5]
         raise DataError(f"{base}: train/ has {len(train_classes)} classes and val/ has {len(val_classes)}; "
-                        "they must match")
+                        f"they must match (only in train/: {only_train or '-'}; only in val/: {only_val or '-'})")
 
 
 def check_data(spec: DataSpec) -> None:

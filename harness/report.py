@@ -222,7 +222,7 @@ def _provenance(c: Collected, rel) -> List[str]:
            "results/ is not committed, so the key values are embedded here:", "", "```"]
     out += [f"{k}: {json.dumps(v, sort_keys=True)}" for k, v in key.items()] + ["```", ""]
     out.append("- Hardware (finished stages): " + ("; ".join(
-        f"{d} {n} ×{int(w)} on {h}: {int(r['count'])} stages, {r['sum']:.4f} device-h"
+        f"{d} {n} ×{int(w) if w == w else '?'} on {h}: {int(r['count'])} stages, {r['sum']:.4f} device-h"
         for (d, n, w, h), r in hw.iterrows()) or "none"))
     out.append("- Runs used torch " + ", ".join(sorted(st["torch"].dropna().unique())) + ", python "
                + ", ".join(sorted(st["python"].dropna().unique())))

@@ -228,8 +228,6 @@ def test_report_of_a_tree_with_every_result_missing_still_renders(tree, tmp_path
     assert "not started" in text and "## Results" in text
 
 
-@pytest.mark.xfail(strict=True, reason="harness/report.py _provenance: int(NaN) when a finished result.json lacks "
-                   "world_size (a hand-edited or partial result); collect.py/report.py are not this change's to edit")
 def test_result_without_world_size_does_not_crash_the_report(tree, tmp_path):
     ev = tree.dir(tree.cells[0].evaluate) / "result.json"
     res = json.loads(ev.read_text())
