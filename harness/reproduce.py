@@ -172,6 +172,10 @@ def main(argv: List[str] | None = None) -> int:
             except DriverLocked as e:
                 print(f"error: {e}\nNothing was submitted by this invocation.", file=sys.stderr)
                 return 3
+            except (KeyboardInterrupt, SystemExit) as e:
+                print("interrupted: running local jobs were cancelled (Slurm jobs go on); finished stages are kept. "
+                      "Run the same command again to resume.", file=sys.stderr)
+                return e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130
     return code
 
 
