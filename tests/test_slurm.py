@@ -57,7 +57,7 @@ def test_interrupted_stage_requeues_and_resumes_identically(slurm_cluster, tmp_p
         time.sleep(0.1)
     job._interrupt()  # what submitit does on preemption / timeout: USR2 -> checkpoint() -> requeue
     result = job.result()
-    assert 2 <= result["resumed_from_epoch"] < 30, result
+    assert 1 <= result["resumed_from_epoch"] < 30, result  # epoch 2 is logged just before its checkpoint
     epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
     assert sorted(set(epochs)) == list(range(1, 31))
 
