@@ -10,7 +10,6 @@ rerun finds finished stages by id. Results live in <results_root>/<table>/<profi
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,6 +251,3 @@ def describe(plan: Plan, estimates: Optional[Dict[str, float]] = None) -> str:
         lines.append(f"Estimated remaining compute: ~{total / 60:.1f} min")
     return "\n".join(lines)
 
-
-def load_manifest(root: Path) -> dict:
-    return json.loads((Path(root) / MANIFEST).read_text())
