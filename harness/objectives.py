@@ -2,9 +2,9 @@
 plugs into the one training loop (harness.train.fit).
 
 - MAEObjective: per-patch MSE on the masked patches (norm_pix switch).
-- DMAEObjective: MAE + alpha * feature distance between projected student blocks and the teacher's blocks, on the
-  SAME visible patches; the teacher runs in eval mode, without grad, only up to its deepest aligned block
-  (teacher_mode='partial'), or all blocks + decoder as the official code does (teacher_mode='full').
+- DMAEObjective: MAE + alpha * feature distance, summed over aligned pairs, between projected student blocks and
+  the teacher's blocks, on the SAME visible patches; the teacher runs in eval mode, without grad, only up to its
+  deepest aligned block (teacher_mode='partial'), or all blocks + decoder as the official code does ('full').
 - ClassifyObjective: fine-tuning cross-entropy with timm Mixup/CutMix and label smoothing.
 The fine-tuned-teacher KD baseline lives in baselines/kd.py.
 """
@@ -71,7 +71,11 @@ class MAEObjective:
 
 
 class DMAEObjective(MAEObjective):
-    """L = pixel_weight * L_pix + alpha * mean over pairs of d(proj_k(student block s_k), teacher block t_k)."""
+    """L = pixel_weight * L_pix + alpha * SUM over pairs k of d(proj_k(student block s_k), teacher block t_k).
+
+    A sum, as the paper's L_Dist (sum over aligned layers) and the official engine (`loss += loss_v` for every aligned
+    block). Terms: loss_pix, loss_feat (the sum, before alpha) and loss_feat_<k> for each pair k (in `pairs` order).
+    """
 
     uses_teacher = True
 
@@ -107,10 +111,13 @@ class DMAEObjective(MAEObjective):
         targets = self.teacher_features(imgs, masking)
         pred, projected = model(imgs, masking, self.student_blocks)
         loss_pix = pixel_loss(unwrap(model).patchify(imgs), pred, masking.mask, self.norm_pix)
-        loss_feat = torch.stack([feature_distance(s, t, self.distance, self.normalize, self.include_cls)
-                                 for s, t in zip(projected, targets)]).mean()
+        per_pair = [feature_distance(s, t, self.distance, self.normalize, self.include_cls)
+                    for s, t in zip(projected, targets)]
+        loss_feat = torch.stack(per_pair).sum()
         loss = self.pixel_weight * loss_pix + self.alpha * loss_feat
-        return loss, {"loss_pix": loss_pix.detach(), "loss_feat": loss_feat.detach()}
+        terms = {"loss_pix": loss_pix.detach(), "loss_feat": loss_feat.detach()}
+        terms.update({f"loss_feat_{k}": d.detach() for k, d in enumerate(per_pair)})
+        return loss, terms
 
 
 class ClassifyObjective:

@@ -114,13 +114,65 @@ def test_dmae_total_matches_independent_computation(monkeypatch):
     pix = (per_patch * masking.mask).sum() / masking.mask.sum()
     def l1n(a, b):
         return (a / a.norm(dim=-1, keepdim=True) - b / b.norm(dim=-1, keepdim=True)).abs().mean()
-    feat = (l1n(projected[0], t_feats[0]) + l1n(projected[1], t_feats[2])) / 2
+    feat0, feat1 = l1n(projected[0], t_feats[0]), l1n(projected[1], t_feats[2])
+    feat = feat0 + feat1  # a SUM over aligned pairs, as the paper and the official engine
     expected = 0.7 * pix + 2.5 * feat
 
     torch.testing.assert_close(terms["loss_pix"], pix, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(terms["loss_feat"], feat, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms["loss_feat_0"], feat0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms["loss_feat_1"], feat1, rtol=1e-5, atol=1e-6)
+    assert set(terms) == {"loss_pix", "loss_feat", "loss_feat_0", "loss_feat_1"}
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
     assert feat.item() > 0 and pix.item() > 0
+
+
+class _StubTeacher(nn.Module):
+    """Returns hand-written block outputs; records what it was asked for."""
+
+    def __init__(self, feats):
+        super().__init__()
+        self.feats, self.calls = feats, []
+
+    def forward_encoder(self, imgs, ids_keep, out_blocks=(), stop_after=None):
+        self.calls.append((list(out_blocks), stop_after))
+        return None, dict(self.feats)
+
+
+class _StubStudent(nn.Module):
+    num_patches = 2
+
+    def __init__(self, pred, projected):
+        super().__init__()
+        self.pred, self.projected, self.calls = pred, projected, []
+
+    def patchify(self, imgs):
+        return TARGET
+
+    def forward(self, imgs, masking, feat_blocks=()):
+        self.calls.append(list(feat_blocks))
+        return self.pred, list(self.projected)
+
+
+def test_dmae_two_pairs_sum_by_hand(monkeypatch):
+    from harness.models import Masking
+    # pair 0: S vs T -> normalised L1 0.7 (see above)
+    # pair 1: [1, 0], [0, 1] vs [0, 3], [0, 1] -> normalised [1, 0], [0, 1] vs [0, 1], [0, 1]:
+    #         |1 - 0| + |0 - 1| + 0 + 0 = 2 over 4 elements = 0.5
+    s2 = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    t2 = torch.tensor([[[0.0, 3.0], [0.0, 1.0]]])
+    teacher = _StubTeacher({5: T, 9: t2})
+    student = _StubStudent(torch.zeros(1, 2, 2), [S, s2])
+    obj = DMAEObjective(teacher, [[1, 5], [3, 9]], alpha=2.0, pixel_weight=0.5)
+    masking = Masking(torch.tensor([[1]]), torch.tensor([[0, 1]]), torch.tensor([[1.0, 0.0]]))
+    monkeypatch.setattr(obj, "draw_mask", lambda model, x: masking)
+    loss, terms = obj(student, torch.zeros(1, 3, 2, 2))
+    assert teacher.calls == [([5, 9], 9)] and student.calls == [[1, 3]]
+    assert terms["loss_feat_0"].item() == pytest.approx(0.7, abs=1e-7)
+    assert terms["loss_feat_1"].item() == pytest.approx(0.5, abs=1e-7)
+    assert terms["loss_feat"].item() == pytest.approx(1.2, abs=1e-6)  # sum, not mean (0.6)
+    assert terms["loss_pix"].item() == pytest.approx(5.0)  # masked patch 0: (1 + 9) / 2
+    assert loss.item() == pytest.approx(0.5 * 5.0 + 2.0 * 1.2, abs=1e-6)
 
 
 def test_mae_objective_is_pixel_loss(monkeypatch):
