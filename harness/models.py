@@ -15,7 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from timm.layers import trunc_normal_
+from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 
 
@@ -160,20 +160,29 @@ class MaskedAutoencoderViT(VisionTransformer):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def add_distill_heads(self, out_dims: Sequence[int], kind: str = "linear") -> None:
-        """One projection per aligned pair: student width -> teacher width (xavier-uniform, zero bias)."""
+    def add_distill_heads(self, out_dims: Sequence[int], kind: str = "linear", init: str = "official") -> None:
+        """One projection per aligned pair: student width -> teacher width.
+
+        kind 'linear': nn.Linear with bias (official 'fc-1layer'); 'mlp': timm Mlp(in=student width, hidden=out=teacher
+        width, GELU) (official 'mlp-1layer', keys fc1/fc2). init 'official': PyTorch's default nn.Linear init -- the
+        official student builds its heads AFTER its weight-init pass, so they are never re-initialised; 'xavier':
+        xavier-uniform weights and zero biases, like the rest of the MAE (this harness's earlier default).
+        """
+        if init not in ("official", "xavier"):
+            raise ValueError(f"projection init must be 'official' or 'xavier', got {init!r}")
         heads = []
         for out in out_dims:
             if kind == "linear":
                 head = nn.Linear(self.embed_dim, out)
             elif kind == "mlp":
-                head = nn.Sequential(nn.Linear(self.embed_dim, out), nn.GELU(), nn.Linear(out, out))
+                head = Mlp(in_features=self.embed_dim, hidden_features=out, out_features=out, act_layer=nn.GELU)
             else:
                 raise ValueError(f"projection must be 'linear' or 'mlp', got {kind!r}")
-            for m in head.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.xavier_uniform_(m.weight)
-                    nn.init.zeros_(m.bias)
+            if init == "xavier":
+                for m in head.modules():
+                    if isinstance(m, nn.Linear):
+                        nn.init.xavier_uniform_(m.weight)
+                        nn.init.zeros_(m.bias)
             heads.append(head)
         self.distill_proj = nn.ModuleList(heads)
 

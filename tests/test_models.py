@@ -187,17 +187,55 @@ def test_classifier_head_init_and_pooling():
     torch.testing.assert_close(pooled, clf.fc_norm(x[:, 1:].mean(1)))
 
 
-def test_distill_heads_are_xavier_linear_with_zero_bias():
-    # official: proj = nn.Linear(768, 1024) with bias, xavier-uniform weight, zero bias; one head per aligned pair
+def test_distill_heads_keep_pytorch_default_init():
+    # official: proj = nn.Linear(768, 1024) with bias, one head per aligned pair, built AFTER the model's weight-init
+    # pass (initialize_weights), so it keeps PyTorch's default nn.Linear init (kaiming-uniform a=sqrt(5) weight,
+    # uniform(+-1/sqrt(fan_in)) bias) -- not xavier, not a zero bias.
     torch.manual_seed(0)
     mae = build_mae(PRESETS["vit_femto"], 16, 4)
     assert mae.distill_proj is None
+    state = torch.get_rng_state()
     mae.add_distill_heads([48, 64])
+    torch.set_rng_state(state)
+    reference = [torch.nn.Linear(32, 48), torch.nn.Linear(32, 64)]  # the same draws, PyTorch's own init
     assert len(mae.distill_proj) == 2
-    for head, out in zip(mae.distill_proj, (48, 64)):
+    bound = 1.0 / 32 ** 0.5
+    for head, ref, out in zip(mae.distill_proj, reference, (48, 64)):
         assert isinstance(head, torch.nn.Linear) and head.weight.shape == (out, 32)
+        assert torch.equal(head.weight, ref.weight) and torch.equal(head.bias, ref.bias)
+        assert head.weight.abs().max() <= bound and head.weight.abs().max() > 0.8 * bound
+        assert head.bias.abs().max() <= bound and head.bias.abs().max() > 0
+    with pytest.raises(ValueError, match="projection"):
+        mae.add_distill_heads([48], kind="conv")
+    with pytest.raises(ValueError, match="init"):
+        mae.add_distill_heads([48], init="kaiming")
+
+
+def test_distill_heads_xavier_option():
+    # the harness's earlier init, kept selectable: xavier-uniform weight, zero bias
+    torch.manual_seed(0)
+    mae = build_mae(PRESETS["vit_femto"], 16, 4)
+    mae.add_distill_heads([48, 64], init="xavier")
+    for head, out in zip(mae.distill_proj, (48, 64)):
         assert torch.equal(head.bias, torch.zeros(out))
         bound = (6.0 / (32 + out)) ** 0.5
         assert head.weight.abs().max() <= bound and head.weight.abs().max() > 0.8 * bound
-    with pytest.raises(ValueError, match="projection"):
-        mae.add_distill_heads([48], kind="conv")
+
+
+def test_mlp_distill_head_is_timm_mlp_with_default_init():
+    # official 'mlp-1layer': timm Mlp(in=student dim, hidden=teacher dim, out=teacher dim, GELU), default init
+    from timm.layers import Mlp
+    torch.manual_seed(0)
+    mae = build_mae(PRESETS["vit_femto"], 16, 4)
+    state = torch.get_rng_state()
+    mae.add_distill_heads([48], kind="mlp")
+    torch.set_rng_state(state)
+    ref = Mlp(in_features=32, hidden_features=48, out_features=48, act_layer=torch.nn.GELU)
+    head = mae.distill_proj[0]
+    assert isinstance(head, Mlp) and isinstance(head.act, torch.nn.GELU)
+    assert {k: v.shape for k, v in head.state_dict().items()} == {
+        "fc1.weight": (48, 32), "fc1.bias": (48,), "fc2.weight": (48, 48), "fc2.bias": (48,)}
+    for k, v in ref.state_dict().items():
+        assert torch.equal(head.state_dict()[k], v)
+    x = torch.randn(2, 3, 32)
+    torch.testing.assert_close(head(x), head.fc2(torch.nn.functional.gelu(head.fc1(x))))
