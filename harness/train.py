@@ -2,7 +2,8 @@
 
 Per epoch it appends a line to `log.jsonl` and writes `checkpoint-last.pth` atomically (model, optimizer, scaler,
 epoch, RNG states, history, the stage's config hash); on start it resumes from it, refusing a checkpoint written
-for another config. Schedules are per iteration: linear warmup, then half-cosine to min_lr (timm CosineLRScheduler).
+for another config. Schedules are per iteration: linear warmup, then half-cosine to min_lr (MAE's lr_sched formula, set
+where the official engine sets it, see lr_at).
 
     lr = blr * effective_batch / 256,   effective_batch = batch_size * accum_iter * world_size
     e.g. paper pre-training: 128 * 4 * 8 GPUs = 4096 -> lr = 1.5e-4 * 4096 / 256 = 2.4e-3
@@ -10,6 +11,7 @@ for another config. Schedules are per iteration: linear warmup, then half-cosine
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -128,6 +130,34 @@ class Schedule:
     weight_decay: float = 0.05
     betas: tuple = (0.9, 0.95)
     clip_grad: Optional[float] = None
+    lr_placement: str = "official"  # official | updates (see lr_at)
+
+
+def lr_at(schedule: Schedule, base_lr: float, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """The lr set at `step` (0-based) of `epoch`, on steps where step % accum_iter == 0.
+
+    Value: MAE's util/lr_sched.adjust_learning_rate at a fractional epoch t -- linear warmup from 0 over warmup_epochs,
+    then half-cosine from base_lr to min_lr at `epochs`. Placement 'official' (DMAE's engine_distill):
+    t = step / steps_per_epoch + epoch, the same arithmetic. 'updates' (this harness's earlier placement):
+    update k = step // accum_iter of the epoch at t = epoch + k / (steps_per_epoch // accum_iter). Both agree when
+    accum_iter divides steps_per_epoch; otherwise 'official' lags (the leftover steps of an epoch are part of it).
+    """
+    if schedule.lr_placement == "official":
+        t = step / steps_per_epoch + epoch
+    elif schedule.lr_placement == "updates":
+        t = epoch + (step // schedule.accum_iter) / max(1, steps_per_epoch // schedule.accum_iter)
+    else:
+        raise ValueError(f"lr_placement must be 'official' or 'updates', got {schedule.lr_placement!r}")
+    warmup, epochs, min_lr = schedule.warmup_epochs, schedule.epochs, schedule.min_lr
+    if t < warmup:
+        return base_lr * t / warmup
+    return min_lr + (base_lr - min_lr) * 0.5 * (1. + math.cos(math.pi * (t - warmup) / max(epochs - warmup, 1e-12)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group gets lr, times its lr_scale (layer-wise decay) when it has one -- as MAE's adjust_learning_rate."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
 
 
 def _stray_checkpoint_tmps(run_dir: Path) -> List[Path]:
@@ -170,7 +200,6 @@ def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, s
         spec_hash: str, seed: int, rt: Runtime, name: str = "stage",
         eval_fn: Optional[Callable[[nn.Module], Dict[str, float]]] = None) -> FitResult:
     """Train `model` with `objective` for schedule.epochs epochs, resuming from run_dir/checkpoint-last.pth."""
-    from timm.scheduler import CosineLRScheduler
     from .data import loader
 
     run_dir = Path(run_dir)
@@ -186,14 +215,10 @@ def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, s
     if steps_per_epoch == 0:
         raise ValueError(f"{name}: {len(dataset)} training images give no full batch of {schedule.batch_size} "
                          f"per device on {rt.world} device(s); lower the batch size or use more data")
-    updates_per_epoch = max(1, steps_per_epoch // schedule.accum_iter)
-    total_updates = updates_per_epoch * schedule.epochs
-    warmup_updates = min(int(round(schedule.warmup_epochs * updates_per_epoch)), total_updates)
-    sched = CosineLRScheduler(optimizer, t_initial=max(1, total_updates - warmup_updates), lr_min=schedule.min_lr,
-                              warmup_t=warmup_updates, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+    total_updates = steps_per_epoch // schedule.accum_iter * schedule.epochs
     rt.log(f"[{name}] base lr: {schedule.blr:.3e}  actual lr: {lr:.3e}  effective batch: {eff_batch} "
            f"(= {schedule.batch_size} per device x {schedule.accum_iter} accum x {rt.world} device(s))  "
-           f"{steps_per_epoch} steps/epoch, {total_updates} updates, {warmup_updates} warmup")
+           f"{steps_per_epoch} steps/epoch, {total_updates} updates, warmup {schedule.warmup_epochs} epochs")
 
     result = FitResult()
     start_epoch, prior_seconds = 0, 0.0
@@ -240,7 +265,7 @@ def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, s
         optimizer.zero_grad(set_to_none=True)
         for step, (imgs, labels) in enumerate(data):
             if step % schedule.accum_iter == 0:
-                sched.step_update(num_updates=epoch * updates_per_epoch + step // schedule.accum_iter)
+                set_lr(optimizer, lr_at(schedule, lr, epoch, step, steps_per_epoch))
             imgs = imgs.to(rt.device, non_blocking=True)
             labels = labels.to(rt.device, non_blocking=True)
             with _autocast(rt):
