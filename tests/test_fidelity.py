@@ -204,3 +204,82 @@ def test_fp16_gradients_are_unscaled_before_clipping(tmp_path, monkeypatch):
     assert len(seen) == 4
     for clipped, ref in seen:
         assert clipped == pytest.approx(ref, rel=2e-2)  # the true gradient, not 2**16 times it
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# golden values from the official implementation
+#
+# Produced by the official side of `python -m harness.verify_official <checkout> --golden` at small shapes
+# (harness.verify_official.SMALL: 32 px, patch 4 -> 64 patches; teacher 96-d x 6 blocks, student 64-d x 4 blocks;
+# batch 2), i.e. by the official code's own model classes (models_mae_distill.MaskedAutoencoderViT: teacher
+# forward_encoder_customized + forward_decoder, student forward, loss += each aligned block's loss as in
+# engine_distill; MAE: forward_encoder + forward_decoder + forward_loss) and its own engine loop
+# (engine_distill.train_one_epoch with util/lr_sched) for the lr, from UCSC-VLAA/DMAE at the commit below, run with
+# torch 2.14.1 / timm 1.0.31 through verify_official's import-time adaptations (torch._six, np.float, Block
+# qk_scale). Weights, images and the mask RNG state are regenerated here by verify_official.seeded_state /
+# seeded_images / MASK_SEED; the mask uses the official int() visible count (75% -> 16, 95% -> 3 of 64).
+
+OFFICIAL_COMMIT = "a0f4959e848f960e79607c097d0d726ed0677b40"
+OFFICIAL_LOSSES = {  # (mask ratio, number of aligned pairs): official values
+    (0.75, 1): dict(mae=1.8917607069015503, loss_pix=1.8917607069015503, loss_feat=[0.11701738089323044],
+                    loss=2.0087780952453613),
+    (0.95, 1): dict(mae=1.8798775672912598, loss_pix=1.8798775672912598, loss_feat=[0.11435163021087646],
+                    loss=1.9942291975021362),
+    (0.75, 2): dict(mae=1.8917607069015503, loss_pix=1.8917607069015503,
+                    loss_feat=[0.11566588282585144, 0.1148148775100708], loss=2.122241497039795),
+    (0.95, 2): dict(mae=1.8798775672912598, loss_pix=1.8798775672912598,
+                    loss_feat=[0.11338166147470474, 0.11471199989318848], loss=2.10797119140625),
+}
+# lr in effect at every iteration: 3 epochs x 10 steps, accum 4, warm-up 1 epoch, lr 2.4e-3 -> min_lr 1e-6
+OFFICIAL_LR = [0.0, 0.0, 0.0, 0.0, 0.0009599999999999999, 0.0009599999999999999, 0.0009599999999999999,
+               0.0009599999999999999, 0.0019199999999999998, 0.0019199999999999998, 0.0024, 0.0024, 0.0024, 0.0024,
+               0.002170915884752749, 0.002170915884752749, 0.002170915884752749, 0.002170915884752749,
+               0.0015711658847527492, 0.0015711658847527492, 0.0012004999999999997, 0.0012004999999999997,
+               0.0012004999999999997, 0.0012004999999999997, 0.0004954515898751786, 0.0004954515898751786,
+               0.0004954515898751786, 0.0004954515898751786, 5.9707708703963464e-05, 5.9707708703963464e-05]
+
+
+@pytest.fixture(scope="module")
+def small_models():
+    from harness import verify_official as vo
+    return {len(pairs): (pairs, *vo.harness_models(vo.SMALL, pairs)) for pairs in vo.SMALL.pairs}
+
+
+@pytest.mark.parametrize("ratio,n_pairs", sorted(OFFICIAL_LOSSES))
+def test_losses_match_official_golden_values(small_models, ratio, n_pairs):
+    from harness import verify_official as vo
+    pairs, teacher, student = small_models[n_pairs]
+    h = vo.harness_losses(teacher, student, pairs, vo.seeded_images(vo.SMALL), ratio)
+    gold = OFFICIAL_LOSSES[(ratio, n_pairs)]
+    tol = dict(rel=1e-5, abs=1e-6)
+    assert h["mae"] == pytest.approx(gold["mae"], **tol)
+    assert h["loss_pix"] == pytest.approx(gold["loss_pix"], **tol)
+    assert h["loss_feat"] == pytest.approx(gold["loss_feat"], **tol)
+    assert h["loss"] == pytest.approx(gold["loss"], **tol)  # pixel + SUM of the per-pair feature losses
+    assert h["ids_keep"].shape[1] == {0.75: 16, 0.95: 3}[ratio]
+
+
+def test_lr_curve_matches_official_golden_values():
+    from harness import verify_official as vo
+    lr, trace = vo.harness_lr_trace()  # harness.train.fit, recorded at every iteration
+    assert lr == pytest.approx(2.4e-3, rel=1e-12)
+    assert trace == pytest.approx(OFFICIAL_LR, rel=1e-12, abs=1e-18)
+
+
+def test_verify_official_refuses_a_missing_or_foreign_path(tmp_path, capsys):
+    from harness.verify_official import main
+    assert main([str(tmp_path / "nowhere")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    (tmp_path / "models_vit.py").write_text("")
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not a checkout of the official DMAE code" in err and "models_mae_distill.py" in err
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("DMAE_OFFICIAL"),
+                    reason="set DMAE_OFFICIAL to a checkout of github.com/UCSC-VLAA/DMAE to compare live")
+def test_verify_official_passes_against_a_checkout(capsys):
+    import os
+    from harness.verify_official import main
+    assert main([os.environ["DMAE_OFFICIAL"]]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("PASS")
