@@ -334,7 +334,8 @@ def harness_losses(h_teacher, h_student, pairs, imgs, ratio):
         mae_loss, _ = MAEObjective(**kw)(h_student, imgs)
         torch.manual_seed(MASK_SEED)
         mae_mask = MAEObjective(**kw).draw_mask(h_student, imgs).mask
-    return dict(loss_pix=terms["loss_pix"].item(), loss_feat=[terms[f"loss_feat_{k}"].item() for k in range(len(pairs))],
+    return dict(loss_pix=terms["loss_pix"].item(),
+                loss_feat=[terms[f"loss_feat_{k}"].item() for k in range(len(pairs))],
                 loss=loss.item(), mae=mae_loss.item(), ids_keep=masking.ids_keep, mask=masking.mask,
                 mae_mask=mae_mask, teacher=t_feats, student=[s_feats[i] for i in s_idx], projected=projected,
                 pred=pred)
@@ -546,8 +547,8 @@ def run(path: Path, shapes: Shapes, golden: bool = False) -> bool:
         o_clf = official_classifier(off, shapes, h_clf)
         from timm.optim import param_groups_layer_decay
         groups_o = group_table(o_clf, off.lr_decay.param_groups_lrd(o_clf, 0.05, o_clf.no_weight_decay(), 0.75))
-        groups_h = group_table(h_clf, param_groups_layer_decay(h_clf, 0.05, no_weight_decay_list=h_clf.no_weight_decay(),
-                                                               layer_decay=0.75))
+        groups_h = group_table(h_clf, param_groups_layer_decay(
+            h_clf, 0.05, no_weight_decay_list=h_clf.no_weight_decay(), layer_decay=0.75))
         compare_groups(rep, "fine-tuning, layer decay 0.75 (main_finetune: lr_decay.param_groups_lrd)", groups_o,
                        groups_h)
         rep.section("fine-tuning classifier (global average pool + fc_norm + head)")
@@ -598,7 +599,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  description="Compare this harness with a checkout of the official DMAE code.")
     ap.add_argument("path", help="checkout of github.com/UCSC-VLAA/DMAE (never copied into this repository)")
     ap.add_argument("--paper-shapes", action="store_true",
-                    help="ViT-L/16 teacher -> ViT-B/16 student at 224 px (minutes on CPU, ~4 GB of memory)")
+                    help="ViT-L/16 teacher -> ViT-B/16 student at 224 px (about a minute on one CPU core, "
+                         "4.3 GB of memory)")
     ap.add_argument("--golden", action="store_true", help="also print the official values as Python literals")
     args = ap.parse_args(argv)
     try:
