@@ -158,6 +158,20 @@ class LauncherConfig:
 
 
 @dataclass
+class ClaimConfig:
+    """A claim the report checks on this table's rows: mean over paired seeds of (group a - group b), top-1 points of
+    the profile's dataset. A group's value at a seed is the mean of its rows at that seed."""
+    id: str = ""  # plain name, unique in the table
+    text: str = ""  # the claim in words
+    a: List[str] = field(default_factory=list)  # row keys (one row or a group)
+    b: List[str] = field(default_factory=list)
+    test: str = ""  # greater: a - b > margin | within: |a - b| < margin
+    margin: Optional[float] = None  # required
+    source: str = "paper"  # paper | official-default (the official code's default is at least as good)
+    note: str = ""  # where the paper says it, or why this margin
+
+
+@dataclass
 class TableConfig:
     table: str = MISSING
     title: str = ""
@@ -185,6 +199,7 @@ class TableConfig:
     run: RunConfig = field(default_factory=RunConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     rows: Dict[str, RowConfig] = field(default_factory=dict)
+    claims: List[ClaimConfig] = field(default_factory=list)  # checked by the report (harness/stats.py)
 
 
 def register() -> None:
@@ -444,3 +459,49 @@ def validate(cfg: DictConfig) -> None:
                                       f"{t_depth} (0-based)")
     if cfg.launcher.gpus_per_node and cfg.run.device == "cpu":
         raise ConfigError("launcher.gpus_per_node > 0 with run.device=cpu")
+    validate_claims(cfg)
+
+
+CLAIM_TESTS, CLAIM_SOURCES = ("greater", "within"), ("paper", "official-default")
+
+
+def _recipe_rows(table: str) -> set:
+    """Row keys written in recipes/<table>.yaml (empty when there is no such file)."""
+    path = RECIPES_DIR / f"{table}.yaml"
+    if not path.is_file():
+        return set()
+    return set((OmegaConf.load(path).get("rows") or {}).keys())
+
+
+def validate_claims(cfg: DictConfig) -> None:
+    """Each claim names rows of the table, a known test and source, and a margin. A row removed on the command line
+    (~rows.<key>) leaves its claims in place; the report shows them as not applicable."""
+    known = set(cfg.rows.keys()) | _recipe_rows(cfg.table)
+    seen = set()
+    for i, cl in enumerate(cfg.get("claims") or []):
+        where = f"table {cfg.table!r} claims[{i}] (id {cl.id!r})"
+        if not cl.id or not NAME.fullmatch(cl.id) or ".." in cl.id:
+            raise ConfigError(f"table {cfg.table!r} claims[{i}]: id={cl.id!r} must be a plain name ([A-Za-z0-9_.-])")
+        if cl.id in seen:
+            raise ConfigError(f"{where}: id used twice")
+        seen.add(cl.id)
+        if not cl.text:
+            raise ConfigError(f"{where}: text is empty; say what the claim is")
+        for side in ("a", "b"):
+            if not cl[side]:
+                raise ConfigError(f"{where}: {side} is empty; give one row or a group of rows")
+            unknown = [r for r in cl[side] if r not in known]
+            if unknown:
+                raise ConfigError(f"{where}: {side} names unknown row(s) {', '.join(map(repr, unknown))}; rows of "
+                                  f"{cfg.table!r}: {', '.join(sorted(known))}")
+        both = sorted(set(cl.a) & set(cl.b))
+        if both:
+            raise ConfigError(f"{where}: row(s) {', '.join(both)} on both sides")
+        if cl.test not in CLAIM_TESTS:
+            raise ConfigError(f"{where}: test={cl.test!r} must be one of {', '.join(CLAIM_TESTS)}")
+        if cl.margin is None or not math.isfinite(cl.margin):
+            raise ConfigError(f"{where}: margin is missing; give it in top-1 points (e.g. margin: 0.0)")
+        if cl.test == "within" and cl.margin <= 0:
+            raise ConfigError(f"{where}: margin={cl.margin} must be > 0 for test within")
+        if cl.source not in CLAIM_SOURCES:
+            raise ConfigError(f"{where}: source={cl.source!r} must be one of {', '.join(CLAIM_SOURCES)}")
