@@ -1,7 +1,7 @@
 """Read a table's results tree (results/<table>/<profile>/) into pandas.
 
     >>> c = collect(Path("results/table2/tiny"))
-    >>> c.cells      # one row per table cell (row, seed): its number, its status, its cost
+    >>> c.cells      # one row per table cell (row, seed): its test top-1, its status, its cost, its fine-tune curve
     >>> c.stages     # one row per stage of the plan: status (with the reason), cost, provenance
     >>> summarize(c) # one row per table row: mean +- std over finished seeds, n, the paper's number, delta
     >>> c.warnings   # unreadable files and stray stage directories, each naming its path
@@ -17,6 +17,11 @@ Every planned stage and cell appears with a status, never silently dropped:
 A cell's status is its evaluation's when that is done, else the worst status among the stages it depends on
 (teacher stages included), so a cell blocked by a failed teacher says so.
 
+A cell's number is its evaluation stage's `top1` (the test split). Fine-tuning logs VALIDATION top-1 per epoch
+(`val_top1` in log.jsonl; `best_val_top1` / `last_val_top1` / `best_epoch` in its result.json), from a split carved
+out of the training images; results written before that split existed (`top1`, `best_top1`, `last_top1`) are read
+the same way. A fine-tune whose validation top-1 rose by >= 0.5 pp over its last epoch is flagged `still_rising`.
+
     python -m harness.collect results/table2/tiny [--csv out/]      # print the per-cell frame, export CSVs
 """
 from __future__ import annotations
@@ -31,6 +36,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import pandas as pd
 
+from .stats import RISING_PP, last_epoch_gain, metric_curve
+
 PAPER_NUMBERS = Path(__file__).resolve().parent.parent / "recipes" / "paper-numbers.csv"
 RESULT, ERROR, CONFIG, LOG, LAST, JOB = "result.json", "error.json", "config.json", "log.jsonl", \
     "checkpoint-last.pth", "job.json"
@@ -38,7 +45,11 @@ NOT_AVAILABLE = "not available"
 NOT_IMAGENET = "n/a (not ImageNet)"
 # worst first: a cell is as bad as the worst stage it needs
 SEVERITY = ("failed", "unreadable", "partial", "not started", "done")
-ROLES = ("teacher-pretrain", "teacher-finetune", "student-pretrain", "student-finetune", "evaluate")
+ROLES = ("teacher-pretrain", "teacher-finetune", "teacher-evaluate", "student-pretrain", "student-finetune",
+         "evaluate")
+# fine-tune result keys: the current name first, then the name in results written before the validation split
+RESULT_ALIASES = {"best_val_top1": ("best_val_top1", "best_top1"), "last_val_top1": ("last_val_top1", "last_top1"),
+                  "last_val_top5": ("last_val_top5", "last_top5")}
 
 
 @dataclass
@@ -85,10 +96,17 @@ def _read_json(path: Path):
     return obj
 
 
+def val_curve(records: List[dict]) -> List[tuple]:
+    """(epoch, validation top-1) of a fine-tune log: `val_top1`, or `top1` in logs written before the split."""
+    return metric_curve(records)
+
+
 def read_stage(d: Path, warnings: List[str]) -> dict:
-    """Status, reason and result fields of one stage directory."""
+    """Status, reason and result fields of one stage directory (+ the validation top-1 change over its last logged
+    epoch, from log.jsonl)."""
+    log = read_log(d / LOG, warnings)
     rec: Dict[str, object] = {"status": "not started", "reason": "", "config_path": str(d / CONFIG),
-                              "epochs_logged": len(read_log(d / LOG, warnings))}
+                              "epochs_logged": len(log), "val_last_gain": last_epoch_gain(log)}
     if (d / RESULT).exists():
         try:
             res = _read_json(d / RESULT)
@@ -97,6 +115,8 @@ def read_stage(d: Path, warnings: List[str]) -> dict:
             rec.update(status="unreadable", reason=f"unreadable {RESULT}")
             return rec
         rec.update({k: v for k, v in res.items() if not isinstance(v, (dict, list))})
+        for new, keys in RESULT_ALIASES.items():
+            rec[new] = next((res[k] for k in keys if res.get(k) is not None), None)
         rec["status"] = res.get("status", "done")
         return rec
     if (d / ERROR).exists():
@@ -117,7 +137,8 @@ def read_stage(d: Path, warnings: List[str]) -> dict:
 
 
 STAGE_COLUMNS = ["stage_id", "kind", "role", "serves", "status", "reason", "epochs_logged", "top1", "top5", "n_eval",
-                 "best_top1", "best_epoch", "last_top1", "last_top5", "final_loss", "final_loss_pix", "final_loss_feat",
+                 "best_val_top1", "best_epoch", "last_val_top1", "last_val_top5", "val_last_gain", "final_loss",
+                 "final_loss_pix", "final_loss_feat",
                  "wall_s", "device_hours", "images_per_s", "device", "device_name", "world_size", "host", "torch",
                  "python", "git_commit", "finished_at", "config_path"]
 
@@ -191,8 +212,10 @@ def _cells(manifest: dict, st: pd.DataFrame) -> pd.DataFrame:
             "kd": info.get("kd"), "seed": c["seed"], "status": status, "reason": reason,
             "top1": _num(st, ev, "top1") if status == "done" else None,
             "top5": _num(st, ev, "top5") if status == "done" else None,
-            "top1_best": _num(st, ft, "best_top1"), "top1_best_epoch": _num(st, ft, "best_epoch"),
-            "top1_last": _num(st, ft, "last_top1"), "pretrain_final_loss": _num(st, pt, "final_loss"),
+            "val_top1_best": _num(st, ft, "best_val_top1"), "val_top1_best_epoch": _num(st, ft, "best_epoch"),
+            "val_top1_last": _num(st, ft, "last_val_top1"), "val_last_gain": _num(st, ft, "val_last_gain"),
+            "still_rising": bool(st.at[ft, "status"] == "done" and (_num(st, ft, "val_last_gain") or 0.0) >= RISING_PP),
+            "pretrain_final_loss": _num(st, pt, "final_loss"),
             "wall_s": sum(_num(st, s, "wall_s") or 0.0 for s in own) if done else None,
             "device_hours": sum(_num(st, s, "device_hours") or 0.0 for s in own) if done else None,
             "pretrain_images_per_s": _num(st, pt, "images_per_s"),
@@ -201,9 +224,29 @@ def _cells(manifest: dict, st: pd.DataFrame) -> pd.DataFrame:
             "config_path": st.at[ev, "config_path"], "git_commit": _num(st, ev, "git_commit"),
         })
     df = pd.DataFrame(recs)
-    for col in ("top1", "top5", "top1_best", "top1_last", "wall_s", "device_hours"):
+    for col in ("top1", "top5", "val_top1_best", "val_top1_last", "val_last_gain", "wall_s", "device_hours"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     return df
+
+
+def teacher_results(c: Collected) -> List[dict]:
+    """The teacher's stages that say how good it is: its fine-tune (validation top-1, best and last) and its
+    `teacher-evaluate` stage (TEST top-1, the number to quote), each with status; [] when the plan has none."""
+    st = c.stages
+    out = []
+    for r in st[st["role"].isin(["teacher-finetune", "teacher-evaluate"])].to_dict("records"):
+        done = r["status"] == "done"
+        out.append({"stage_id": r["stage_id"], "role": r["role"], "status": r["status"], "reason": r["reason"],
+                    "top1": r["top1"] if done else None, "top5": r["top5"] if done else None,
+                    "n_eval": r["n_eval"] if done else None, "val_top1_best": r["best_val_top1"],
+                    "val_top1_last": r["last_val_top1"], "val_last_gain": r["val_last_gain"],
+                    "still_rising": bool(done and r["role"] == "teacher-finetune" and not missing_num(
+                        r["val_last_gain"]) and r["val_last_gain"] >= RISING_PP)})
+    return out
+
+
+def missing_num(x) -> bool:
+    return x is None or (isinstance(x, float) and np.isnan(x))
 
 
 def load_paper_numbers(path: Path = PAPER_NUMBERS) -> Dict[str, dict]:
@@ -303,7 +346,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     c = collect(args.root)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(c.cells[["row", "seed", "status", "top1", "top1_best", "top5", "wall_s", "device_hours"]])
+        print(c.cells[["row", "seed", "status", "top1", "val_top1_best", "top5", "wall_s", "device_hours"]])
         print(summarize(c)[["row", "n", "mean", "std", "paper_text", "delta_text", "status"]])
     for w in c.warnings:
         print(f"warning: {w}", file=sys.stderr)

@@ -1,59 +1,47 @@
-"""The Markdown report of a table: results against the paper, the paper's claims checked, plots, cost, provenance.
+"""The Markdown report of a table: results against the paper, the recipe's claims checked on paired seeds, expected
+values, plots, cost, provenance.
 
     python -m harness.report table2 [--profile tiny] [--results-root results] [--reports-dir reports]
+    python -m harness.report table2 --write-expected     # + recipes/expected/<table>.<profile>.csv from these results
 
-writes <reports-dir>/<table>.md, its figures and CSVs in <reports-dir>/<table>/ (linked relatively). `reproduce`
-calls write_report(results/<table>/<profile>, reports_dir) when a run ends. Given the results tree the report is
-deterministic except for its "generated" line.
+writes <reports-dir>/<name>.md, its figures and CSVs (claims.csv among them) in <reports-dir>/<name>/ (linked
+relatively), and the dashboard <reports-dir>/README.md. name is <table> for the profile the recipe's defaults list
+names, <table>.<profile> for any other. `reproduce` calls write_report(results/<table>/<profile>, reports_dir) when a
+run ends. Given the results tree the report is deterministic except for its "generated" line.
+
+The report knows no recipe: the claims come from the run's manifest (the recipe's `claims:` section, resolved), and
+are judged by harness.stats. Nothing under results/ is linked (results/ is not committed): stage ids and the
+config/manifest paths are written as plain text.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.metadata
 import json
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from .collect import (NOT_AVAILABLE, NOT_IMAGENET, Collected, collect, export, load_paper_numbers, row_costs,
-                      summarize)
+                      summarize, teacher_results)
+from .config import RECIPES_DIR
 from .figures import make_figures
+from .stats import (DECIDED, NOT_APPLICABLE, RISING_PP, TOLERANCE_FLOOR, TOLERANCE_SE, LEVEL, expected_check,
+                    judge)
 
-NOISE_SE = 2.0  # a verdict whose mean difference is nearer than this many standard errors to its threshold is noisy
-PACKAGES = ("torch", "timm", "submitit", "pandas", "hydra-core", "matplotlib", "numpy")
-
-
-@dataclass(frozen=True)
-class Claim:
-    text: str
-    a: str  # the claim is about mean(a) - mean(b), in top-1 points
-    b: str
-    threshold: float
-    strict: bool  # holds iff diff > threshold (strict) or diff >= threshold
-
-    @property
-    def rule(self) -> str:
-        return f"mean({self.a}) − mean({self.b}) {'>' if self.strict else '≥'} {self.threshold:+.1f} pp"
-
-
-CLAIMS = (
-    Claim("DMAE (75% masking) beats the MAE baseline", "dmae_75", "mae", 0.0, True),
-    Claim("DMAE beats KD from the fine-tuned teacher", "dmae_75", "kd_finetuned_teacher", 0.0, True),
-    Claim("DMAE at 95% masking stays within 1.0 pp of 75%", "dmae_95", "dmae_75", -1.0, False),
-    # graceful: at most 3.0 pp below 75%, about twice the drop the paper reports at 98%
-    Claim("DMAE at 98% masking degrades gracefully (at most 3.0 pp below 75%)", "dmae_98", "dmae_75", -3.0, False),
-    # the `teacher` recipe: the paper's central claim that pre-trained teachers distil better
-    Claim("DMAE from the pre-trained teacher beats DMAE from the fine-tuned teacher", "dmae_pretrained_teacher",
-          "dmae_finetuned_teacher", 0.0, True),
-    Claim("DMAE from the pre-trained teacher beats KD from the fine-tuned teacher", "dmae_pretrained_teacher",
-          "kd_finetuned_teacher", 0.0, True),
-)
+PACKAGES = ("torch", "timm", "submitit", "pandas", "numpy", "scipy", "hydra-core", "matplotlib")
+EXPECTED_DIR = RECIPES_DIR / "expected"
+EXPECTED_COLUMNS = ["row", "mean", "std", "n", "tolerance", "commit", "note"]
+TOLERANCE_RULE = (f"|Δ| ≤ max(tolerance, {TOLERANCE_SE:g}·std/√n_ours), Δ = ours − expected, std the expected "
+                  f"row's seed std (tolerance alone when it has n < 2), n_ours our finished seeds")
+CLAIM_COLUMNS = ["report", "table", "profile", "id", "text", "source", "test", "margin", "a", "b", "n", "mean", "sd",
+                 "ci_lo", "ci_hi", "verdict", "seeds_needed", "paper_diff", "seeds"]
 
 
 def missing(x) -> bool:
@@ -64,10 +52,25 @@ def fmt(x, nd: int = 2) -> str:
     return "—" if missing(x) else f"{x:.{nd}f}"
 
 
+def signed(x: float, nd: int = 2) -> str:
+    """+1.23 / -1.23, and +0.00 rather than -0.00."""
+    x = round(x, nd)
+    return f"{x + 0.0:+.{nd}f}"
+
+
 def md_table(headers: List[str], rows: List[list]) -> str:
     esc = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     return "\n".join(["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
                      + ["| " + " | ".join(esc(v) for v in r) + " |" for r in rows])
+
+
+def shown_path(p: Path) -> str:
+    """A path as plain text: relative to the working directory when under it (results/table2/tiny/...)."""
+    p = Path(p).resolve()
+    try:
+        return p.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return p.as_posix()
 
 
 def reproduced(r: dict) -> str:
@@ -76,42 +79,194 @@ def reproduced(r: dict) -> str:
     return f"{fmt(r['mean'])} ± {fmt(r['std'])} (n={r['n']})" if r["n"] >= 2 else f"{fmt(r['mean'])} (n=1)"
 
 
-def check_claims(summary: pd.DataFrame) -> List[dict]:
-    """Each claim: verdict (holds / does not hold / not enough data / not applicable) and the numbers behind it."""
+# ---------------------------------------------------------------------------------------------------- claims
+def claims_of(c: Collected) -> Optional[List[dict]]:
+    """The claims the run's manifest carries (resolved recipe config); None when it has no `claims` key."""
+    cl = (c.manifest.get("config") or {}).get("claims")
+    return None if cl is None else [dict(x) for x in cl]
+
+
+def side(rows: List[str]) -> str:
+    return f"`{rows[0]}`" if len(rows) == 1 else "mean(" + ", ".join(f"`{r}`" for r in rows) + ")"
+
+
+def test_text(r: dict) -> str:
+    # plain bars: md_table escapes them
+    return f"a − b > {r['margin']:+.1f}" if r["test"] == "greater" else f"|a − b| < {r['margin']:.1f}"
+
+
+def _paper_diff(r: dict, by: Dict[str, dict]) -> None:
+    """paper_value (mean of a's paper numbers − mean of b's) where every row of both sides has one."""
+    lacking = [x for x in r["a"] + r["b"] if x not in by or missing(by[x]["paper_value"])]
+    if lacking:
+        r["paper_value"], r["paper_text"] = None, f"{NOT_AVAILABLE} (no paper number for " + ", ".join(
+            f"`{x}`" for x in lacking) + ")"
+        return
+    pa = [by[x]["paper_value"] for x in r["a"]]
+    pb = [by[x]["paper_value"] for x in r["b"]]
+    r["paper_value"] = round(sum(pa) / len(pa) - sum(pb) / len(pb), 3)
+    r["paper_text"] = (" − ".join(by[x]["paper_text"] for x in r["a"] + r["b"]) if len(pa) == len(pb) == 1
+                       else "mean − mean") + f" = {r['paper_value']:+g}"
+
+
+def check_claims(claims: List[dict], cells: pd.DataFrame, summary: pd.DataFrame) -> List[dict]:
+    """Each claim judged on paired seeds (harness.stats.judge) + the paper's difference where both sides have paper
+    numbers."""
     by = {r["row"]: r for r in summary.to_dict("records")}
     out = []
-    for cl in CLAIMS:
-        if cl.a not in by:
-            continue  # a claim about another table's rows (its subject row is not in this table)
-        res = {"claim": cl, "ours": "", "paper": NOT_AVAILABLE, "noise": "", "diff": None}
-        out.append(res)
-        absent = [k for k in (cl.a, cl.b) if k not in by]
-        if absent:
-            res.update(verdict="not applicable", ours=f"this table has no row {', '.join(absent)}")
-            continue
-        a, b = by[cl.a], by[cl.b]
-        if not missing(a["paper_value"]) and not missing(b["paper_value"]):
-            res["paper"] = f"{a['paper_text']} − {b['paper_text']} = {round(a['paper_value'] - b['paper_value'], 3):+g}"
-        else:
-            res["paper"] = f"{NOT_AVAILABLE} (no paper number for " + ", ".join(
-                f"`{r['row']}`" for r in (a, b) if missing(r["paper_value"])) + ")"
-        empty = [r["row"] for r in (a, b) if not r["n"]]
-        if empty:
-            res.update(verdict="not enough data", ours=f"no finished cell in {', '.join(empty)}")
-            continue
-        diff = a["mean"] - b["mean"]
-        holds = diff > cl.threshold if cl.strict else diff >= cl.threshold
-        res.update(verdict="holds" if holds else "does not hold", diff=diff,
-                   ours=f"{fmt(a['mean'])} (n={a['n']}) − {fmt(b['mean'])} (n={b['n']}) = {diff:+.2f} pp")
-        if a["n"] >= 2 and b["n"] >= 2:
-            sp = math.sqrt(((a["n"] - 1) * a["std"] ** 2 + (b["n"] - 1) * b["std"] ** 2) / (a["n"] + b["n"] - 2))
-            se = sp * math.sqrt(1 / a["n"] + 1 / b["n"])
-            dist = abs(diff - cl.threshold) / se if se > 0 else math.inf
-            res["noise"] = (f"SE of the difference {se:.2f} pp; it lies {dist:.1f} SE from the threshold: "
-                            + ("clear of seed noise" if dist >= NOISE_SE else "within seed noise"))
-        else:
-            res["noise"] = "n < 2 in a compared row: no estimate of seed noise"
+    for cl in claims:
+        r = judge(cl, cells)
+        _paper_diff(r, by)
+        out.append(r)
     return out
+
+
+def verdict_md(v: str) -> str:
+    return f"**{v}**" if v in DECIDED else v
+
+
+def ours_text(r: dict) -> str:
+    return "—" if r["mean"] is None else signed(r["mean"])
+
+
+def ci_text(r: dict) -> str:
+    return "—" if r["lo"] is None else f"[{signed(r['lo'])}, {signed(r['hi'])}]"
+
+
+def needed_text(r: dict) -> str:
+    n = r["seeds_needed"]
+    return "" if n == "" else (f"{n} seeds" if isinstance(n, int) else str(n))
+
+
+def _claims(res: Optional[List[dict]]) -> List[str]:
+    if res is None:
+        return ["This run's manifest carries no claims: its recipe has no `claims:` section, or the run was planned "
+                "before claims were part of recipes. Re-plan it (`python -m harness.reproduce <table>` skips finished "
+                "stages) to check them."]
+    if not res:
+        return ["The recipe's `claims:` section is empty."]
+    rows = [[f"{r['text']} ({side(r['a'])} vs {side(r['b'])}; `{r['id']}`)",
+             "official default" if r["source"] == "official-default" else r["source"], test_text(r), ours_text(r),
+             ci_text(r), r["n"], verdict_md(r["verdict"]), needed_text(r), r["paper_text"]] for r in res]
+    out = [md_table(["claim (a vs b)", "source", "test", "ours: paired mean a − b (pp)", f"{LEVEL:.0%} CI", "n",
+                     "verdict", "seeds to decide", "paper a − b"], rows), ""]
+    out += ["Rules. Seeds are paired: the same seed gives the same student initialisation, data order and masks in "
+            "every row, so a claim is judged on the per-seed differences d_s = a_s − b_s of the evaluation's test "
+            "top-1 over the seeds both sides have finished (a group's value at a seed is the mean of its rows, at "
+            "seeds where every one of them has finished). n is the number of paired seeds; the interval is "
+            "mean ± t(0.975, n−1)·sd/√n (the point itself when sd = 0). `greater` (a − b > margin) holds when the "
+            "lower bound is above the margin and does not hold when the upper bound is below it; `within` "
+            "(|a − b| < margin) holds when the interval lies inside (−margin, margin) and does not hold when it lies "
+            "entirely outside it; anything else is inconclusive, and \"seeds to decide\" gives the smallest n with "
+            "t(0.975, n−1)·sd/√n < |mean − nearest boundary|, i.e. the paired seeds that would decide it if the "
+            "observed mean and spread held. Fewer than 2 paired seeds: not enough data (no interval). Only a "
+            "decided verdict is in bold. Margins are top-1 points of this profile's own dataset. Source *paper*: the "
+            "paper says it (the note says where). Source *official default*: the paper's ablation table is not "
+            "available, so the claim is only that the official code's default choice is at least as good as the "
+            "alternative; a negative margin m in such a `greater` claim reads \"not worse than the alternative by "
+            "more than |m| pp\". A claim naming a row this run does not have is not applicable. The paper's "
+            "differences are ImageNet-1K points, shown for direction only.", ""]
+    for i, r in enumerate(res, 1):
+        bits = [f"{i}. `{r['id']}` — {r['text']}: {verdict_md(r['verdict'])}."]
+        if r["source"] == "official-default":
+            bits.append("Official default, not a paper result: the paper's ablation is not available; this checks "
+                        "that the official code's default is at least as good as the alternative.")
+        if r["note"]:
+            bits.append(f"Note: {r['note'].rstrip('.')}.")
+        if r["verdict"] == NOT_APPLICABLE:
+            bits.append(f"This run has no row {', '.join(f'`{x}`' for x in r['missing_rows'])}.")
+        elif r["n"]:
+            bits.append(f"Paired seeds: {', '.join(str(s) for s in r['seeds'])}" + (
+                f" (sd of the differences {r['sd']:.2f} pp)." if r["sd"] is not None else "."))
+        else:
+            bits.append("No seed finished on both sides.")
+        if r["unpaired"]:
+            bits.append(f"Left out, unpaired: {r['unpaired']}.")
+        if r["seeds_needed"] != "":
+            bits.append(f"Seeds to decide at the observed spread: {needed_text(r)}.")
+        out.append(" ".join(bits))
+    return out
+
+
+def claims_frame(res: Optional[List[dict]], c: Collected, name: str) -> pd.DataFrame:
+    recs = [{"report": name, "table": c.table, "profile": c.profile, "id": r["id"], "text": r["text"],
+             "source": r["source"], "test": r["test"], "margin": r["margin"], "a": " ".join(r["a"]),
+             "b": " ".join(r["b"]), "n": r["n"], "mean": r["mean"], "sd": r["sd"], "ci_lo": r["lo"], "ci_hi": r["hi"],
+             "verdict": r["verdict"], "seeds_needed": r["seeds_needed"], "paper_diff": r["paper_value"],
+             "seeds": " ".join(str(s) for s in r["seeds"])} for r in (res or [])]
+    return pd.DataFrame(recs, columns=CLAIM_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------------------- expected values
+def expected_path(table: str, profile: str, expected_dir: Path = EXPECTED_DIR) -> Path:
+    return Path(expected_dir) / f"{table}.{profile}.csv"
+
+
+def read_expected(path: Path) -> pd.DataFrame:
+    df = pd.read_csv(path, dtype={"row": str, "commit": str, "note": str}, keep_default_na=False,
+                     na_values={"mean": [""], "std": [""], "n": [""], "tolerance": [""]})
+    for col in ("mean", "std", "n", "tolerance"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    return df
+
+
+def _commit(c: Collected) -> str:
+    commits = c.stages.loc[c.stages["status"] == "done", "git_commit"].dropna()
+    return str(commits.mode().iloc[0]) if len(commits) else str(c.manifest.get("git_commit") or "")
+
+
+def write_expected(root: Path, expected_dir: Path = EXPECTED_DIR, tolerance: float = TOLERANCE_FLOOR) -> Path:
+    """recipes/expected/<table>.<profile>.csv from the finished seeds of results/<table>/<profile> (rows with no
+    finished seed are left out). The committed file is the reference later runs are checked against."""
+    c = collect(Path(root))
+    summary = summarize(c)
+    commit = _commit(c)
+    note = f"written by python -m harness.report --write-expected; rule: {TOLERANCE_RULE}"
+    recs = [{"row": r["row"], "mean": round(r["mean"], 4), "std": "" if missing(r["std"]) else round(r["std"], 4),
+             "n": r["n"], "tolerance": tolerance, "commit": commit, "note": note}
+            for r in summary.to_dict("records") if r["n"]]
+    path = expected_path(c.table, c.profile, expected_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(recs, columns=EXPECTED_COLUMNS).to_csv(path, index=False, quoting=csv.QUOTE_MINIMAL)
+    return path
+
+
+def check_expected(summary: pd.DataFrame, expected: pd.DataFrame) -> List[dict]:
+    ours = {r["row"]: r for r in summary.to_dict("records")}
+    out = []
+    for e in expected.to_dict("records"):
+        o = ours.get(e["row"])
+        n = int(o["n"]) if o else 0
+        chk = expected_check(e["mean"], None if missing(e["std"]) else e["std"], e["tolerance"],
+                             o["mean"] if o else None, n)
+        out.append({**e, "ours_mean": o["mean"] if o else None, "ours_std": o["std"] if o else None, "ours_n": n,
+                    "in_table": o is not None, **chk})
+    return out
+
+
+def _expected(c: Collected, summary: pd.DataFrame, expected_dir: Path) -> List[str]:
+    path = expected_path(c.table, c.profile, expected_dir)
+    if not path.is_file():
+        return [f"No expected values for `{c.table}` / `{c.profile}`: {shown_path(path)} does not exist. Write it "
+                f"from these results with `python -m harness.report {c.table} --profile {c.profile} "
+                "--write-expected` and commit it; later reports are then checked against it."]
+    res = check_expected(summary, read_expected(path))
+    rows = []
+    for r in res:
+        exp = f"{fmt(r['mean'])} ± {fmt(r['std'])} (n={int(r['n']) if not missing(r['n']) else '?'})"
+        if not r["in_table"]:
+            ours, delta, ok = "row not in this run", "—", "—"
+        elif r["within"] is None:
+            ours, delta, ok = "no finished cell (n=0)", "—", "—"
+        else:
+            ours = f"{fmt(r['ours_mean'])}" + (f" ± {fmt(r['ours_std'])}" if r["ours_n"] >= 2 else "") + \
+                f" (n={r['ours_n']})"
+            delta, ok = signed(r["delta"]), ("yes" if r["within"] else "**no**") + f" (±{r['tolerance']:.2f})"
+        rows.append([f"`{r['row']}`", exp, ours, delta, ok])
+    commits = sorted({str(r["commit"]) for r in res if r["commit"]})
+    return [f"Expected values: {shown_path(path)} (commit {', '.join(commits) or 'not recorded'}). Tolerance rule: "
+            f"{TOLERANCE_RULE}.", "",
+            md_table(["row", "expected (mean ± std, n)", "ours", "Δ", "within tolerance?"], rows)]
 
 
 # ---------------------------------------------------------------------------------------------------- sections
@@ -128,6 +283,43 @@ def _banner(c: Collected) -> List[str]:
     return lines
 
 
+def _teacher(c: Collected) -> List[str]:
+    res = teacher_results(c)
+    if not res:
+        return ["Teacher: no teacher stages in this plan (provided checkpoints)."]
+    out = []
+    ev = [r for r in res if r["role"] == "teacher-evaluate"]
+    for r in ev:
+        out.append(f"Teacher (fine-tuned) test top-1: **{fmt(r['top1'])}** (top-5 {fmt(r['top5'])}, "
+                   f"{fmt(r['n_eval'], 0)} test images; stage `{r['stage_id']}`)" if r["status"] == "done" else
+                   f"Teacher (fine-tuned) test top-1: not available — stage `{r['stage_id']}` is {r['status']}"
+                   + (f": {str(r['reason'])[:160]}" if r["reason"] else ""))
+    if not ev:
+        out.append("Teacher (fine-tuned) test top-1: not available — this plan has no `teacher-evaluate` stage.")
+    for r in res:
+        if r["role"] == "teacher-finetune" and not missing(r["val_top1_last"]):
+            out.append(f"Teacher fine-tune validation top-1: last epoch {fmt(r['val_top1_last'])}, best "
+                       f"{fmt(r['val_top1_best'])} (stage `{r['stage_id']}`)")
+    return [x + "  " for x in out]
+
+
+def _convergence(c: Collected) -> List[str]:
+    cells = c.cells
+    flagged = [f"- `{r['row']}` seed {r['seed']}: validation top-1 {r['val_last_gain']:+.2f} pp over its last "
+               f"fine-tune epoch (stage `{r['finetune_id']}`)" for r in cells[cells["still_rising"]].to_dict("records")]
+    flagged += [f"- teacher: validation top-1 {r['val_last_gain']:+.2f} pp over its last fine-tune epoch (stage "
+                f"`{r['stage_id']}`)" for r in teacher_results(c) if r["still_rising"]]
+    checked = cells["val_last_gain"].notna().sum()
+    head = (f"Convergence check: a finished fine-tune whose validation top-1 rose by ≥ {RISING_PP:g} pp over its last "
+            "epoch is **still rising at its last fine-tune epoch**: its number would likely move with a longer "
+            "schedule.")
+    if flagged:
+        return [head, ""] + flagged
+    if not checked:
+        return [head + " Not checked: no fine-tune logged validation top-1 for two or more epochs."]
+    return [head + f" None flagged ({checked} fine-tune(s) checked)."]
+
+
 def _results(summary: pd.DataFrame, c: Collected) -> List[str]:
     sources: List[str] = []
     rows = []
@@ -138,30 +330,20 @@ def _results(summary: pd.DataFrame, c: Collected) -> List[str]:
                 sources.append(r["paper_source"])
             paper = f"{paper} [{sources.index(r['paper_source']) + 1}]"
         rows.append([f"`{r['row']}` {r['label']}", paper, reproduced(r), r["delta_text"], r["status"]])
-    out = [md_table(["row", "paper", "reproduced (mean ± std, n)", "Δ", "status"], rows), ""]
+    out = ["Reproduced = the evaluation stage's TEST top-1 (the whole test split); fine-tuning monitors a validation "
+           "split carved out of the training images, never the test split.", "",
+           md_table(["row", "paper", "reproduced test top-1 (mean ± std, n)", "Δ", "status"], rows), ""]
+    out += _teacher(c) + [""]
     out += ["Paper sources (recipes/paper-numbers.csv):"] + [f"[{i}] {s}  " for i, s in enumerate(sources, 1)] + [""]
-    out += ["Per seed (top-1 of the evaluation stage; fine-tune best/last from its log):", ""]
-    out.append(md_table(["row", "seed", "top-1", "fine-tune best (epoch)", "fine-tune last", "top-5", "status"], [
-        [r["row"], r["seed"], fmt(r["top1"]), f"{fmt(r['top1_best'])} ({fmt(r['top1_best_epoch'], 0)})",
-         fmt(r["top1_last"]), fmt(r["top5"]), r["status"] + (f": {r['reason'][:160]}" if r["reason"] else "")]
-        for r in c.cells.to_dict("records")]))
-    return out
-
-
-def _claims(summary: pd.DataFrame) -> List[str]:
-    res = check_claims(summary)
-    out = [md_table(["claim", "verdict", "ours", "paper"],
-                    [[r["claim"].text, f"**{r['verdict']}**", r["ours"], r["paper"]] for r in res]), ""]
-    out += ["Rules. Each verdict compares means of the evaluation top-1 over the finished seeds of a row; a row "
-            "without a finished cell gives \"not enough data\", a table without the row \"not applicable\". Margins "
-            "are top-1 points of the profile's own dataset; \"gracefully\" at 98% means at most 3.0 pp below 75%, "
-            "about twice the paper's drop. When both rows have n ≥ 2 the note gives the standard error of the "
-            "difference, SE = s_p·√(1/n_a + 1/n_b) with s_p the pooled seed std; a difference nearer than "
-            f"{NOISE_SE:g} SE to the threshold is marked \"within seed noise\": the verdict still follows the means "
-            "but is not evidence either way.", ""]
-    for i, r in enumerate(res, 1):
-        out += [f"{i}. **{r['claim'].text}: {r['verdict']}**. Rule: {r['claim'].rule}. Ours: {r['ours']}. "
-                f"Paper: {r['paper']}." + (f" Seed noise: {r['noise']}." if r["noise"] else "")]
+    out += ["Per seed (test top-1 of the evaluation stage; fine-tune validation best/last from its result and log):",
+            ""]
+    out.append(md_table(["row", "seed", "test top-1", "val best (epoch)", "val last", "val Δ last epoch",
+                         "test top-5", "status"], [
+        [r["row"], r["seed"], fmt(r["top1"]), f"{fmt(r['val_top1_best'])} ({fmt(r['val_top1_best_epoch'], 0)})",
+         fmt(r["val_top1_last"]), "—" if missing(r["val_last_gain"]) else f"{r['val_last_gain']:+.2f}"
+         + (" (still rising)" if r["still_rising"] else ""), fmt(r["top5"]),
+         r["status"] + (f": {r['reason'][:160]}" if r["reason"] else "")] for r in c.cells.to_dict("records")]))
+    out += [""] + _convergence(c)
     return out
 
 
@@ -176,34 +358,38 @@ def _cost(c: Collected, summary: pd.DataFrame, papers: Dict[str, dict]) -> List[
     out += [md_table(["teacher stage", "status", "wall (s)", "device-h"],
                      [[f"`{r['stage_id']}`", r["status"], fmt(r["wall_s"], 1), fmt(r["device_hours"], 4)]
                       for r in teach.to_dict("records")]) if len(teach) else "No teacher stages (checkpoints given).",
-            "", "**DMAE against the KD baseline** (device-hours per seed, teacher stages excluded on both sides):", ""]
+            ""]
     per = costs.set_index("row")["device_hours"]
-    kd = per.get("kd_finetuned_teacher")
-    for row in summary.loc[summary["method"] == "dmae", "row"]:
-        ours = per.get(row)
-        out.append(f"- `{row}`: " + (f"{fmt(ours, 4)} vs {fmt(kd, 4)} → {100 * (ours - kd) / kd:+.1f}% against KD"
-                                     if not (missing(ours) or missing(kd) or kd == 0) else "not enough data"))
-    cost = [p for p in papers.values() if p["table"] == "training_cost_ICLR_version"]
-    out += [""] + [f"- paper ({p['masking_ratio']} masking): {p['metric']} = {p['text']} — {p['source']}" for p in cost]
-    out += ["", "On CPU profiles wall time is dominated by start-up and data loading, so these ratios say little about "
-            "the paper's 8-GPU ImageNet claim; DMAE's pre-training also pays the teacher's forward pass."]
+    kd_rows = summary.loc[summary["method"] == "kd", "row"].tolist()
+    dmae_rows = summary.loc[summary["method"] == "dmae", "row"].tolist()
+    if kd_rows and dmae_rows:
+        out += ["**DMAE against the KD baseline** (device-hours per seed, teacher stages excluded on both sides):", ""]
+        for row in dmae_rows:
+            for kd_row in kd_rows:
+                ours, kd = per.get(row), per.get(kd_row)
+                out.append(f"- `{row}` vs `{kd_row}`: " + (
+                    f"{fmt(ours, 4)} vs {fmt(kd, 4)} → {100 * (ours - kd) / kd:+.1f}%"
+                    if not (missing(ours) or missing(kd) or kd == 0) else "not enough data"))
+        cost = [p for p in papers.values() if p["table"] == "training_cost_ICLR_version"]
+        out += [""] + [f"- paper ({p['masking_ratio']} masking): {p['metric']} = {p['text']} — {p['source']}"
+                       for p in cost]
+        out += ["", "On CPU profiles wall time is dominated by start-up and data loading, so these ratios say little "
+                "about the paper's 8-GPU ImageNet claim; DMAE's pre-training also pays the teacher's forward pass."]
     return out
 
 
-def _stages(c: Collected, rel) -> List[str]:
+def _stages(c: Collected) -> List[str]:
     rows = []
     for r in c.stages.to_dict("records"):
-        sid = f"`{r['stage_id']}`"
-        if Path(r["config_path"]).exists():
-            sid = f"[{sid}]({rel(r['config_path'])})"
-        rows.append([sid, r["role"], r["status"], fmt(r["wall_s"], 1), fmt(r["device_hours"], 4),
+        rows.append([f"`{r['stage_id']}`", r["role"], r["status"], fmt(r["wall_s"], 1), fmt(r["device_hours"], 4),
                      fmt(r["images_per_s"], 0), r["device_name"] if isinstance(r["device_name"], str) else "—",
                      (r["reason"] or "")[:200]])
-    return [md_table(["stage (→ config.json)", "role", "status", "wall (s)", "device-h", "images/s", "device",
-                      "reason"], rows)]
+    return [f"Each stage's merged spec is <stage>/config.json under {shown_path(c.root)} (results/ is not committed, "
+            "so nothing there is linked).", "",
+            md_table(["stage", "role", "status", "wall (s)", "device-h", "images/s", "device", "reason"], rows)]
 
 
-def _provenance(c: Collected, rel) -> List[str]:
+def _provenance(c: Collected) -> List[str]:
     m, cfg, st = c.manifest, c.manifest.get("config", {}), c.stages
     commits = st["git_commit"].dropna().value_counts().sort_index()
     key = {"profile": cfg.get("profile"), "data": cfg.get("data"), "teacher": {k: v for k, v in cfg.get(
@@ -224,9 +410,8 @@ def _provenance(c: Collected, rel) -> List[str]:
            f"- Overrides: `{' '.join(m.get('overrides', [])) or '(none)'}`",
            f"- Git commit at launch: `{m.get('git_commit')}`; in stage results: "
            + (", ".join(f"`{k}` ({v} stages)" for k, v in commits.items()) or "none"),
-           f"- Resolved config: [config.yaml]({rel(c.root / 'config.yaml')}), "
-           f"[manifest.json]({rel(c.root / 'manifest.json')}); per-stage config.json linked in the stages table. "
-           "results/ is not committed, so the key values are embedded here:", "", "```"]
+           f"- Resolved config: {shown_path(c.root / 'config.yaml')} and {shown_path(c.root / 'manifest.json')} "
+           "(not linked: results/ is not committed), so the key values are embedded here:", "", "```"]
     out += [f"{k}: {json.dumps(v, sort_keys=True)}" for k, v in key.items()] + ["```", ""]
     out.append("- Hardware (finished stages): " + ("; ".join(
         f"{d} {n} ×{int(w) if w == w else '?'} on {h}: {int(r['count'])} stages, {r['sum']:.4f} device-h"
@@ -239,51 +424,93 @@ def _provenance(c: Collected, rel) -> List[str]:
     return out
 
 
-DEFAULT_PROFILE = "tiny"  # the embedded default's reports are <table>.md; other profiles' <table>.<profile>.md
+# ---------------------------------------------------------------------------------------------------- names, index
+def default_profile(table: str, recipes_dir: Path = RECIPES_DIR) -> Optional[str]:
+    """The profile named in recipes/<table>.yaml's defaults list (None without a recipe or a profile default)."""
+    path = Path(recipes_dir) / f"{table}.yaml"
+    if not path.is_file():
+        return None
+    for d in OmegaConf.to_container(OmegaConf.load(path)).get("defaults") or []:
+        if isinstance(d, dict) and "profile" in d:
+            return str(d["profile"])
+    return None
 
 
 def report_name(table: str, profile: str) -> str:
-    return table if profile == DEFAULT_PROFILE else f"{table}.{profile}"
+    """<table> for the recipe's default profile (the report `make reproduce` writes), <table>.<profile> otherwise."""
+    return table if profile == default_profile(table) else f"{table}.{profile}"
 
 
 def write_index(reports_dir: Path) -> Path:
-    """reports/README.md: one line per report, with its title."""
+    """reports/README.md, the dashboard: one line per claim across every report (from each report's claims.csv, so no
+    results are re-read), then a link to each report."""
+    reports_dir = Path(reports_dir)
+    reports = sorted(md for md in reports_dir.glob("*.md") if md.name != "README.md")
     lines = ["# Reports", "", "Generated by `python -m harness.reproduce <table>` (or `python -m harness.report "
-             "<table>`) from real runs. `<table>.md` comes from the embedded default (tiny profile: Fashion-MNIST "
-             "on CPU, not ImageNet numbers); `<table>.<profile>.md` from other profiles.", ""]
-    for md in sorted(reports_dir.glob("*.md")):
-        if md.name != "README.md":
-            title = md.read_text().split("\n", 1)[0].lstrip("# ").strip()
-            lines.append(f"- [{md.stem}]({md.name}): {title}")
+             "<table>`) from real runs. `<table>.md` comes from the recipe's default profile (tiny: Fashion-MNIST "
+             "on CPU, not ImageNet numbers); `<table>.<profile>.md` from other profiles.", "", "## Claims", "",
+             "Each claim is judged on paired seeds (test top-1, a − b in points of the report's own dataset, "
+             f"{LEVEL:.0%} t-interval); the rules are in each report's Claims section. Only decided verdicts are in "
+             "bold.", ""]
+    rows, without = [], []
+    for md in reports:
+        path = reports_dir / md.stem / "claims.csv"
+        if not path.is_file():
+            without.append(md.stem)
+            continue
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        for r in df.to_dict("records"):
+            num = lambda k: float(r[k]) if r.get(k) not in (None, "") else None  # noqa: E731
+            mean, lo, hi = num("mean"), num("ci_lo"), num("ci_hi")
+            diff = "—" if mean is None else f"{mean:+.2f}" + (f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None else "")
+            rows.append([f"[{md.stem}]({md.name})", r["table"], f"`{r['id']}` {r['text']}",
+                         "official default" if r["source"] == "official-default" else r["source"],
+                         verdict_md(r["verdict"]), diff, r["n"]])
+    lines.append(md_table(["report", "recipe", "claim", "source", "verdict", "a − b (95% CI)", "n"], rows)
+                 if rows else "No report records its claims yet.")
+    if without:
+        lines += ["", "Reports without a claims.csv (written before claims were recorded; regenerate them with "
+                  "`python -m harness.report <table>`): " + ", ".join(f"[{s}]({s}.md)" for s in without) + "."]
+    lines += ["", "## Reports", ""]
+    for md in reports:
+        title = md.read_text().split("\n", 1)[0].lstrip("# ").strip()
+        lines.append(f"- [{md.stem}]({md.name}): {title}")
     out = reports_dir / "README.md"
     out.write_text("\n".join(lines) + "\n")
     return out
 
 
-def write_report(root: Path, reports_dir: str | Path, figures: bool = True) -> Path:
-    """results/<table>/<profile> -> <reports_dir>/<name>.md (+ figures and CSVs in <reports_dir>/<name>/), where
-    name = report_name(table, profile). figures=False skips drawing (the slow part), for tests of the text."""
+def write_report(root: Path, reports_dir: str | Path, figures: bool = True,
+                 expected_dir: Path = EXPECTED_DIR) -> Path:
+    """results/<table>/<profile> -> <reports_dir>/<name>.md (+ figures and CSVs, claims.csv among them, in
+    <reports_dir>/<name>/), where name = report_name(table, profile); then the dashboard <reports_dir>/README.md.
+    figures=False skips drawing (the slow part), for tests of the text."""
     c = collect(Path(root))
     papers = load_paper_numbers()
     summary = summarize(c, papers)
+    claims = claims_of(c)
+    res = check_claims(claims, c.cells, summary) if claims is not None else None
     reports_dir = Path(reports_dir)
     name = report_name(c.table, c.profile)
     fig_dir = reports_dir / name
     fig_dir.mkdir(parents=True, exist_ok=True)
-    drawn = make_figures(c, summary, fig_dir) if figures else []
+    drawn = make_figures(c, summary, fig_dir, res) if figures else []
     data = export(c, fig_dir, summary)
-    rel = lambda p: Path(os.path.relpath(Path(p).resolve(), reports_dir.resolve())).as_posix()  # noqa: E731
+    claims_csv = fig_dir / "claims.csv"
+    claims_frame(res, c, name).to_csv(claims_csv, index=False)
+    data.append(claims_csv)
     warn = [f"- {w}" for w in c.warnings] or ["None."]
     parts = [[f"# {c.table}: {c.manifest.get('title', '')}", ""], _banner(c),
              ["", "Statuses: done · failed (reason from error.json) · partial (running or interrupted) · unreadable "
               "(result file could not be read; skipped) · not started.", "", "## Warnings", ""], warn,
-             ["", "## Results", ""], _results(summary, c), ["", "## Claims", ""], _claims(summary),
+             ["", "## Results", ""], _results(summary, c), ["", "## Claims", ""], _claims(res),
+             ["", "## Expected values", ""], _expected(c, summary, expected_dir),
              ["", "## Figures", ""],
              [f"![{cap}]({name}/{png})" for cap, png in drawn]
-             or ["No finished cell to plot." if figures else "Figures not drawn (write_report(figures=False))."],
+             or ["Nothing to plot." if figures else "Figures not drawn (write_report(figures=False))."],
              ["", "Data: " + ", ".join(f"[{p.name}]({name}/{p.name})" for p in data), "", "## Cost", ""],
-             _cost(c, summary, papers), ["", "## Stages", ""], _stages(c, rel), ["", "## Provenance", ""],
-             _provenance(c, rel)]
+             _cost(c, summary, papers), ["", "## Stages", ""], _stages(c), ["", "## Provenance", ""],
+             _provenance(c)]
     out = reports_dir / f"{name}.md"
     out.write_text("\n".join(line for part in parts for line in part) + "\n")
     write_index(reports_dir)
@@ -296,6 +523,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--profile", default=None, help="default: the single profile with results")
     p.add_argument("--results-root", default="results")
     p.add_argument("--reports-dir", default="reports")
+    p.add_argument("--write-expected", action="store_true",
+                   help="also write recipes/expected/<table>.<profile>.csv from these results (then commit it)")
+    p.add_argument("--expected-dir", type=Path, default=EXPECTED_DIR, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     base = Path(args.results_root) / args.table
     found = sorted(d.name for d in base.iterdir() if (d / "manifest.json").exists()) if base.is_dir() else []
@@ -305,7 +535,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "choose one with --profile")
     if profile is not None and profile not in found:
         p.error(f"{base / profile}: no manifest.json; profiles with results: {', '.join(found) or 'none'}")
-    print(write_report(base / (profile or found[0]), args.reports_dir))
+    root = base / (profile or found[0])
+    if args.write_expected:
+        print(write_expected(root, args.expected_dir))
+    print(write_report(root, args.reports_dir, expected_dir=args.expected_dir))
     return 0
 
 

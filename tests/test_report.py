@@ -1,8 +1,11 @@
-"""harness.collect / harness.report: the results frame, the report, its claims, figures and warnings.
+"""harness.collect / harness.report: the results frame, the report, its claims, expected values, figures, warnings
+and the reports dashboard.
 
-One session fixture runs the smoke table for real (2 seeds, ~1 min on 2 CPU cores); each test copies that tree and
-mutates the copy (edits result.json, deletes it, writes error.json, corrupts a file). Set DMAE_SMOKE_TREE to an
-existing results/table2/smoke tree to copy it instead of running (a development shortcut).
+Fast tests build a results tree of the smoke plan with made-up results (no training: `fake_tree`), so the numbers
+behind each verdict are known. One session fixture runs the smoke table for real (2 seeds, ~1 min on 2 CPU cores);
+each slow test copies that tree and mutates the copy (edits result.json, deletes it, writes error.json, corrupts a
+file). Set DMAE_SMOKE_TREE to an existing results/table2/smoke tree to copy it instead of running (a development
+shortcut).
 """
 import json
 import math
@@ -16,9 +19,10 @@ import pytest
 
 from harness.collect import NOT_AVAILABLE, NOT_IMAGENET, collect, delta_text, export, load_paper_numbers, \
     paper_number, summarize
-from harness.report import CLAIMS, check_claims, main, write_report
+from harness.report import check_claims, claims_of, main, report_name, write_index, write_report
 
 ROWS = ["mae", "kd_finetuned_teacher", "dmae_75", "dmae_95", "dmae_98"]
+CLAIM_IDS = ["dmae_beats_mae", "dmae_beats_kd", "mask95_within_1pp_of_75", "mask98_at_most_3pp_below_75"]
 GEN = re.compile(r"^- Report generated: .*$", re.M)
 
 
@@ -51,6 +55,14 @@ def tree(smoke, tmp_path) -> Path:
     return root
 
 
+def has_val_curves(root: Path) -> bool:
+    """Whether any fine-tune of the tree logged validation top-1 (the smoke profile may hold out no images)."""
+    from harness.collect import read_log, val_curve
+    c = collect(root)
+    return any(val_curve(read_log(root / s / "log.jsonl")) for s in c.stages.loc[c.stages["kind"] == "finetune",
+                                                                                 "stage_id"])
+
+
 def cells_of(root: Path, row: str):
     return [c for c in json.loads((root / "manifest.json").read_text())["cells"] if c["row"] == row]
 
@@ -63,14 +75,76 @@ def set_top1(root: Path, row: str, values):
         path.write_text(json.dumps(res))
 
 
-def report(root: Path, tmp_path: Path, figures: bool = False) -> str:
-    """The report's text; figures (the slow part) only where a test looks at them."""
-    return write_report(root, tmp_path / "reports", figures=figures).read_text()
+def report(root: Path, tmp_path: Path, figures: bool = False, expected_dir: Path = None) -> str:
+    """The report's text; figures (the slow part) only where a test looks at them. Expected values from a tmp dir
+    (none by default), never the committed recipes/expected/."""
+    return write_report(root, tmp_path / "reports", figures=figures,
+                        expected_dir=expected_dir or tmp_path / "no-expected").read_text()
 
 
 def claim_lines(text: str):
-    found = {c.text: re.search(rf"^\d\. \*\*{re.escape(c.text)}: ([a-z ]+)\*\*", text, re.M) for c in CLAIMS}
-    return {t: m.group(1) for t, m in found.items() if m}
+    """{claim id: verdict} from the numbered claim notes (a decided verdict in bold, others plain)."""
+    return {m.group(1): m.group(3) or m.group(4) for m in re.finditer(
+        r"^\d+\. `([a-z0-9_.-]+)` — .*?: (\*\*([a-z ]+)\*\*|([a-z ]+))\. ", text, re.M)}
+
+
+def links(text: str):
+    return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+def fake_tree(tmp_path: Path, top1, table: str = "table2", seeds: int = 3, val=None, overrides=(),
+              teacher_top1: float = 88.5) -> Path:
+    """A results tree of the smoke plan with made-up results: every stage done; evaluate top1 = top1(row, seed);
+    fine-tune logs val_top1 per epoch = val(row, seed) (default: flat, converged); a teacher-evaluate stage (added to
+    the manifest when the plan has none) with test top-1 `teacher_top1`."""
+    from harness.config import load_config
+    from harness.plan import build_plan, write_manifest
+    from harness.stages import write_json
+    cfg = load_config(table, ["profile=smoke", f"results_root={tmp_path / 'results'}", f"seeds={seeds}",
+                              *overrides])
+    plan = build_plan(cfg)
+    write_manifest(plan, cfg, "test", [])
+    val = val or (lambda row, seed: [40.0, 44.0, 44.2])
+    base = {"status": "done", "wall_s": 1.0, "device_hours": 1 / 3600, "images_per_s": 100.0, "device": "cpu",
+            "device_name": "x86_64", "world_size": 1, "host": "test", "git_commit": "abc1234"}
+    stages = {sid: (st.kind, st.role, st.cells, st.spec["name"]) for sid, st in plan.stages.items()}
+    manifest = json.loads((plan.root / "manifest.json").read_text())
+    ft = next((sid for sid, (_, role, _, _) in stages.items() if role == "teacher-finetune"), None)
+    if ft and not any(role == "teacher-evaluate" for _, role, _, _ in stages.values()):
+        sid = "teacher-evaluate-fake-0000000000"
+        stages[sid] = ("evaluate", "teacher-evaluate", [], "teacher-evaluate-fake")
+        manifest["stages"][sid] = {"kind": "evaluate", "role": "teacher-evaluate", "name": "teacher-evaluate-fake",
+                                   "inputs": {"model": ft}, "cells": []}
+        (plan.root / "manifest.json").write_text(json.dumps(manifest))
+    for sid, (kind, role, cells, name) in stages.items():
+        d = plan.root / sid
+        d.mkdir(parents=True)
+        res = dict(base, stage_id=sid, kind=kind, name=name)
+        if kind == "evaluate":
+            v = teacher_top1 if role == "teacher-evaluate" else top1(*cells[0])
+            res.update(top1=v, top5=99.0, n_eval=256, split="test")
+        elif kind == "finetune":
+            curve = val(*cells[0]) if role == "student-finetune" else [70.0, 80.0, 80.1]
+            with (d / "log.jsonl").open("w") as f:
+                for e, v in enumerate(curve, 1):
+                    f.write(json.dumps({"epoch": e, "loss": 1.0 / e, "val_top1": v, "val_top5": 99.0}) + "\n")
+            best = max(range(len(curve)), key=lambda i: curve[i])
+            res.update(best_val_top1=curve[best], best_epoch=best + 1, last_val_top1=curve[-1], last_val_top5=99.0,
+                       final_loss=1.0)
+        else:
+            res.update(final_loss=1.0)
+            (d / "log.jsonl").write_text(json.dumps({"epoch": 1, "loss": 1.0}) + "\n")
+        write_json(res, d / "result.json")
+        write_json({"stage_id": sid, "spec": {}}, d / "config.json")
+    return plan.root
+
+
+OFFSET = {"mae": 50.0, "kd_finetuned_teacher": 51.0, "dmae_75": 52.0, "dmae_95": 51.5, "dmae_98": 50.5}
+
+
+def table2_top1(row, seed):
+    """Seed-to-seed spread of 3 pp shared by every row (paired), tiny row-seed noise on top."""
+    return OFFSET[row] + 3.0 * seed + 0.05 * ((seed * 7 + len(row)) % 3)
 
 
 # ------------------------------------------------------------------------------------------ fast, no results tree
@@ -94,25 +168,196 @@ def test_every_recipe_paper_key_is_in_the_csv():
             assert row.get("paper") is None or row["paper"] in papers, f"{recipe.name}: rows.{key}.paper"
 
 
-def _summary(**means):
-    return pd.DataFrame([{"row": r, "n": 0 if m is None else 3, "mean": m, "std": 0.1 if m is not None else None,
-                          "paper_value": None, "paper_text": NOT_AVAILABLE} for r, m in means.items()])
+def test_report_name_rule_reads_the_recipe_default_profile():
+    assert report_name("table2", "tiny") == "table2"  # recipes/table2.yaml's defaults list names profile tiny
+    assert report_name("table2", "smoke") == "table2.smoke" and report_name("masking", "paper") == "masking.paper"
+    assert report_name("user_table_without_recipe", "tiny") == "user_table_without_recipe.tiny"
 
 
-def test_claim_rules_on_synthetic_means():
-    res = {r["claim"].a + "-" + r["claim"].b: r["verdict"] for r in check_claims(
-        _summary(mae=70.0, kd_finetuned_teacher=70.0, dmae_75=70.0, dmae_95=69.0, dmae_98=None))}
-    assert res == {"dmae_75-mae": "does not hold",  # "beats" is strict
-                   "dmae_75-kd_finetuned_teacher": "does not hold",
-                   "dmae_95-dmae_75": "holds",  # exactly at the 1.0 pp margin
-                   "dmae_98-dmae_75": "not enough data"}
-    # a claim whose subject row is not in the table is about another table: left out; a missing other row is
-    # "not applicable"
-    assert check_claims(_summary(other=1.0)) == []
-    assert {r["verdict"] for r in check_claims(_summary(dmae_75=1.0))} == {"not applicable"}
-    res = {r["claim"].b: r["verdict"] for r in check_claims(
-        _summary(dmae_pretrained_teacher=60.0, dmae_finetuned_teacher=58.0, kd_finetuned_teacher=61.0))}
-    assert res == {"dmae_finetuned_teacher": "holds", "kd_finetuned_teacher": "does not hold"}
+def test_report_holds_no_recipe_knowledge():
+    src = (Path(__file__).resolve().parents[1] / "harness" / "report.py").read_text()
+    for name in ROWS + ["dmae_pretrained_teacher", "tiny"]:  # row keys and profile names, quoted
+        assert f'"{name}"' not in src and f"'{name}'" not in src, name
+    assert "CLAIMS" not in src and "DEFAULT_PROFILE" not in src
+
+
+# ------------------------------------------------------------------------------------------ made-up results, fast
+def test_claims_come_from_the_manifest_and_are_judged_on_paired_seeds(tmp_path):
+    root = fake_tree(tmp_path, table2_top1)
+    c = collect(root)
+    claims = claims_of(c)
+    assert [cl["id"] for cl in claims] == CLAIM_IDS
+    res = {r["id"]: r for r in check_claims(claims, c.cells, summarize(c))}
+    # per-seed differences are constant up to the 0.05 noise: every interval is narrow although rows spread 6 pp
+    assert res["dmae_beats_mae"]["verdict"] == "holds" and res["dmae_beats_mae"]["n"] == 3
+    assert res["dmae_beats_kd"]["verdict"] == "holds" and res["dmae_beats_kd"]["paper_value"] == 1.2
+    assert res["mask95_within_1pp_of_75"]["verdict"] == "holds"  # -0.5 inside (-1, 1)
+    assert res["mask98_at_most_3pp_below_75"]["verdict"] == "holds"  # -1.5 > -3
+    text = report(root, tmp_path)
+    assert claim_lines(text) == {i: "holds" for i in CLAIM_IDS}
+    line = next(x for x in text.splitlines() if x.startswith("| DMAE (75% masking) beats KD"))
+    assert "| paper |" in line and "| 3 | **holds** |" in line and "84.0 − 82.8 = +1.2" in line
+    assert "|a − b| < 1" in text.replace("\\|", "|")
+    assert "t(0.975, n−1)·sd/√n" in text and "Only a decided verdict is in bold" in text
+    # claims.csv beside the report, and the dashboard line per claim
+    csv = pd.read_csv(tmp_path / "reports" / "table2.smoke" / "claims.csv")
+    assert list(csv["id"]) == CLAIM_IDS and set(csv["verdict"]) == {"holds"} and (csv["n"] == 3).all()
+    d = res["dmae_beats_mae"]
+    assert math.isclose(csv.loc[0, "ci_lo"], d["lo"]) and math.isclose(csv.loc[0, "mean"], d["mean"])
+    index = (tmp_path / "reports" / "README.md").read_text()
+    assert index.count("[table2.smoke](table2.smoke.md)") == 4 + 1  # four claims, one report link
+    assert "`dmae_beats_kd` DMAE (75% masking) beats KD from the fine-tuned teacher | paper | **holds** |" in index
+
+
+def test_inconclusive_claim_gives_seeds_needed_and_no_bold(tmp_path):
+    def top1(row, seed):  # dmae_75 - mae differs by seed: +1, +3, -0.5 -> mean 1.17, wide interval
+        return table2_top1(row, seed) + ({0: -1.0, 1: 1.0, 2: -2.5}[seed] if row == "dmae_75" else 0.0)
+    text = report(fake_tree(tmp_path, top1), tmp_path)
+    assert claim_lines(text)["dmae_beats_mae"] == "inconclusive"
+    line = next(x for x in text.splitlines() if x.startswith("| DMAE (75% masking) beats the MAE"))
+    assert "| inconclusive |" in line and "**inconclusive**" not in text and re.search(r"\| \d+ seeds \|", line)
+    assert re.search(r"Seeds to decide at the observed spread: \d+ seeds\.", text)
+
+
+def test_too_few_seeds_is_not_enough_data(tmp_path):
+    text = report(fake_tree(tmp_path, table2_top1, seeds=1), tmp_path)
+    assert set(claim_lines(text).values()) == {"not enough data"} and "**not enough data**" not in text
+
+
+def test_still_rising_fine_tunes_are_listed(tmp_path):
+    def val(row, seed):
+        return [40.0, 44.0, 45.0] if (row, seed) == ("dmae_95", 1) else [40.0, 44.0, 44.3]
+    text = report(fake_tree(tmp_path, table2_top1, val=val), tmp_path)
+    results = text.split("## Results", 1)[1].split("## Claims", 1)[0]
+    assert "still rising at its last fine-tune epoch" in results
+    assert "- `dmae_95` seed 1: validation top-1 +1.00 pp over its last fine-tune epoch" in results
+    assert results.count("(still rising)") == 1 and "- `dmae_95` seed 0" not in results
+    c = collect(fake_tree(tmp_path / "again", table2_top1, val=val))
+    assert c.cells["still_rising"].sum() == 1
+
+
+def test_teacher_test_top1_is_shown(tmp_path):
+    text = report(fake_tree(tmp_path, table2_top1, teacher_top1=88.25), tmp_path)
+    results = text.split("## Results", 1)[1].split("## Claims", 1)[0]
+    assert "Teacher (fine-tuned) test top-1: **88.25**" in results and "256 test images" in results
+    assert "Teacher fine-tune validation top-1: last epoch 80.10, best 80.10" in results
+
+
+def test_old_results_keys_are_read(tmp_path):
+    """Results written before the validation split: fine-tune logs `top1`, result best_top1 / last_top1."""
+    root = fake_tree(tmp_path, table2_top1)
+    for d in (d for d in root.iterdir() if d.is_dir()):
+        res_path = d / "result.json"
+        res = json.loads(res_path.read_text())
+        if res["kind"] == "finetune":
+            res = {("best_top1" if k == "best_val_top1" else "last_top1" if k == "last_val_top1" else k): v
+                   for k, v in res.items()}
+            res_path.write_text(json.dumps(res))
+            recs = [json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()]
+            (d / "log.jsonl").write_text("".join(json.dumps({"epoch": r["epoch"], "top1": r["val_top1"]}) + "\n"
+                                                 for r in recs))
+    c = collect(root)
+    assert (c.cells["val_top1_last"] == 44.2).all() and (c.cells["val_top1_best_epoch"] == 3).all()
+    assert c.cells["val_last_gain"].round(6).eq(0.2).all()
+
+
+def test_a_user_recipe_claim_is_judged_with_no_code_change(tmp_path, monkeypatch):
+    """A recipe added by a user, with a group claim and a within claim: planned, made-up results, judged."""
+    import harness.config as config
+    recipes = tmp_path / "recipes"
+    shutil.copytree(config.RECIPES_DIR, recipes)
+    (recipes / "mine.yaml").write_text("""
+defaults:
+  - table_schema
+  - _self_
+  - launcher: local
+  - profile: tiny
+table: mine
+title: "A user's table"
+rows:
+  base: {label: "MAE", method: mae}
+  d1: {label: "DMAE 75", method: dmae}
+  d2: {label: "DMAE 90", method: dmae, pretrain: {mask_ratio: 0.9}}
+claims:
+  - {id: dmae_group_beats_mae, text: "DMAE rows on average beat MAE", a: [d1, d2], b: [base], test: greater,
+     margin: 0.5, source: paper, note: "a user's claim"}
+  - {id: ratio_does_not_matter, text: "90% within 0.3 pp of 75%", a: [d2], b: [d1], test: within, margin: 0.3,
+     source: official-default}
+""")
+    monkeypatch.setattr(config, "RECIPES_DIR", recipes)
+    vals = {"base": 60.0, "d1": 62.0, "d2": 61.0}
+    root = fake_tree(tmp_path, lambda row, seed: vals[row] + seed + 0.01 * seed * len(row), table="mine")
+    text = report(root, tmp_path)
+    assert claim_lines(text) == {"dmae_group_beats_mae": "holds", "ratio_does_not_matter": "does not hold"}
+    assert "DMAE rows on average beat MAE (mean(`d1`, `d2`) vs `base`; `dmae_group_beats_mae`)" in text
+    assert "| official default |" in text and "Official default, not a paper result" in text
+    assert (tmp_path / "reports" / "mine.smoke" / "claims.csv").is_file()
+    assert "[mine.smoke](mine.smoke.md)" in (tmp_path / "reports" / "README.md").read_text()
+
+
+def test_manifest_without_claims_says_so(tmp_path):
+    root = fake_tree(tmp_path, table2_top1)
+    m = json.loads((root / "manifest.json").read_text())
+    del m["config"]["claims"]
+    (root / "manifest.json").write_text(json.dumps(m))
+    text = report(root, tmp_path)
+    assert "This run's manifest carries no claims" in text
+    assert pd.read_csv(tmp_path / "reports" / "table2.smoke" / "claims.csv").empty
+
+
+def test_removed_row_makes_its_claims_not_applicable(tmp_path):
+    text = report(fake_tree(tmp_path, table2_top1, overrides=["~rows.mae"]), tmp_path)
+    assert claim_lines(text)["dmae_beats_mae"] == "not applicable" and "This run has no row `mae`." in text
+    assert claim_lines(text)["dmae_beats_kd"] == "holds"
+
+
+def test_expected_values_within_and_outside_tolerance(tmp_path, capsys):
+    root = fake_tree(tmp_path, table2_top1)
+    exp_dir = tmp_path / "expected"
+    text = report(root, tmp_path, expected_dir=exp_dir)
+    assert "No expected values for `table2` / `smoke`" in text and "--write-expected" in text
+    # the CLI writes recipes/expected/<table>.<profile>.csv (here: a tmp dir) and the report checks against it
+    assert main(["table2", "--results-root", str(root.parent.parent), "--reports-dir", str(tmp_path / "reports"),
+                 "--write-expected", "--expected-dir", str(exp_dir)]) == 0
+    path = exp_dir / "table2.smoke.csv"
+    exp = pd.read_csv(path)
+    assert list(exp.columns) == ["row", "mean", "std", "n", "tolerance", "commit", "note"]
+    assert list(exp["row"]) == ROWS and (exp["n"] == 3).all() and (exp["tolerance"] == 0.5).all()
+    assert set(exp["commit"]) == {"abc1234"} and "max(tolerance, 3·std/√n_ours)" in exp["note"][0]
+    text = report(root, tmp_path, expected_dir=exp_dir)
+    section = text.split("## Expected values", 1)[1].split("## Figures", 1)[0]
+    assert "| row | expected (mean ± std, n) | ours | Δ | within tolerance? |" in section
+    assert section.count("| yes (±") == 5 and "**no**" not in section
+    # mae drifts by +0.4 at every seed: 3·std/√3 ≈ 5.2 is the tolerance (std over seeds 3 pp) -> still within;
+    # a tight reference (std 0.01) makes the floor 0.5 the tolerance -> +0.6 is outside
+    exp.loc[exp["row"] == "mae", "std"] = 0.01
+    exp.to_csv(path, index=False)
+    set_top1(root, "mae", [table2_top1("mae", s) + 0.6 for s in range(3)])
+    section = report(root, tmp_path, expected_dir=exp_dir).split("## Expected values", 1)[1].split("## Figures")[0]
+    line = next(x for x in section.splitlines() if x.startswith("| `mae` |"))
+    assert "| +0.60 | **no** (±0.50) |" in line and section.count("| yes (±") == 4
+
+
+def test_report_links_nothing_under_results(tmp_path):
+    root = fake_tree(tmp_path, table2_top1)
+    text = report(root, tmp_path)
+    for link in links(text):
+        assert "results" not in link and not link.startswith("/") and ".." not in link, link
+        assert (tmp_path / "reports" / link).is_file(), link
+    assert "config.yaml" in text and "manifest.json" in text  # named as plain text
+    index = (tmp_path / "reports" / "README.md").read_text()
+    assert all("results" not in link for link in links(index))
+
+
+def test_dashboard_lists_claims_of_every_report(tmp_path):
+    report(fake_tree(tmp_path / "a", table2_top1), tmp_path)
+    report(fake_tree(tmp_path / "b", lambda r, s: 50.0, table="teacher", seeds=2), tmp_path)
+    (tmp_path / "reports" / "old.md").write_text("# old: a report from before claims.csv\n")
+    index = write_index(tmp_path / "reports").read_text()
+    assert index.count("[table2.smoke](table2.smoke.md)") == 5 and index.count("[teacher.smoke](teacher.smoke.md)") == 4
+    # equal rows, zero spread: the mean sits on the boundary -> inconclusive, never decided
+    assert "`pretrained_beats_kd`" in index and "| inconclusive |" in index and "| does not hold |" not in index
+    assert "Reports without a claims.csv" in index and "[old](old.md)" in index
 
 
 # ------------------------------------------------------------------------------------------ on real smoke runs
@@ -141,20 +386,24 @@ def test_collect_reads_every_stage_and_cell(smoke):
 def test_report_table_banner_and_every_link_exists(tree, tmp_path):
     text = report(tree, tmp_path, figures=True)
     assert "**Profile: `smoke`.**" in text and "These are not ImageNet numbers" in text
-    assert "| row | paper | reproduced (mean ± std, n) | Δ | status |" in text
+    assert "| row | paper | reproduced test top-1 (mean ± std, n) | Δ | status |" in text
     for row in ROWS:
         assert re.search(rf"^\| `{row}` .* \(n=2\) \| .* \| 2/2 done \|$", text, re.M), row
     assert "| `dmae_75` DMAE, 75% masking | 84.0 [" in text and NOT_IMAGENET in text
-    links = re.findall(r"\]\(([^)\s]+)\)", text)
-    figures = [l for l in links if l.endswith(".png")]
-    assert len(figures) == 2 + 1 + len(ROWS)  # mask plot, bars, teacher curves, one per row
+    found = links(text)
+    figures = [l.split("/", 1)[1] for l in found if l.endswith(".png")]
+    expected = ["claims_forest.png", "top1_by_row.png"] + (["val_curves.png"] if has_val_curves(tree) else []) \
+        + ["curves-teacher.png"] + [f"curves-{r}.png" for r in ROWS]
+    assert figures == expected and "top1_vs_mask" not in text  # the twin-axis plot is gone
     base = tmp_path / "reports"
-    for link in links:
+    for link in found:
         assert (base / link).is_file(), link
+        assert "results" not in link
     for fig in figures:
-        assert (base / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for part in ("## Claims", "## Cost", "## Provenance", "OpenReview 7QTldIMkkqX abstract", "- Command:",
-                 "Git commit at launch", "torch 2", "hydra-core", "config.yaml](", "Hardware (finished stages): cpu"):
+        assert (base / "table2.smoke" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for part in ("## Claims", "## Expected values", "## Cost", "## Provenance", "OpenReview 7QTldIMkkqX abstract",
+                 "- Command:", "Git commit at launch", "torch 2", "hydra-core", "scipy", "config.yaml",
+                 "Hardware (finished stages): cpu"):
         assert part in text
 
 
@@ -162,7 +411,7 @@ def test_report_table_banner_and_every_link_exists(tree, tmp_path):
 def test_report_is_deterministic_apart_from_its_date(tree, tmp_path):
     first = report(tree, tmp_path, figures=True)
     pngs = {p.name: p.read_bytes() for p in (tmp_path / "reports" / "table2.smoke").glob("*.png")}
-    assert len(pngs) == 8
+    assert len(pngs) == 3 + has_val_curves(tree) + len(ROWS)
     second = report(tree, tmp_path, figures=True)
     assert GEN.sub("", first) == GEN.sub("", second) and len(GEN.findall(first)) == 1
     assert pngs == {p.name: p.read_bytes() for p in (tmp_path / "reports" / "table2.smoke").glob("*.png")}
@@ -170,17 +419,21 @@ def test_report_is_deterministic_apart_from_its_date(tree, tmp_path):
 
 @pytest.mark.slow
 def test_claims_hold_then_fail_when_top1_is_edited(tree, tmp_path):
-    for row, vals in {"mae": [10.0, 10.2], "kd_finetuned_teacher": [11.0, 11.2], "dmae_75": [12.0, 12.4],
-                      "dmae_95": [11.8, 12.0], "dmae_98": [10.0, 10.4]}.items():
+    # seed 1 is 0.2 pp easier for every row: paired differences are constant, the intervals are points
+    for row, vals in {"mae": [10.0, 10.2], "kd_finetuned_teacher": [11.0, 11.2], "dmae_75": [12.0, 12.2],
+                      "dmae_95": [11.8, 12.0], "dmae_98": [10.0, 10.2]}.items():
         set_top1(tree, row, vals)
     text = report(tree, tmp_path)
-    assert set(claim_lines(text).values()) == {"holds"}
-    assert "12.20 (n=2) − 11.10 (n=2) = +1.10 pp" in text and "84.0 − 82.8 = +1.2" in text
-    assert "clear of seed noise" in text
+    assert claim_lines(text) == {i: "holds" for i in CLAIM_IDS}
+    line = next(x for x in text.splitlines() if x.startswith("| DMAE (75% masking) beats KD"))
+    assert "| +1.00 | [+1.00, +1.00] | 2 | **holds** |" in line and "84.0 − 82.8 = +1.2" in line
     set_top1(tree, "dmae_75", [9.0, 9.2])
     set_top1(tree, "dmae_98", [5.0, 5.2])
-    verdicts = list(claim_lines(report(tree, tmp_path)).values())
-    assert verdicts == ["does not hold", "does not hold", "holds", "does not hold"]
+    verdicts = claim_lines(report(tree, tmp_path))
+    assert verdicts == {i: "does not hold" for i in CLAIM_IDS}  # 95% is now +2.8 pp from 75%: outside (-1, 1)
+    set_top1(tree, "dmae_75", [12.0, 12.6])  # differences to mae +2.0 and +2.4: t(0.975, 1) = 12.7 -> wide
+    text = report(tree, tmp_path)
+    assert claim_lines(text)["dmae_beats_mae"] == "inconclusive" and "Seeds to decide" in text
 
 
 @pytest.mark.slow
@@ -204,8 +457,10 @@ def test_missing_failed_and_partial_stages_are_shown_not_dropped(tree, tmp_path)
     assert "1/2 done; 1/2 partial" in text and "RuntimeError: CUDA out of memory" in text
     assert "checkpoint-last exists" in text
     verdicts = claim_lines(text)
-    assert verdicts[CLAIMS[2].text] == "not enough data" and "no finished cell in dmae_95" in text
-    assert verdicts[CLAIMS[3].text] in ("holds", "does not hold") and "no estimate of seed noise" in text
+    assert verdicts["mask95_within_1pp_of_75"] == "not enough data" and "No seed finished on both sides." in text
+    # one seed of dmae_98 finished: n = 1 paired seed, no interval
+    assert verdicts["mask98_at_most_3pp_below_75"] == "not enough data" and "Paired seeds: 1." in text
+    assert verdicts["dmae_beats_kd"] == "not enough data"  # kd seed 1 partial
 
 
 @pytest.mark.slow
@@ -220,9 +475,9 @@ def test_failed_teacher_blocks_every_row_and_report_still_renders(tree, tmp_path
     assert set(dm["status"]) == {"failed"} and dm["reason"].str.contains("ValueError: bad teacher").all()
     text = report(tree, tmp_path, figures=True)
     assert set(claim_lines(text).values()) == {"not enough data"}
-    assert "No finished cell to plot" not in text  # the logs still give training curves
+    assert "Nothing to plot" not in text  # the logs still give training curves
     assert "top1_by_row.png" not in text and "curves-dmae_75.png" in text
-    for link in re.findall(r"\]\(([^)\s]+)\)", text):
+    for link in links(text):
         assert (tmp_path / "reports" / link).is_file(), link
 
 
@@ -262,6 +517,7 @@ def test_cli_picks_the_single_profile_and_lists_several(tree, tmp_path, capsys):
     results, out = tree.parent.parent, tmp_path / "cli-reports"
     assert main(["table2", "--results-root", str(results), "--reports-dir", str(out)]) == 0
     assert (out / "table2.smoke.md").exists() and (out / "table2.smoke" / "top1_by_row.png").exists()
+    assert (out / "table2.smoke" / "claims.csv").exists() and (out / "README.md").exists()
     shutil.copytree(tree, tree.parent / "tiny", ignore=shutil.ignore_patterns("*-s1-*"))
     with pytest.raises(SystemExit):
         main(["table2", "--results-root", str(results), "--reports-dir", str(out)])
@@ -276,5 +532,6 @@ def test_csv_export(tree, tmp_path):
     paths = export(c, tmp_path / "csv")
     assert {p.name for p in paths} >= {"cells.csv", "stages.csv", "rows.csv"}
     cells = pd.read_csv(tmp_path / "csv" / "cells.csv")
-    assert len(cells) == 10 and {"row", "seed", "top1", "top1_best", "top1_last", "top5", "wall_s", "device_hours",
-                                 "status", "evaluate_id", "config_path", "git_commit"} <= set(cells.columns)
+    assert len(cells) == 10 and {"row", "seed", "top1", "val_top1_best", "val_top1_last", "val_last_gain",
+                                 "still_rising", "top5", "wall_s", "device_hours", "status", "evaluate_id",
+                                 "config_path", "git_commit"} <= set(cells.columns)
