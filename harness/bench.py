@@ -603,13 +603,15 @@ def measure(variants: List[Variant], device: torch.device, reps: int, warmup: in
 
 
 def bench_data(profiles: Sequence[str], n_images: int, root: str, threads: int = 0, log=print) -> List[dict]:
-    """Images/s of the input pipelines, one process, on Fashion-MNIST. Torch threads as the profile's stages load
-    data: run.threads in the main process (num_workers=0, the CPU profiles), 1 in each DataLoader worker."""
-    from .data import FashionMNIST, eval_transform, finetune_transform, pretrain_transform
+    """Images/s of the input pipelines, one process, on Fashion-MNIST, through the same build_dataset / loader the
+    stages use (batched tensor transforms for the in-memory dataset; the per-image PIL pipeline when RandAug is on).
+    Torch threads as the profile's stages load data: run.threads in the main process (num_workers=0)."""
+    from .data import Aug, DataSpec, build_dataset, loader
     out, seen = [], set()
     default_threads = torch.get_num_threads()
     for prof in profiles:
-        run_cfg = _profile_cfg(prof)["run"]
+        c = _profile_cfg(prof)
+        run_cfg = c["run"]
         workers = int(run_cfg.get("num_workers") or 0)
         torch.set_num_threads(threads or (1 if workers else int(run_cfg.get("threads") or 0)) or default_threads)
         for d in profile_data(prof):
@@ -617,17 +619,33 @@ def bench_data(profiles: Sequence[str], n_images: int, root: str, threads: int =
             if key in seen:
                 continue
             seen.add(key)
-            if d["transform"] == "pretrain":
-                tf = pretrain_transform(d["img_size"])
-            elif d["transform"] == "finetune":
-                tf = finetune_transform(d["img_size"], d["randaug"], d["reprob"])
-            else:
-                tf = eval_transform(d["img_size"], d.get("crop_pct", 1.0))
+            n = n_images if d["img_size"] < 128 else max(32, n_images // 8)
+            batch = min(d["batch"], n)
+            aug = Aug(d["transform"], d["img_size"], crop_min=float(c.get(d["transform"], {}).get("crop_min", 0.2))
+                      if d["transform"] != "eval" else 0.2, randaug=d["randaug"], reprob=d["reprob"],
+                      crop_pct=d.get("crop_pct", 1.0))
             try:
-                ds = FashionMNIST(root, "train", tf)
+                ds, _ = build_dataset(DataSpec("fashion_mnist", root, d["img_size"], train_subset=n + batch),
+                                      "train", aug)
             except Exception as e:  # no dataset here: say so, measure the rest
                 log(f"  data: skipped ({e})")
                 return out
+            it = iter(loader(ds, batch, d["transform"] != "eval", 0, workers))
+            next(it)  # warm-up batch
+            t0 = time.perf_counter()
+            seen_imgs = 0
+            for imgs, _ in it:
+                seen_imgs += imgs.shape[0]
+            dt = time.perf_counter() - t0
+            row = dict(d, profile=prof, images=seen_imgs, seconds=dt, images_per_s=seen_imgs / dt,
+                       s_per_image=dt / seen_imgs, threads=torch.get_num_threads(), profile_num_workers=workers,
+                       pipeline="batched tensors" if aug.batched else "per-image PIL",
+                       note="" if d["img_size"] < 128 else "28x28 Fashion-MNIST upscaled by the transforms; "
+                       "ImageNet JPEG decoding not included")
+            out.append(row)
+            log(f"  data {prof} {d['transform']} {d['img_size']}px randaug={d['randaug'] or '-'} ({row['pipeline']}): "
+                f"{row['images_per_s']:.0f} img/s")
+    return out
             n = n_images if d["img_size"] < 128 else max(32, n_images // 8)
             batch = min(d["batch"], n)
             dl = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n + batch)), batch_size=batch,

@@ -30,8 +30,11 @@ class DataConfig:
     name: str = "fashion_mnist"  # fashion_mnist | imagefolder
     root: str = MISSING  # set by the profile; the paper profile asks for it on the command line
     img_size: int = 28
-    train_subset: int = 0  # 0 = every image
-    val_subset: int = 0
+    train_subset: int = 0  # 0 = every training image (after the holdout)
+    test_subset: int = 0  # 0 = every test image (the final evaluation)
+    # training images carved out (fixed, seed 0) as the validation split that tuning and per-epoch monitoring read;
+    # 0 = none (fine-tuning then logs no per-epoch accuracy; the test split is read by the evaluation stage only)
+    holdout: int = 0
     eval_crop_pct: float = 1.0  # ImageNet: 0.875 (Resize 256 + CenterCrop 224)
 
 
@@ -47,6 +50,7 @@ class PretrainConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     clip_grad: Optional[float] = None
     mask_ratio: float = 0.75
+    crop_min: float = 0.2  # RandomResizedCrop scale (crop_min, 1): official 0.2
     visible_rounding: str = "paper"  # paper: round(N(1-r)) | official: int(N(1-r))
     norm_pix_loss: bool = False
     # Optional: the total batch per optimizer update. When set, accum_iter is derived from it:
@@ -84,6 +88,7 @@ class FinetuneConfig:
     clip_grad: Optional[float] = None
     layer_decay: float = 0.75
     drop_path: float = 0.15
+    crop_min: float = 0.08  # RandomResizedCrop scale (crop_min, 1): timm's default, as the official fine-tuning
     mixup: float = 0.8
     cutmix: float = 1.0
     smoothing: float = 0.1
@@ -150,6 +155,9 @@ class LauncherConfig:
     max_requeues: int = 3  # preemptions/timeouts a stage may survive
     array_parallelism: int = 64  # Slurm: jobs of one array running at once
     max_parallel: int = 1  # jobs in flight at once (0 = no limit); the local launcher runs them side by side
+    # a job runs a stage and then the stages that consume it alone (pre-train -> fine-tune -> evaluate): one start-up
+    # and one queue wait per chain; false = one job per stage
+    chain: bool = True
     additional_parameters: Dict[str, Any] = field(default_factory=dict)  # extra sbatch parameters
     poll_s: float = 2.0
     signal_delay_s: Optional[int] = None  # USR2 this many seconds before the time limit (None: submitit's default)
@@ -344,6 +352,7 @@ def _check_section(where: str, sec: dict, kind: str) -> None:
         if not 0 <= sec["warmup_epochs"] <= sec["epochs"]:
             raise ConfigError(f"{where}.warmup_epochs={sec['warmup_epochs']} must be within [0, epochs]")
     if kind in ("pretrain", "finetune"):
+        _check_range(where, sec, "crop_min", 0, 1, lo_open=True)
         _check_range(where, sec, "blr", 0, lo_open=True)
         _check_range(where, sec, "min_lr", 0)
         _check_range(where, sec, "weight_decay", 0)
@@ -404,11 +413,16 @@ def validate(cfg: DictConfig) -> None:
     for key in ("threads", "num_workers", "nan_restarts"):
         if cfg.run[key] < 0:
             raise ConfigError(f"run.{key}={cfg.run[key]} must be >= 0")
-    if d.img_size < 1 or d.train_subset < 0 or d.val_subset < 0:
-        raise ConfigError(f"data: img_size={d.img_size} must be >= 1, train_subset={d.train_subset} and "
-                          f"val_subset={d.val_subset} >= 0")
+    if d.img_size < 1 or d.train_subset < 0 or d.test_subset < 0 or d.holdout < 0:
+        raise ConfigError(f"data: img_size={d.img_size} must be >= 1, train_subset={d.train_subset}, "
+                          f"test_subset={d.test_subset} and holdout={d.holdout} >= 0")
     _check_range("data", d, "eval_crop_pct", 0, 1, lo_open=True)
     world = world_size(la)
+    for n in ("pretrained_ckpt", "finetuned_ckpt"):
+        if cfg.teacher.train and cfg.teacher[n]:
+            raise ConfigError(f"teacher.{n}={cfg.teacher[n]!r} is given but teacher.train=true (profile "
+                              f"{cfg.profile}): the harness trains its own teacher and would ignore that file. Add "
+                              f"teacher.train=false to use provided checkpoints, or drop teacher.{n}")
     if not cfg.rows:
         raise ConfigError(f"table {cfg.table!r} has no rows")
     for rkey, row in cfg.rows.items():
@@ -437,6 +451,11 @@ def validate(cfg: DictConfig) -> None:
             if cfg.data.img_size % m["patch_size"]:
                 raise ConfigError(f"{where}.{who}: data.img_size={cfg.data.img_size} is not a multiple of "
                                   f"patch_size={m['patch_size']}")
+        for n in ("pretrained_ckpt", "finetuned_ckpt"):
+            if teacher["train"] and teacher[n]:
+                raise ConfigError(f"{where}.teacher.{n}={teacher[n]!r} (from the recipe or checkpoints.*) is given "
+                                  "but this row's teacher is trained by the harness (teacher.train=true), which "
+                                  "would ignore that file; set teacher.train=false or leave the checkpoint unset")
         if not teacher["train"]:
             needs = ["pretrained_ckpt"] if row.method == "dmae" and dis["teacher_source"] == "pretrained" else []
             if row.method == "kd" or (row.method == "dmae" and dis["teacher_source"] == "finetuned"):

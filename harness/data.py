@@ -1,20 +1,33 @@
-"""Datasets and transforms.
+"""Datasets, splits and transforms.
 
 - `fashion_mnist`: the embedded default, read from Debian's `dataset-fashion-mnist` package (real images, no
-  download at run time), kept in memory as uint8 and served as RGB PIL images so every transform is the ImageNet one.
+  download at run time), kept in memory as uint8.
 - `imagefolder`: ImageNet-style `root/train/<class>/*` and `root/val/<class>/*` (torchvision ImageFolder).
 
-Transforms follow the official code: pre-training RandomResizedCrop(scale 0.2-1, bicubic) + flip; fine-tuning timm's
-create_transform (RandAug, random erasing); evaluation Resize(img/crop_pct) + CenterCrop.
+Splits (the same for every stage and seed):
+
+    train   the training images less the `holdout`, optionally a fixed subset of `train_subset` of them
+    val     `holdout` images carved out of the training images (fixed, seed 0): the only split tuning and per-epoch
+            monitoring may read; empty when holdout = 0 (then fine-tuning logs no per-epoch accuracy)
+    test    Fashion-MNIST's 10k test images / ImageNet's val/ folder (optionally `test_subset` of them): read by the
+            final evaluation stage only
+
+Transforms follow the official code: pre-training RandomResizedCrop(scale crop_min-1, official 0.2) + flip;
+fine-tuning timm's create_transform (RandomResizedCrop scale crop_min-1 + flip, RandAug, random erasing); evaluation
+Resize(img/crop_pct) + CenterCrop. An in-memory dataset (Fashion-MNIST) applies them to whole batches of tensors
+(`TensorImages`: one affine resample per batch instead of a PIL pipeline per image; bilinear instead of bicubic);
+RandAug needs PIL, so a fine-tune with `randaug` set uses the per-image pipeline.
 """
 from __future__ import annotations
 
 import gzip
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
@@ -37,7 +50,8 @@ class DataSpec:
     root: str
     img_size: int
     train_subset: int = 0  # 0 = all images; otherwise a fixed (seed 0) random subset of this size
-    val_subset: int = 0
+    test_subset: int = 0
+    holdout: int = 0  # training images carved out as the validation split (0 = none)
     eval_crop_pct: float = 0.875
 
 
@@ -112,49 +126,193 @@ def check_data(spec: DataSpec) -> None:
         raise DataError(f"data.name must be 'fashion_mnist' or 'imagefolder', got {spec.name!r}")
 
 
-def pretrain_transform(img_size: int):
-    return transforms.Compose([
-        transforms.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+@dataclass(frozen=True)
+class Aug:
+    """What a stage does to its input images, for both pipelines: `pil()` builds the per-image torchvision/timm
+    transform, `TensorImages` applies the same steps to whole batches."""
+    kind: str  # pretrain | finetune | eval
+    img_size: int
+    crop_min: float = 0.2  # RandomResizedCrop scale (crop_min, 1)
+    randaug: str = ""
+    reprob: float = 0.0
+    crop_pct: float = 1.0  # eval: Resize(img_size / crop_pct) + CenterCrop(img_size)
+
+    @property
+    def batched(self) -> bool:
+        return not self.randaug
+
+    def pil(self):
+        if self.kind == "pretrain":
+            return transforms.Compose([
+                transforms.RandomResizedCrop(self.img_size, scale=(self.crop_min, 1.0),
+                                             interpolation=InterpolationMode.BICUBIC),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        if self.kind == "finetune":
+            from timm.data import create_transform
+            return create_transform(input_size=self.img_size, is_training=True, auto_augment=self.randaug or None,
+                                    scale=(self.crop_min, 1.0), interpolation="bicubic", re_prob=self.reprob,
+                                    re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        resize = int(round(self.img_size / self.crop_pct))
+        return transforms.Compose([
+            transforms.Resize(resize, interpolation=InterpolationMode.BICUBIC),
+            transforms.CenterCrop(self.img_size),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def finetune_transform(img_size: int, randaug: str, reprob: float):
-    from timm.data import create_transform
-    return create_transform(input_size=img_size, is_training=True, auto_augment=randaug or None,
-                            interpolation="bicubic", re_prob=reprob, re_mode="pixel", re_count=1,
-                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+def pretrain_transform(img_size: int, crop_min: float = 0.2):
+    return Aug("pretrain", img_size, crop_min=crop_min).pil()
+
+
+def finetune_transform(img_size: int, randaug: str, reprob: float, crop_min: float = 0.08):
+    return Aug("finetune", img_size, crop_min=crop_min, randaug=randaug, reprob=reprob).pil()
 
 
 def eval_transform(img_size: int, crop_pct: float):
-    resize = int(round(img_size / crop_pct))
-    return transforms.Compose([
-        transforms.Resize(resize, interpolation=InterpolationMode.BICUBIC),
-        transforms.CenterCrop(img_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return Aug("eval", img_size, crop_pct=crop_pct).pil()
 
 
-def _subset(ds: Dataset, n: int) -> Dataset:
-    if not n or n >= len(ds):
-        return ds
-    g = torch.Generator().manual_seed(0)  # the same subset for every stage and seed
-    return Subset(ds, torch.randperm(len(ds), generator=g)[:n].tolist())
+_MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
-def build_dataset(spec: DataSpec, split: str, transform) -> Tuple[Dataset, int]:
-    """Returns (dataset, num_classes)."""
+def random_resized_crop_flip(x: torch.Tensor, out: int, crop_min: float, g: torch.Generator) -> torch.Tensor:
+    """RandomResizedCrop(scale=(crop_min, 1), ratio=(3/4, 4/3)) + horizontal flip on a batch (B, C, H, W), one
+    affine resample for all images. A crop that would not fit is clamped to the image (torchvision retries instead)."""
+    b = x.shape[0]
+    area = torch.empty(b).uniform_(crop_min, 1.0, generator=g)
+    ratio = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g).exp()
+    w = (area * ratio).sqrt().clamp(max=1.0)  # crop width / image width
+    h = (area / ratio).sqrt().clamp(max=1.0)
+    cx = (torch.rand(b, generator=g) * 2 - 1) * (1 - w)  # crop centre, normalised coordinates [-1, 1]
+    cy = (torch.rand(b, generator=g) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
+    grid = F.affine_grid(theta, [b, x.shape[1], out, out], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class TensorImages(Dataset):
+    """An in-memory split (uint8 images (N, H, W) grey or (N, 3, H, W)) whose transform runs on whole batches:
+    `batch(indices, generator)` returns normalised RGB (B, 3, img, img) and labels. Indexing one image works too
+    (the same transform on a batch of one), for code that expects a map-style dataset."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, aug: Aug):
+        self.images, self.targets, self.aug = images, targets, aug
+        self._erase = None
+        if aug.kind == "finetune" and aug.reprob > 0:
+            from timm.data.random_erasing import RandomErasing
+            self._erase = RandomErasing(aug.reprob, mode="pixel", device="cpu")
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def batch(self, idx: torch.Tensor, g: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[idx].float().div_(255.0)
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        a = self.aug
+        if a.kind in ("pretrain", "finetune"):
+            x = random_resized_crop_flip(x, a.img_size, a.crop_min, g)
+        else:
+            resize = int(round(a.img_size / a.crop_pct))
+            if resize != x.shape[-1]:
+                x = F.interpolate(x, size=(resize, resize), mode="bicubic", align_corners=False, antialias=True)
+            top = (x.shape[-1] - a.img_size) // 2
+            x = x[..., top:top + a.img_size, top:top + a.img_size]
+        x = (x - _MEAN) / _STD
+        if self._erase is not None:
+            x = self._erase(x)
+        return x.contiguous(), self.targets[idx]
+
+    def __getitem__(self, i: int):
+        x, y = self.batch(torch.tensor([i]), torch.Generator().manual_seed(i))
+        return x[0], int(y[0])
+
+
+class TensorBatches:
+    """The batches of one epoch of a TensorImages split, as DistributedSampler + DataLoader would cut them: training
+    shuffles with a generator seeded by (seed, epoch) and drops the last partial batch; rank r of w takes every w-th
+    index. Augmentation draws from its own (seed, epoch, rank) generator, never from the global RNG, so the masks an
+    objective draws are the same whatever the augmentation does (paired rows)."""
+
+    def __init__(self, ds: TensorImages, batch_size: int, train: bool, epoch: int, seed: int, rank: int, world: int):
+        self.ds, self.bs, self.train = ds, batch_size, train
+        self.epoch, self.seed, self.rank, self.world = epoch, seed, rank, world
+        n = len(ds)
+        if train:
+            per_rank = n // world
+            self.n_batches = per_rank // batch_size
+        else:
+            self.n_batches = math.ceil(len(range(rank, n, world)) / batch_size)
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self):
+        n = len(self.ds)
+        if self.train:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+            idx = order[:n // self.world * self.world][self.rank::self.world]
+        else:
+            idx = torch.arange(self.rank, n, self.world)
+        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank) % 2 ** 62 + 1)
+        for b in range(self.n_batches):
+            yield self.ds.batch(idx[b * self.bs:(b + 1) * self.bs], g)
+
+
+def _split_indices(n: int, holdout: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) indices of a training set of n images: a fixed (seed 0) permutation, the first `holdout` of it
+    for validation."""
+    if holdout >= n:
+        raise DataError(f"data.holdout={holdout} leaves no training image of {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    return perm[holdout:], perm[:holdout]
+
+
+def _take(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n of a fixed order (0 = all): a subset that grows by adding images, the same for every stage."""
+    return idx if not n or n >= len(idx) else idx[:n]
+
+
+def build_dataset(spec: DataSpec, split: str, aug: Aug) -> Tuple[Dataset, int]:
+    """Returns (dataset, num_classes) for split train | val | test (see the module docstring)."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    if split == "val" and not spec.holdout:
+        raise DataError("no validation split: data.holdout is 0")
     if spec.name == "fashion_mnist":
-        ds = FashionMNIST(spec.root, split, transform)
+        base = FashionMNIST(spec.root, "val" if split == "test" else "train")
         num_classes = len(FashionMNIST.classes)
-    elif spec.name == "imagefolder":
+        if split == "test":
+            g = torch.Generator().manual_seed(0)
+            idx = _take(torch.randperm(len(base), generator=g), spec.test_subset) if spec.test_subset else \
+                torch.arange(len(base))
+        else:
+            tr, va = _split_indices(len(base), spec.holdout)
+            idx = _take(tr, spec.train_subset) if split == "train" else va
+        if aug.batched:
+            return TensorImages(base.images[idx], base.targets[idx], aug), num_classes
+        base.transform = aug.pil()
+        return Subset(base, idx.tolist()), num_classes
+    if spec.name == "imagefolder":
         check_imagefolder(spec.root)
-        ds = datasets.ImageFolder(str(Path(spec.root) / split), transform=transform)
+        ds = datasets.ImageFolder(str(Path(spec.root) / ("val" if split == "test" else "train")), transform=aug.pil())
         num_classes = len(ds.classes)
-    else:
-        raise DataError(f"data.name must be 'fashion_mnist' or 'imagefolder', got {spec.name!r}")
-    return _subset(ds, spec.train_subset if split == "train" else spec.val_subset), num_classes
+        if split == "test":
+            if spec.test_subset and spec.test_subset < len(ds):
+                g = torch.Generator().manual_seed(0)
+                ds = Subset(ds, torch.randperm(len(ds), generator=g)[:spec.test_subset].tolist())
+            return ds, num_classes
+        tr, va = _split_indices(len(ds), spec.holdout)
+        idx = _take(tr, spec.train_subset) if split == "train" else va
+        return (ds if split == "train" and len(idx) == len(ds) else Subset(ds, idx.tolist())), num_classes
+    raise DataError(f"data.name must be 'fashion_mnist' or 'imagefolder', got {spec.name!r}")
 
 
 def num_classes_of(spec: DataSpec) -> int:
@@ -164,13 +322,19 @@ def num_classes_of(spec: DataSpec) -> int:
 
 
 def loader(ds: Dataset, batch_size: int, train: bool, epoch_seed: Optional[int], num_workers: int = 0,
-           rank: int = 0, world: int = 1) -> torch.utils.data.DataLoader:
-    """Training loaders shuffle with a per-epoch seed (DistributedSampler.set_epoch), so an epoch's order does not
-    depend on what ran before it; that makes resume from checkpoint-last bit-identical."""
+           rank: int = 0, world: int = 1, seed: int = 0):
+    """One epoch's batches. Training shuffles with (seed, epoch) (DistributedSampler.set_epoch), so an epoch's order
+    does not depend on what ran before it (resume from checkpoint-last is bit-identical) and the same seed gives the
+    same order in every row. Evaluation (train=False) gives rank r of w every w-th image, in order, nothing dropped."""
+    if isinstance(ds, TensorImages):
+        return TensorBatches(ds, batch_size, train, epoch_seed or 0, seed, rank, world)
+    if not train:
+        shard = Subset(ds, list(range(rank, len(ds), world)))
+        return torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     from torch.utils.data.distributed import DistributedSampler
-    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=train, seed=0, drop_last=train)
+    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
     if epoch_seed is not None:
         sampler.set_epoch(epoch_seed)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=train,
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True,
                                        num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                                        persistent_workers=False)

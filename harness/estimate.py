@@ -62,7 +62,7 @@ def _world(cfg) -> int:
     return gpus * (int(la.nodes or 1) if la.name == "slurm" else 1)
 
 
-def _dataset_sizes(data: dict) -> Tuple[int, int, str]:
+def _dataset_sizes(data: dict) -> Tuple[int, int, int, str]:
     note = ""
     if data["name"] == "fashion_mnist":
         full = FASHION_MNIST_SIZES
@@ -77,9 +77,10 @@ def _dataset_sizes(data: dict) -> Tuple[int, int, str]:
                 note = f"image counts read from {root}"
         except OSError:
             pass
-    train = min(full["train"], data.get("train_subset") or full["train"])
-    val = min(full["val"], data.get("val_subset") or full["val"])
-    return train, val, note
+    holdout = int(data.get("holdout") or 0)
+    train = min(full["train"] - holdout, data.get("train_subset") or full["train"])
+    test = min(full["val"], data.get("test_subset") or full["val"])
+    return train, holdout, test, note
 
 
 class _Index:
@@ -228,14 +229,15 @@ def estimate_details(plan, cfg, bench_dir: Optional[str | Path] = None) -> dict:
                             f"measurements of {', '.join(sorted({r['device']['key'] for r in results}))}")
     idx = _Index(results)
     out["files"] = idx.files
-    n_train, n_val, size_note = _dataset_sizes(plan.stages[next(iter(plan.stages))].spec["data"]
+    n_train, n_holdout, n_test, size_note = _dataset_sizes(plan.stages[next(iter(plan.stages))].spec["data"]
                                                if plan.stages else {"name": "fashion_mnist"})
     if size_note:
         out["notes"].append(size_note)
     workers = int(cfg.run.num_workers or 0)
     threads = int(cfg.run.threads or 0) if dev_type == "cpu" else 0
     twins = _finished(Path(plan.root))
-    per_device_val = math.ceil(n_val / world)
+    per_device_val = math.ceil(n_holdout / world)  # per-epoch monitoring of a fine-tune (validation split)
+    per_device_test = math.ceil(n_test / world)  # the evaluation stage
     counts = {"measured": 0, "scaled": 0, "twin": 0, "batch": 0, "none": 0}
     for sid, stage in plan.stages.items():
         spec = stage.spec
@@ -266,7 +268,7 @@ def estimate_details(plan, cfg, bench_dir: Optional[str | Path] = None) -> dict:
         else:
             epochs = 1
             data_spi, dn = idx.pipeline("eval", img)
-            parts.append((_step_spec(spec, "eval", spec["eval_batch_size"], n_cls), per_device_val, data_spi))
+            parts.append((_step_spec(spec, "eval", spec["eval_batch_size"], n_cls), per_device_test, data_spi))
         total, known = 0.0, True
         detail = []
         for st, images, d_spi in parts:

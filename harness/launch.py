@@ -20,7 +20,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import submitit
 from omegaconf import DictConfig, OmegaConf
@@ -33,18 +33,25 @@ ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZI
 
 
 class StageJob(submitit.helpers.Checkpointable):
-    """The callable a job runs. checkpoint() (inherited) resubmits the same callable; the stage itself resumes from
-    its checkpoint-last, so a requeued job loses at most the epoch it was in."""
+    """The callable a job runs: one stage, or a chain of stages run one after the other in the same process (a
+    row's pre-train -> fine-tune -> evaluate: one Python start-up and one queue wait instead of three, and no
+    evaluation queued as its own multi-GPU job). checkpoint() (inherited) resubmits the same callable; a finished
+    stage returns its stored result at once and an unfinished one resumes from its checkpoint-last, so a requeued job
+    loses at most the epoch it was in."""
 
     def __init__(self, stage_id: str, spec: dict, run_dir: str, inputs: Dict[str, str], runtime: dict,
-                 distributed: bool = False):
+                 distributed: bool = False, then: Optional[List[tuple]] = None):
         self.stage_id, self.spec, self.run_dir = stage_id, spec, run_dir
         self.inputs, self.runtime, self.distributed = inputs, runtime, distributed
+        self.then = list(then or [])  # (stage_id, spec, run_dir, inputs) of the stages chained after this one
 
     def __call__(self) -> dict:
         if self.distributed:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        return run_stage(self.spec, self.run_dir, self.inputs, self.runtime, self.stage_id)
+        result = run_stage(self.spec, self.run_dir, self.inputs, self.runtime, self.stage_id)
+        for sid, spec, run_dir, inputs in self.then:
+            run_stage(spec, run_dir, inputs, self.runtime, sid)
+        return result
 
 
 class DriverLocked(RuntimeError):
@@ -98,9 +105,27 @@ def _runtime(cfg: DictConfig) -> dict:
     return out
 
 
-def _job(plan: Plan, stage: Stage, cfg: DictConfig, distributed: bool) -> StageJob:
+def _job(plan: Plan, stage: Stage, cfg: DictConfig, distributed: bool, then: Sequence[Stage] = ()) -> StageJob:
     return StageJob(stage.id, stage.spec, str(plan.dir(stage.id)), plan.input_paths(stage), _runtime(cfg),
-                    distributed)
+                    distributed, [(t.id, t.spec, str(plan.dir(t.id)), plan.input_paths(t)) for t in then])
+
+
+def chain_from(plan: Plan, first: Stage, state: Dict[str, str], busy: set) -> List[Stage]:
+    """The stages one job runs, starting with `first` (ready): then, repeatedly, the first stage in graph order that
+    consumes the chain's last stage, is still to do and not in flight (`busy`), and needs nothing outside the chain
+    that is not done. An evaluation follows its fine-tune; a pre-train with two consumers (the MAE baseline feeds
+    the MAE and the KD rows) takes one along and leaves the other to a job of its own, which starts as soon as the
+    pre-train's result appears."""
+    chain, ids = [first], {first.id}
+    while True:
+        last = chain[-1].id
+        nxt = next((st for sid, st in plan.stages.items()
+                    if sid not in ids and sid not in busy and state.get(sid) == "todo" and last in plan.deps(st)
+                    and all(d in ids or state.get(d) == "done" for d in plan.deps(st))), None)
+        if nxt is None:
+            return chain
+        chain.append(nxt)
+        ids.add(nxt.id)
 
 
 class Progress:
@@ -255,20 +280,23 @@ def _attach(plan: Plan, sid: str):
 
 
 def _run_jobs(plan: Plan, cfg: DictConfig, ex: submitit.AutoExecutor, slurm: bool) -> Dict[str, str]:
-    """Submit every stage whose inputs are done (at most launcher.max_parallel jobs at once, 0 = no limit; on
-    Slurm a wave goes out as one job array), poll, repeat."""
+    """Submit every stage whose inputs are done, each with the stages chained after it (launcher.chain), at most
+    launcher.max_parallel jobs at once (0 = no limit; on Slurm a wave goes out as one job array), poll, repeat."""
     prog = Progress(plan)
     limit = cfg.launcher.max_parallel
     distributed = cfg.launcher.nodes * max(1, cfg.launcher.gpus_per_node) > 1
-    running: Dict[str, object] = {}
+    running: Dict[str, object] = {}  # first stage of a job -> the job
+    members: Dict[str, List[str]] = {}  # first stage of a job -> every stage the job runs, in order
     for sid in plan.stages:
-        if prog.state[sid] != "done":
+        if prog.state[sid] != "done" and not any(sid in m for m in members.values()):
             job = _attach(plan, sid) if slurm else None
-            if job is not None:
-                running[sid] = job
-                prog.set(sid, "re-attached", f"(job {job.job_id})")
+            if job is not None:  # a chain's stages share the job: attach them together
+                group = [o for o in plan.stages if prog.state[o] != "done" and _job_id(plan, o) == str(job.job_id)]
+                running[sid], members[sid] = job, group or [sid]
+                for o in members[sid]:
+                    prog.set(o, "re-attached", f"(job {job.job_id})")
     try:
-        _drive(plan, cfg, ex, prog, running, limit, distributed)
+        _drive(plan, cfg, ex, prog, running, members, limit, distributed)
     except BaseException:
         if not slurm:  # local jobs die with their driver; Slurm jobs go on and are re-attached by the next one
             for job in running.values():
@@ -277,19 +305,29 @@ def _run_jobs(plan: Plan, cfg: DictConfig, ex: submitit.AutoExecutor, slurm: boo
     return dict(prog.state)
 
 
-def _drive(plan: Plan, cfg: DictConfig, ex, prog: Progress, running: Dict[str, object], limit: int,
-           distributed: bool) -> None:
+def _job_id(plan: Plan, sid: str) -> Optional[str]:
+    try:
+        return str(json.loads((plan.dir(sid) / JOB_FILE).read_text())["job_id"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _drive(plan: Plan, cfg: DictConfig, ex, prog: Progress, running: Dict[str, object],
+           members: Dict[str, List[str]], limit: int, distributed: bool) -> None:
+    chain = bool(cfg.launcher.get("chain", True))
     while True:
+        busy = {m for ms in members.values() for m in ms}
         ready: List[Stage] = []
         for sid, stage in plan.stages.items():
-            if prog.state[sid] in ("done", "failed", "blocked") or sid in running:
+            if prog.state[sid] in ("done", "failed", "blocked") or sid in busy:
                 continue
             dep = prog.blocked_by_failure(stage)
             holder = lock_holder(plan.dir(sid))
             if dep:
                 prog.set(sid, "blocked", f"(input {dep} failed)")
             elif holder:  # e.g. the job of a killed driver, still running: wait for it, do not start it twice
-                running[sid] = Elsewhere(plan.dir(sid), holder)
+                running[sid], members[sid] = Elsewhere(plan.dir(sid), holder), [sid]
+                busy.add(sid)
                 prog.set(sid, "re-attached", f"(running elsewhere: {holder})")
             elif all(prog.state.get(d) == "done" for d in plan.deps(stage)):
                 ready.append(stage)
@@ -297,29 +335,49 @@ def _drive(plan: Plan, cfg: DictConfig, ex, prog: Progress, running: Dict[str, o
         if limit:
             ready = ready[:max(0, limit - len(running))]
         if ready:
+            chains = []
+            for stage in ready:
+                c = chain_from(plan, stage, prog.state, busy) if chain else [stage]
+                busy.update(st.id for st in c)
+                chains.append(c)
             with ex.batch():  # on Slurm, one job array for the whole wave
-                pending = [(s, ex.submit(_job(plan, s, cfg, distributed))) for s in ready]
-            for stage, job in pending:
-                plan.dir(stage.id).mkdir(parents=True, exist_ok=True)
-                write_json({"job_id": job.job_id, "folder": str(plan.root / ".submitit" / "%j"),
-                            "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, plan.dir(stage.id) / JOB_FILE)
-                running[stage.id] = job
-                prog.set(stage.id, "submitted", f"(job {job.job_id})")
+                pending = [(c, ex.submit(_job(plan, c[0], cfg, distributed, c[1:]))) for c in chains]
+            for c, job in pending:
+                info = {"job_id": job.job_id, "folder": str(plan.root / ".submitit" / "%j"),
+                        "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "chain": [st.id for st in c]}
+                for st in c:
+                    plan.dir(st.id).mkdir(parents=True, exist_ok=True)
+                    write_json(info, plan.dir(st.id) / JOB_FILE)
+                running[c[0].id], members[c[0].id] = job, [st.id for st in c]
+                prog.set(c[0].id, "submitted", f"(job {job.job_id})" + (
+                    f", then {', '.join(st.id for st in c[1:])} in the same job" if len(c) > 1 else ""))
         if not running:
             break
         time.sleep(cfg.launcher.poll_s)
-        for sid, job in list(running.items()):
+        for first, job in list(running.items()):
+            for sid in members[first]:  # stages of a chain finish one by one: their consumers may start now
+                if prog.state[sid] != "done" and plan.status(sid) == "done":
+                    prog.set(sid, "done")
             if not job.done():
                 continue
-            del running[sid]
-            if plan.status(sid) == "done":
-                prog.set(sid, "done")
-            elif isinstance(job, Elsewhere) and plan.status(sid) != "failed":
-                prog.set(sid, "todo", f"(the run by {job.job_id} stopped without a result; resubmitting)")
-            else:
+            del running[first]
+            chain_ids = members.pop(first)
+            failed = None
+            for sid in chain_ids:
+                if prog.state[sid] == "done" or plan.status(sid) == "done":
+                    if prog.state[sid] != "done":
+                        prog.set(sid, "done")
+                    continue
+                if failed is not None:  # each chained stage consumes the one before it
+                    prog.set(sid, "blocked", f"(input {failed} failed)")
+                    continue
+                if isinstance(job, Elsewhere) and plan.status(sid) != "failed":
+                    prog.set(sid, "todo", f"(the run by {job.job_id} stopped without a result; resubmitting)")
+                    continue
                 try:
                     job.result()
                     detail = "the job ended without a result"
                 except Exception as e:
                     detail = _failure_detail(plan, sid, job) or str(e).splitlines()[0]
                 prog.set(sid, "failed", detail)
+                failed = sid

@@ -39,7 +39,11 @@ PRESETS: Dict[str, Arch] = {
     "vit_base": Arch(768, 12, 12),
     "vit_large": Arch(1024, 24, 16),
     "vit_huge": Arch(1280, 32, 16),
-    # CPU-sized ViTs for Fashion-MNIST (28x28, patch 4 -> 49 tokens)
+    # CPU-sized ViTs for Fashion-MNIST (28x28, patch 4 -> 49 tokens), named by width (w), depth (d) and decoder.
+    # The tiny profile's teacher (~1.2M encoder parameters) and student (~0.2M): 6x, as ViT-L/ViT-B is 3.5x.
+    "vit_w128d6_dec64d1": Arch(128, 6, 4, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2),
+    "vit_w64d4_dec64d1": Arch(64, 4, 2, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2),
+    "vit_w32d3_dec32d1": Arch(32, 3, 2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2),
     "vit_micro": Arch(192, 6, 3, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
     "vit_nano": Arch(96, 4, 3, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
     "vit_pico": Arch(48, 3, 3, decoder_embed_dim=48, decoder_depth=1, decoder_num_heads=3),

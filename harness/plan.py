@@ -125,9 +125,13 @@ class _Builder:
                       {}, cell)
         if need == "pretrained":
             return pt
-        return self.add("finetune", "teacher-finetune", f"teacher-finetune-{tag}-e{fin['epochs']}",
-                        {"model": t["model"], "finetune": fin, "kd": None, "seed": self.cfg.seed},
-                        {"init": pt}, cell)
+        ft = self.add("finetune", "teacher-finetune", f"teacher-finetune-{tag}-e{fin['epochs']}",
+                      {"model": t["model"], "finetune": fin, "kd": None, "seed": self.cfg.seed}, {"init": pt}, cell)
+        # the fine-tuned teacher's test top-1, for the report (a teacher that distils must itself be good)
+        self.add("evaluate", "teacher-evaluate", f"teacher-evaluate-{tag}-e{fin['epochs']}",
+                 {"model": t["model"], "eval_batch_size": fin["eval_batch_size"], "seed": self.cfg.seed},
+                 {"model": ft}, cell)
+        return ft
 
     def cell(self, key: str, row: DictConfig, seed: int) -> Cell:
         cfg, where, c = self.cfg, f"rows.{key}", (key, seed)

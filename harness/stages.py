@@ -32,7 +32,7 @@ from typing import Dict, Optional
 import torch
 
 from .checkpoints import atomic_save, encoder_to_classifier, load_weights, safe_load, state_dict_of, DECODER_KEYS
-from .data import DataSpec, build_dataset, eval_transform, finetune_transform, pretrain_transform
+from .data import Aug, DataSpec, build_dataset
 from .models import build_classifier, build_mae, get_arch
 from .train import NonFiniteLoss, Runtime, Schedule, evaluate_classifier, fit, seed_all, setup_runtime
 
@@ -111,7 +111,7 @@ def pretrain(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, sta
                                   teacher_mode=d["teacher_mode"], **mae_kwargs)
     else:
         raise ValueError(f"pre-training objective must be 'mae' or 'dmae', got {spec['objective']!r}")
-    train_ds, _ = build_dataset(data, "train", pretrain_transform(data.img_size))
+    train_ds, _ = build_dataset(data, "train", Aug("pretrain", data.img_size, crop_min=p.get("crop_min", 0.2)))
     # MAE/DMAE pre-training (optim_factory.add_weight_decay, no skip list): no decay on biases and 1-D (norm) params
     # only; cls_token and mask_token are decayed, pos_embeds are frozen.
     groups = param_groups_weight_decay(model, p["weight_decay"])
@@ -132,8 +132,11 @@ def finetune(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, sta
 
     f, data = spec["finetune"], _data(spec)
     seed_all(spec["seed"])
-    train_ds, num_classes = build_dataset(data, "train", finetune_transform(data.img_size, f["randaug"], f["reprob"]))
-    val_ds, _ = build_dataset(data, "val", eval_transform(data.img_size, data.eval_crop_pct))
+    train_ds, num_classes = build_dataset(data, "train", Aug("finetune", data.img_size, crop_min=f.get("crop_min", 0.08),
+                                                             randaug=f["randaug"], reprob=f["reprob"]))
+    # per-epoch monitoring reads the validation split carved out of the training images, never the test split
+    val_ds = build_dataset(data, "val", Aug("eval", data.img_size, crop_pct=data.eval_crop_pct))[0] \
+        if data.holdout else None
     model = build_classifier(get_arch(spec["model"]["preset"]), num_classes, drop_path=f["drop_path"], **_img(spec))
     if inputs.get("init"):
         sd = encoder_to_classifier(state_dict_of(safe_load(inputs["init"])))
@@ -149,27 +152,33 @@ def finetune(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, sta
         objective = ClassifyObjective(num_classes, **mix)
     groups = param_groups_layer_decay(model, f["weight_decay"], no_weight_decay_list=model.no_weight_decay(),
                                       layer_decay=f["layer_decay"])
-    eval_fn = lambda m: evaluate_classifier(m, val_ds, f["eval_batch_size"], rt)  # noqa: E731
+    def eval_fn(m) -> dict:
+        r = evaluate_classifier(m, val_ds, f["eval_batch_size"], rt)
+        return {"val_top1": r["top1"], "val_top5": r["top5"], "n_val": r["n_eval"]}
     res = fit(model=model, objective=objective, param_groups=groups, dataset=train_ds, schedule=_schedule(f),
               run_dir=run_dir, spec_hash=spec_hash(spec), seed=spec["seed"], rt=rt, name=spec["name"],
-              eval_fn=eval_fn)
+              eval_fn=eval_fn if val_ds is not None else None)
     if rt.is_main:
         _save_model(model, spec, stage_id, run_dir)
-    best = max(res.history, key=lambda r: r["top1"])
     last = res.history[-1]
-    return {"best_top1": best["top1"], "best_epoch": best["epoch"], "last_top1": last["top1"],
-            "last_top5": last["top5"], "final_loss": last["loss"], "train_s": res.train_seconds,
-            "images_per_s": res.images_per_s, "resumed_from_epoch": res.resumed_from_epoch,
-            "earlier_attempts_s": res.earlier_seconds, "epochs": f["epochs"], "num_classes": num_classes,
-            "train_images": len(train_ds)}
+    out = {"final_loss": last["loss"], "train_s": res.train_seconds, "images_per_s": res.images_per_s,
+           "resumed_from_epoch": res.resumed_from_epoch, "earlier_attempts_s": res.earlier_seconds,
+           "epochs": f["epochs"], "num_classes": num_classes, "train_images": len(train_ds)}
+    if val_ds is not None:  # validation split: monitoring only (the reported number is the evaluate stage's test top-1)
+        best = max(res.history, key=lambda r: r["val_top1"])
+        out.update(best_val_top1=best["val_top1"], best_epoch=best["epoch"], last_val_top1=last["val_top1"],
+                   last_val_top5=last["val_top5"], n_val=last["n_val"],
+                   last_epoch_gain=last["val_top1"] - res.history[-2]["val_top1"] if len(res.history) > 1 else None)
+    return out
 
 
 def evaluate(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, stage_id: str) -> dict:
     data = _data(spec)
-    val_ds, num_classes = build_dataset(data, "val", eval_transform(data.img_size, data.eval_crop_pct))
+    test_ds, num_classes = build_dataset(data, "test", Aug("eval", data.img_size, crop_pct=data.eval_crop_pct))
     model = load_classifier(inputs["model"], spec["model"], data.img_size, num_classes).to(rt.device)
     t0 = time.perf_counter()
-    metrics = evaluate_classifier(model, val_ds, spec["eval_batch_size"], rt)
+    metrics = evaluate_classifier(model, test_ds, spec["eval_batch_size"], rt)
+    metrics["split"] = "test"
     metrics["images_per_s"] = metrics["n_eval"] / (time.perf_counter() - t0)
     return metrics
 

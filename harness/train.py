@@ -211,7 +211,7 @@ def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, s
     optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(schedule.betas))
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp == "fp16")
 
-    steps_per_epoch = len(loader(dataset, schedule.batch_size, True, 0, 0, rt.rank, rt.world))
+    steps_per_epoch = len(loader(dataset, schedule.batch_size, True, 0, 0, rt.rank, rt.world, seed=seed))
     if steps_per_epoch == 0:
         raise ValueError(f"{name}: {len(dataset)} training images give no full batch of {schedule.batch_size} "
                          f"per device on {rt.world} device(s); lower the batch size or use more data")
@@ -258,7 +258,7 @@ def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, s
     throughputs = []
     for epoch in range(start_epoch, schedule.epochs):
         train_model.train()
-        data = loader(dataset, schedule.batch_size, True, epoch, rt.num_workers, rt.rank, rt.world)
+        data = loader(dataset, schedule.batch_size, True, epoch, rt.num_workers, rt.rank, rt.world, seed=seed)
         sums: Dict[str, float] = {}
         n_steps, seen = 0, 0
         t0 = time.perf_counter()
@@ -320,11 +320,10 @@ def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, s
 
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, dataset, batch_size: int, rt: Runtime) -> Dict[str, float]:
-    """Top-1/top-5 (%) over the whole held-out split; each rank takes every world-th image, counts are summed."""
+    """Top-1/top-5 (%) over a whole split; each rank takes every world-th image, counts are summed."""
+    from .data import loader
     model.eval()
-    idx = list(range(rt.rank, len(dataset), rt.world))
-    shard = torch.utils.data.Subset(dataset, idx)
-    dl = torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=rt.num_workers)
+    dl = loader(dataset, batch_size, False, None, rt.num_workers, rt.rank, rt.world)
     counts = torch.zeros(3, dtype=torch.float64)
     for imgs, labels in dl:
         imgs, labels = imgs.to(rt.device), labels.to(rt.device)

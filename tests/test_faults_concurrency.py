@@ -23,7 +23,7 @@ from harness.stages import CONFIG_FILE, LOCK_FILE, StageLocked, lock_holder, run
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=64,
-            val_subset=32, eval_crop_pct=1.0)
+            test_subset=32, eval_crop_pct=1.0)
 RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)
 
 
@@ -114,7 +114,7 @@ def test_driver_lock_is_reentrant_in_one_process_and_exclusive_across(tmp_path):
 
 
 SMALL = ["profile=smoke", "launcher=local", "report=false", "teacher.train=false", "~rows.kd_finetuned_teacher",
-         "~rows.dmae_75", "~rows.dmae_95", "~rows.dmae_98", "data.val_subset=128", "launcher.poll_s=0.5",
+         "~rows.dmae_75", "~rows.dmae_95", "~rows.dmae_98", "data.test_subset=128", "launcher.poll_s=0.5",
          "launcher.max_parallel=1"]
 
 

@@ -18,7 +18,7 @@ from harness.train import NonFiniteLoss, Runtime, Schedule, fit
 
 RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)
 DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=64,
-            val_subset=32, eval_crop_pct=1.0)
+            test_subset=32, eval_crop_pct=1.0)
 TIMING = ("epoch_s", "images_per_s", "train_s", "wall_s", "device_hours", "finished_at", "resumed_from_epoch", "host",
           "device_name", "git_commit")
 
@@ -125,7 +125,7 @@ def test_nan_stage_is_failed_in_the_report_with_its_reason(tmp_path):
     from harness.reproduce import run_table
     args = ["profile=smoke", "launcher=debug", "report=false", f"results_root={tmp_path / 'results'}",
             "+rows.dmae_98.distill.alpha=nan", "~rows.mae", "~rows.kd_finetuned_teacher", "~rows.dmae_75",
-            "~rows.dmae_95", "data.train_subset=128", "data.val_subset=64"]
+            "~rows.dmae_95", "data.train_subset=128", "data.test_subset=64"]
     assert run_table("table2", args) == 1
     plan = build_plan(load_config("table2", args))
     cell = plan.cells[0]

@@ -11,7 +11,7 @@ from harness.models import PRESETS, build_mae
 from harness.stages import run_stage
 
 DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=64,
-            val_subset=32, eval_crop_pct=1.0)
+            test_subset=32, eval_crop_pct=1.0)
 MODEL = dict(preset="vit_femto", patch_size=4)
 TEACHER = dict(preset="vit_pico", patch_size=4)
 RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)

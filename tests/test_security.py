@@ -80,7 +80,7 @@ def test_planted_checkpoint_last_is_refused_at_resume_and_never_runs(tmp_path):
     evil_checkpoint(d / "checkpoint-last.pth", marker, {"w": torch.zeros(1)})
     spec = dict(kind="pretrain", name="pt", seed=0, objective="mae", model=dict(preset="vit_femto", patch_size=4),
                 data=dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=32,
-                          val_subset=16, eval_crop_pct=1.0),
+                          test_subset=16, eval_crop_pct=1.0),
                 pretrain=dict(epochs=1, warmup_epochs=0, batch_size=16, accum_iter=1, blr=1e-3, min_lr=0.0,
                               weight_decay=0.05, betas=[0.9, 0.95], clip_grad=None, mask_ratio=0.75,
                               visible_rounding="paper", norm_pix_loss=False))

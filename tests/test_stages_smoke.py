@@ -16,7 +16,7 @@ from harness.checkpoints import safe_load, state_dict_of
 from harness.stages import run_stage
 
 DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=256,
-            val_subset=128, eval_crop_pct=1.0)
+            test_subset=128, eval_crop_pct=1.0)
 TEACHER = dict(preset="vit_pico", patch_size=4)
 STUDENT = dict(preset="vit_femto", patch_size=4)
 RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)

@@ -1,0 +1,78 @@
+"""Tuning runs that can only see the validation split.
+
+    python -m harness.tune table2 --record recipes/profile/tiny-tuning.csv --trial ft-lr2e-3 \
+        profile=tiny '~rows.dmae_95' finetune.blr=2e-3
+
+runs the table's pre-training and fine-tuning stages in this process (launcher=debug semantics, results under
+results_root=results/tuning unless given) and never its evaluation stages: the test split is not read. Each
+fine-tune's validation top-1 (the `holdout` images carved out of the training set) is printed and appended to the
+record (a CSV committed next to the profile: what was tried, what it gave, what it cost), so the choice of a
+profile's hyper-parameters can be retraced.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+RECORD_COLUMNS = ["when", "trial", "overrides", "stage", "role", "row_seed", "epochs", "train_images",
+                  "last_val_top1", "best_val_top1", "last_epoch_gain", "val_curve", "train_s", "git_commit"]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harness.tune", description=__doc__.split("\n")[0])
+    p.add_argument("table")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--trial", required=True, help="a name for this trial in the record")
+    p.add_argument("--record", required=True, help="CSV the trial's validation numbers are appended to")
+    args = p.parse_intermixed_args(argv)
+
+    from .config import load_config
+    from .launch import _runtime
+    from .plan import build_plan
+    from .stages import RESULT_FILE, _git_commit, run_stage
+
+    overrides = list(args.overrides)
+    if not any(o.startswith("results_root=") for o in overrides):
+        overrides.append("results_root=results/tuning")
+    cfg = load_config(args.table, overrides)
+    if not cfg.data.holdout:
+        p.error("data.holdout is 0: there is no validation split to tune on")
+    plan = build_plan(cfg)
+    rows = []
+    for sid, stage in plan.stages.items():
+        if stage.kind == "evaluate":
+            continue  # the test split is read by the final evaluation only
+        res = run_stage(stage.spec, plan.dir(sid), plan.input_paths(stage), _runtime(cfg), sid)
+        if stage.kind != "finetune":
+            continue
+        log = [json.loads(line) for line in (plan.dir(sid) / "log.jsonl").read_text().splitlines() if line.strip()]
+        rows.append({"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "trial": args.trial, "overrides": " ".join(args.overrides),
+                     "stage": stage.spec["name"], "role": stage.role,
+                     "row_seed": " ".join(f"{r}/s{s}" for r, s in stage.cells), "epochs": res["epochs"],
+                     "train_images": res["train_images"], "last_val_top1": round(res["last_val_top1"], 2),
+                     "best_val_top1": round(res["best_val_top1"], 2),
+                     "last_epoch_gain": round(res["last_epoch_gain"] or 0.0, 2),
+                     "val_curve": " ".join(f"{r['val_top1']:.1f}" for r in log),
+                     "train_s": round(json.loads((plan.dir(sid) / RESULT_FILE).read_text())["wall_s"], 1),
+                     "git_commit": (_git_commit() or "")[:10]})
+        print(f"[tune {args.trial}] {stage.spec['name']}: val top-1 last {res['last_val_top1']:.2f} "
+              f"best {res['best_val_top1']:.2f} (last-epoch gain {res['last_epoch_gain'] or 0:+.2f}); curve "
+              f"{rows[-1]['val_curve']}", flush=True)
+    record = Path(args.record)
+    new = not record.exists()
+    record.parent.mkdir(parents=True, exist_ok=True)
+    with open(record, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RECORD_COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
