@@ -230,17 +230,33 @@ def tables() -> List[str]:
 def load_config(table: str, overrides: Optional[List[str]] = None) -> DictConfig:
     """Compose recipes/<table>.yaml with command-line style overrides (hydra's compose API)."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
     from yaml import YAMLError
 
     if table not in tables():
         raise ConfigError(f"unknown table {table!r}; recipes: {', '.join(tables())}")
+    overrides = list(overrides or [])
     try:
+        for o in OverridesParser.create().parse_overrides(overrides):
+            # compose() accepts hydra.* and hydra/<group> and drops them: this harness has no hydra app to use them
+            if o.key_or_group.replace("/", ".").split(".")[0] == "hydra":
+                raise ConfigError(
+                    f"{o.input_line}: hydra's own settings (hydra.*) are not used by this harness, which composes "
+                    "the recipe with hydra but runs it itself. Use its keys: results_root=<dir> (run folders, "
+                    "default results), reports_dir=<dir> (reports, default reports), launcher=local|slurm|debug "
+                    "and launcher.* (where stages run), -m key=a,b (sweeps)")
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
-            cfg = compose(config_name=table, overrides=list(overrides or []))
+            cfg = compose(config_name=table, overrides=overrides)
     except (HydraException, OmegaConfBaseException, YAMLError) as e:
-        raise ConfigError(str(e)) from None
+        msg = str(e)
+        cause = e.__cause__ or e.__context__  # hydra's "Error merging override x=y" hides the reason here
+        reason = str(cause).strip().split("\n")[0] if cause is not None else ""
+        if reason and reason not in msg:
+            first, _, rest = msg.partition("\n")
+            msg = f"{first}: {reason}" + (f"\n{rest}" if rest else "")
+        raise ConfigError(msg) from None
     validate(cfg)
     return cfg
 

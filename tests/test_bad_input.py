@@ -37,10 +37,15 @@ BAD_CONFIG = [
     (["+launcher.partitions=gpu"], r"launcher.partitions: Key 'partitions' not in 'LauncherConfig'"),
     (["+rows.mae.seeds=3"], r"rows.mae.seeds: Key 'seeds' not in 'RowConfig'"),
     (["pretrain.norm_pix_loss=maybe"], r"norm_pix_loss"),
-    (["seeds=two"], r"seeds"),
+    (["seeds=two"], r"seeds=two: Value 'two' of type 'str' could not be converted to Integer"),  # hydra's reason
     (["pretrain.effective_batch=lots"], r"effective_batch"),
     (["rows.dmae_95.pretrain.mask_ratio=high"], r"rows.dmae_95.pretrain.mask_ratio: Value 'high' of type 'str' "
                                                  r"could not be converted to Float"),
+    # accepted and then ignored, once
+    (["hydra.run.dir=outputs/x"], r"hydra.run.dir=outputs/x: hydra's own settings \(hydra.\*\) are not used by this "
+                                  r"harness.* results_root=<dir> .* reports_dir=<dir>"),
+    (["teacher.pretrained_ckpt=/ckpt/mae.pth"], r"teacher.pretrained_ckpt='/ckpt/mae.pth' is given but "
+                                                r"teacher.train=true .* would ignore that file"),
     # impossible values
     (["pretrain.mask_ratio=-0.1"], r"mask_ratio=-0.1 must be in \[0, 1\)"),
     (["pretrain.warmup_epochs=5"], r"warmup_epochs=5.0 must be within \[0, epochs\]"),
