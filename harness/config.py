@@ -139,6 +139,10 @@ class RunConfig:
     log_every: int = 20
     num_workers: int = 0
     nan_restarts: int = 0  # a non-finite loss restarts the stage from its last checkpoint this many times (logged)
+    # false: a finished stage's checkpoint-last/-prev (resume state, 2+ GB at paper scale) are deleted once its
+    # model.pth and result.json exist
+    keep_checkpoints: bool = False
+    quiet: bool = False  # driver console: only submissions, failures and the final results table (batch logs)
 
 
 @dataclass
@@ -163,6 +167,12 @@ class LauncherConfig:
     signal_delay_s: Optional[int] = None  # USR2 this many seconds before the time limit (None: submitit's default)
     # Slurm runs write sbatch scripts instead of submitting (sites without long-lived drivers)
     write_sbatch: bool = False
+    # shell lines run before each Slurm job (submitit's slurm_setup; also written into sbatch scripts), e.g.
+    # ["module load cuda", "source activate dmae"]
+    setup: List[str] = field(default_factory=list)
+    # queued Slurm jobs run a copy of the code taken at submission (submitit's RsyncSnapshot, a plain copy without
+    # rsync), not whatever the working tree holds when they start; None = true for slurm, false otherwise
+    snapshot: Optional[bool] = None
 
 
 @dataclass
