@@ -3,7 +3,8 @@ harness.plan), a run directory and the paths of its inputs' model files, and lea
 
     config.json          the merged spec, inputs and runtime
     log.jsonl            one line per epoch (losses, lr, img/s, top-1/top-5 when fine-tuning)
-    checkpoint-last.pth  resumable state, rewritten atomically every epoch (checkpoint-prev.pth: the one before)
+    checkpoint-last.pth  resumable state, rewritten atomically every epoch (checkpoint-prev.pth: the one before);
+                         both deleted once the stage is done, unless run.keep_checkpoints=true
     model.pth            final weights, official MAE layout: {'model': state_dict, 'arch': ..., 'stage_id': ...}
     result.json          written last: its presence means the stage is done
     error.json           written when the stage fails: the error, for the report
@@ -265,14 +266,15 @@ def run_stage(spec: dict, run_dir: str | Path, inputs: Dict[str, str], runtime: 
     """Run (or resume) one stage; returns its result dict. A finished stage returns its stored result at once.
 
     runtime: setup_runtime()'s arguments, plus nan_restarts (default 0): how many times a non-finite loss restarts
-    the stage from its last checkpoint (logged) before it fails."""
+    the stage from its last checkpoint (logged) before it fails, and keep_checkpoints (default false: checkpoint-*
+    files are deleted once model.pth and result.json are written)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     done = run_dir / RESULT_FILE
     if done.exists():
         return json.loads(done.read_text())
     nan_restarts = int(runtime.get("nan_restarts") or 0)
-    rt = setup_runtime(**{k: v for k, v in runtime.items() if k != "nan_restarts"})
+    rt = setup_runtime(**{k: v for k, v in runtime.items() if k not in ("nan_restarts", "keep_checkpoints")})
     with ExitStack() as stack:
         locked = None
         if rt.is_main:
@@ -333,13 +335,45 @@ def _run_locked(spec: dict, run_dir: Path, inputs: Dict[str, str], runtime: dict
               "git_commit": _git_commit(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if rt.is_main:
         write_json(result, done)
+        if not runtime.get("keep_checkpoints") and done.exists() and (run_dir / MODEL_FILE).exists():
+            remove_checkpoints(run_dir)
     return result
+
+
+def remove_checkpoints(run_dir: Path) -> int:
+    """Delete a finished stage's resume state (checkpoint-last/-prev); a checkpoint-*.corrupt set aside for inspection
+    stays. Returns the bytes freed."""
+    freed = 0
+    for p in sorted(Path(run_dir).glob("checkpoint-*.pth")):
+        if p.is_file():
+            freed += p.stat().st_size
+            p.unlink(missing_ok=True)
+    return freed
+
+
+def _requeue_on_usr2() -> None:
+    """sbatch scripts ask for USR2 before the time limit (#SBATCH --signal=USR2@N, as submitit does). Python's default
+    for USR2 is to die, which would end the job as failed; here task 0 asks Slurm to requeue the job instead (the
+    scripts carry --requeue) and the process is left to Slurm, which stops it: the requeued job resumes from
+    checkpoint-last (written every epoch), losing at most the epoch it was in."""
+    import signal
+
+    def handler(signum, frame):
+        job = os.environ.get("SLURM_ARRAY_JOB_ID") and \
+            f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}" or os.environ["SLURM_JOB_ID"]
+        if os.environ.get("SLURM_PROCID", "0") == "0":
+            print(f"[stages] USR2 (time limit near): requeueing Slurm job {job}", flush=True)
+            subprocess.run(["scontrol", "requeue", job], check=False)
+
+    if os.environ.get("SLURM_JOB_ID"):
+        signal.signal(signal.SIGUSR2, handler)
 
 
 def main() -> None:
     """Re-run a stage from its run directory's config.json (debugging aid)."""
     run_dir = Path(sys.argv[1])
     cfg = json.loads((run_dir / CONFIG_FILE).read_text())
+    _requeue_on_usr2()
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:  # srun of a multi-GPU sbatch job
         import submitit
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

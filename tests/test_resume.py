@@ -116,7 +116,7 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, teacher_path, uninterrup
     assert "Interrupted" in json.loads((tmp_path / "error.json").read_text())["error"]
     monkeypatch.undo()
 
-    res = run_stage(spec, tmp_path, inputs, RUNTIME, key)
+    res = run_stage(spec, tmp_path, inputs, dict(RUNTIME, keep_checkpoints=True), key)  # PREV is read below
     assert res["resumed_from_epoch"] == 1 and ref["resumed_from_epoch"] == 0
     assert not (tmp_path / "error.json").exists()
     assert_same_weights(ref_dir, tmp_path)
