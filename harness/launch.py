@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import time
 from contextlib import contextmanager
@@ -102,6 +103,8 @@ def _runtime(cfg: DictConfig) -> dict:
     out = dict(device=r.device, amp=r.amp, threads=r.threads, log_every=r.log_every, num_workers=r.num_workers)
     if r.get("nan_restarts"):
         out["nan_restarts"] = r.nan_restarts
+    if r.get("keep_checkpoints"):
+        out["keep_checkpoints"] = True
     return out
 
 
@@ -129,23 +132,147 @@ def chain_from(plan: Plan, first: Stage, state: Dict[str, str], busy: set) -> Li
 
 
 class Progress:
-    def __init__(self, plan: Plan):
-        self.plan = plan
+    """The driver's console: one line per state change; while jobs run, one line per new epoch of a running stage
+    ("epoch k/N" from its log.jsonl) with an ETA for the whole run (harness.estimate's figures, else the epoch times
+    seen so far). quiet (run.quiet): only submissions, failures and the final table."""
+
+    LOUD = ("submitted", "re-attached", "failed", "blocked")  # what quiet mode still prints
+
+    def __init__(self, plan: Plan, quiet: bool = False, estimates: Optional[Dict[str, float]] = None):
+        self.plan, self.quiet = plan, quiet
         # a stage that failed in an earlier run is tried again
         self.state: Dict[str, str] = {sid: "done" if plan.status(sid) == "done" else "todo" for sid in plan.stages}
         self.t0 = time.time()
+        self.estimates = dict(estimates or {})  # stage id -> wall seconds still to run when the driver started
+        self.start_epochs = {sid: epochs_logged(plan.dir(sid)) for sid in plan.stages}
+        self.shown: Dict[str, int] = {}  # stage id -> the epoch count last printed
+
+    def _print(self, msg: str) -> None:
+        n_done = sum(1 for v in self.state.values() if v == "done")
+        print(f"[reproduce {time.time() - self.t0:6.0f}s] {n_done}/{len(self.state)} done | {msg}", flush=True)
 
     def set(self, sid: str, state: str, extra: str = "") -> None:
         self.state[sid] = state
-        n_done = sum(1 for v in self.state.values() if v == "done")
-        print(f"[reproduce {time.time() - self.t0:6.0f}s] {n_done}/{len(self.state)} done | {sid}: {state}"
-              f"{' ' + extra if extra else ''}", flush=True)
+        if not self.quiet or state in self.LOUD:
+            self._print(f"{sid}: {state}{' ' + extra if extra else ''}")
+
+    def submitted(self, job) -> None:
+        """Hook: where the job's console output goes (submitit's stdout log)."""
+        paths = getattr(job, "paths", None)
+        if paths is not None:
+            print(f"    log: {paths.stdout}", flush=True)
+
+    def poll(self, running: Dict[str, object], members: Dict[str, List[str]]) -> None:
+        """Hook, once per poll: "epoch k/N" of each running job's current stage when it changed, with the ETA."""
+        for first in running:
+            sid = next((m for m in members.get(first, [first]) if self.state.get(m) != "done"), None)
+            if sid is None or sid not in self.plan.stages:
+                continue
+            n = stage_epochs(self.plan.stages[sid].spec)
+            k = epochs_logged(self.plan.dir(sid))
+            if n is None or k == self.shown.get(sid, 0):
+                continue
+            self.shown[sid] = k
+            if not self.quiet:
+                eta = self.eta_s(max(1, len(running)))
+                self._print(f"{sid}: epoch {k}/{n}" + (f", run ETA ~{_human(eta)}" if eta is not None else ""))
+
+    def _remaining_s(self, sid: str, seen: Dict[str, List[float]]) -> Optional[float]:
+        spec = self.plan.stages[sid].spec
+        n, k = stage_epochs(spec), epochs_logged(self.plan.dir(sid))
+        est = self.estimates.get(sid)
+        if est is not None:
+            if n is None:
+                return est
+            left0 = max(1, n - self.start_epochs.get(sid, 0))
+            return est * max(0, n - k) / left0
+        if n is None:  # an evaluation: short next to training
+            return 0.0
+        times = seen.get(spec["kind"])
+        return None if not times else sum(times) / len(times) * max(0, n - k)
+
+    def eta_s(self, parallel: int = 1) -> Optional[float]:
+        """Seconds left for every stage not done, divided over the jobs running side by side; None when unknown."""
+        seen: Dict[str, List[float]] = {}
+        if set(self.estimates) < {s for s, v in self.state.items() if v not in ("done", "failed", "blocked")}:
+            for sid, st in self.plan.stages.items():  # observed epoch times, per stage kind
+                seen.setdefault(st.kind, []).extend(epoch_times(self.plan.dir(sid)))
+        total = 0.0
+        for sid, v in self.state.items():
+            if v in ("done", "failed", "blocked"):
+                continue
+            r = self._remaining_s(sid, seen)
+            if r is None:
+                return None
+            total += r
+        return total / max(1, parallel)
 
     def blocked_by_failure(self, stage: Stage) -> Optional[str]:
         for dep in self.plan.deps(stage):
             if self.state.get(dep) in ("failed", "blocked"):
                 return dep
         return None
+
+
+def _human(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _log_lines(run_dir: Path) -> List[dict]:
+    out = []
+    try:
+        text = (Path(run_dir) / "log.jsonl").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line being written right now
+            continue
+    return out
+
+
+def epochs_logged(run_dir: Path) -> int:
+    """Epochs a stage has finished: complete lines of its log.jsonl."""
+    return len(_log_lines(run_dir))
+
+
+def epoch_times(run_dir: Path) -> List[float]:
+    return [float(r["epoch_s"]) for r in _log_lines(run_dir) if isinstance(r.get("epoch_s"), (int, float))]
+
+
+def stage_epochs(spec: dict) -> Optional[int]:
+    """The configured epochs of a training stage (None for an evaluation)."""
+    section = spec.get(spec.get("kind", ""))
+    if isinstance(section, dict) and section.get("epochs") is not None:
+        return int(section["epochs"])
+    return None
+
+
+def _top1(plan: Plan, sid: Optional[str]) -> str:
+    if not sid or sid not in plan.stages:
+        return "-"
+    try:
+        return f"{float(json.loads((plan.dir(sid) / RESULT_FILE).read_text())['top1']):.2f}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "failed" if (plan.dir(sid) / ERROR_FILE).exists() else "-"
+
+
+def results_table(plan: Plan) -> str:
+    """The run's numbers: row, seed, test top-1 of its evaluate stage and of its teacher (the 'teacher-evaluate'
+    stage serving the same cell); '-' when not there, 'failed' when the stage failed."""
+    teachers = {}
+    for st in plan.stages.values():
+        if st.role == "teacher-evaluate":
+            for cell in st.cells:
+                teachers[tuple(cell)] = st.id
+    rows = [(c.row, str(c.seed), _top1(plan, c.evaluate), _top1(plan, teachers.get((c.row, c.seed))))
+            for c in plan.cells]
+    head = ("row", "seed", "top-1", "teacher top-1")
+    w = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+    fmt = lambda r: "  ".join(x.ljust(w[i]) if i == 0 else x.rjust(w[i]) for i, x in enumerate(r))
+    return "\n".join([f"results: {plan.table} ({plan.profile}), test top-1 %", fmt(head), *map(fmt, rows)])
 
 
 def _failure_detail(plan: Plan, sid: str, job=None) -> str:
@@ -210,13 +337,29 @@ def execute(plan: Plan, cfg: DictConfig) -> Dict[str, str]:
         reuse_finished(plan)
         name = cfg.launcher.name
         if name == "debug":
-            return _run_in_process(plan, cfg)
-        ex = slurm_executor(plan, cfg) if name == "slurm" else local_executor(plan, cfg)
-        return _run_jobs(plan, cfg, ex, slurm=name == "slurm")
+            states = _run_in_process(plan, cfg)
+        else:
+            ex = slurm_executor(plan, cfg) if name == "slurm" else local_executor(plan, cfg)
+            states = _run_jobs(plan, cfg, ex, slurm=name == "slurm")
+        print(results_table(plan), flush=True)
+        return states
+
+
+def _quiet(cfg: DictConfig) -> bool:
+    return bool(cfg.run.get("quiet", False))
+
+
+def _estimates(plan: Plan, cfg: DictConfig) -> Dict[str, float]:
+    """--dry-run's per-stage estimates, for the ETA ({} when none: the ETA then comes from observed epoch times)."""
+    try:
+        from .estimate import estimate_plan
+        return estimate_plan(plan, cfg, verbose=False)
+    except Exception:
+        return {}
 
 
 def _run_in_process(plan: Plan, cfg: DictConfig) -> Dict[str, str]:
-    prog = Progress(plan)
+    prog = Progress(plan, quiet=_quiet(cfg))
     for sid, stage in plan.stages.items():
         if prog.state[sid] == "done":
             continue
@@ -245,6 +388,40 @@ def local_executor(plan: Plan, cfg: DictConfig) -> submitit.LocalExecutor:
     return ex
 
 
+def snapshot_wanted(cfg: DictConfig) -> bool:
+    snap = cfg.launcher.get("snapshot")
+    return cfg.launcher.name == "slurm" if snap is None else bool(snap)
+
+
+def code_snapshot(parent: Path) -> Path:
+    """A copy of this repository's code in parent/<time>, for jobs that start later: submitit's RsyncSnapshot (the
+    tracked files as they are in the working tree, plus untracked files git does not ignore), or, without rsync or
+    git, a plain copy of the Python packages. Jobs import it first via PYTHONSAFEPATH=1 and PYTHONPATH=<copy> (the
+    job's working directory, the submission one, is then not put before it)."""
+    import subprocess
+    repo = Path(__file__).resolve().parent.parent
+    dest = Path(parent) / time.strftime("%Y%m%d-%H%M%S")
+    n = 0
+    while dest.exists():
+        n += 1
+        dest = Path(parent) / f"{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    try:
+        if not submitit.helpers.RsyncSnapshot.available():
+            raise RuntimeError("rsync not found")
+        untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=repo, check=True,
+                                   capture_output=True, text=True).stdout.split()
+        snap = submitit.helpers.RsyncSnapshot(dest, root_dir=repo, include=untracked)
+        with snap:  # copies, and chdir's into the copy: back out at once (the driver keeps its own paths)
+            pass
+    except Exception:
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        for pkg in ("harness", "baselines"):
+            if (repo / pkg).is_dir():
+                shutil.copytree(repo / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
 def slurm_executor(plan: Plan, cfg: DictConfig) -> submitit.AutoExecutor:
     la = cfg.launcher
     ex = submitit.AutoExecutor(folder=plan.root / ".submitit" / "%j", cluster="slurm",
@@ -262,6 +439,13 @@ def slurm_executor(plan: Plan, cfg: DictConfig) -> submitit.AutoExecutor:
     for key in ("partition", "account", "qos"):
         if la[key]:
             params[f"slurm_{key}"] = la[key]
+    setup = [str(x) for x in (la.get("setup") or [])]
+    if snapshot_wanted(cfg):
+        snap = code_snapshot(plan.root / ".submitit" / "code")
+        setup.append(f"export PYTHONSAFEPATH=1 PYTHONPATH={shlex.quote(str(snap))}${{PYTHONPATH:+:$PYTHONPATH}}")
+        print(f"[reproduce] queued jobs run the code snapshot {snap}", flush=True)
+    if setup:
+        params["slurm_setup"] = setup
     ex.update_parameters(**params)
     return ex
 
@@ -282,7 +466,7 @@ def _attach(plan: Plan, sid: str):
 def _run_jobs(plan: Plan, cfg: DictConfig, ex: submitit.AutoExecutor, slurm: bool) -> Dict[str, str]:
     """Submit every stage whose inputs are done, each with the stages chained after it (launcher.chain), at most
     launcher.max_parallel jobs at once (0 = no limit; on Slurm a wave goes out as one job array), poll, repeat."""
-    prog = Progress(plan)
+    prog = Progress(plan, quiet=_quiet(cfg), estimates=_estimates(plan, cfg))
     limit = cfg.launcher.max_parallel
     distributed = cfg.launcher.nodes * max(1, cfg.launcher.gpus_per_node) > 1
     running: Dict[str, object] = {}  # first stage of a job -> the job
@@ -351,9 +535,11 @@ def _drive(plan: Plan, cfg: DictConfig, ex, prog: Progress, running: Dict[str, o
                 running[c[0].id], members[c[0].id] = job, [st.id for st in c]
                 prog.set(c[0].id, "submitted", f"(job {job.job_id})" + (
                     f", then {', '.join(st.id for st in c[1:])} in the same job" if len(c) > 1 else ""))
+                prog.submitted(job)
         if not running:
             break
         time.sleep(cfg.launcher.poll_s)
+        prog.poll(running, members)
         for first, job in list(running.items()):
             for sid in members[first]:  # stages of a chain finish one by one: their consumers may start now
                 if prog.state[sid] != "done" and plan.status(sid) == "done":

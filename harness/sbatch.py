@@ -5,7 +5,10 @@
 
 Each stage gets `<stage dir>/config.json` (what it runs) and `sbatch/<stage id>.sbatch`, which runs
 `srun python -m harness.stages <stage dir>`. Dependencies are Slurm's (`--dependency=afterok:<input job ids>`);
-`--requeue` lets a preempted job come back, and the stage resumes from its checkpoint-last. After the jobs end,
+`--requeue` lets a preempted job come back, and the stage resumes from its checkpoint-last;
+`--signal=USR2@<launcher.signal_delay_s or 90>` warns a job before its time limit, and harness.stages then requeues it
+(scontrol requeue) instead of being killed as failed. launcher.setup lines run first; with launcher.snapshot (default
+on for slurm) the scripts run a copy of the code taken when they were written, not the working tree of later. After the jobs end,
 `python -m harness.report <table> --profile <profile>` writes the report.
 """
 from __future__ import annotations
@@ -26,7 +29,8 @@ def _directives(cfg: DictConfig, stage_id: str, log_dir: Path) -> List[str]:
     tasks = max(1, la.gpus_per_node)
     lines = [f"--job-name={stage_id[:60]}", f"--output={log_dir}/%j.out", f"--error={log_dir}/%j.err",
              f"--time={la.timeout_min}", f"--nodes={la.nodes}", f"--ntasks-per-node={tasks}",
-             f"--cpus-per-task={la.cpus_per_task}", "--requeue"]
+             f"--cpus-per-task={la.cpus_per_task}", "--requeue",
+             f"--signal=USR2@{la.signal_delay_s if la.get('signal_delay_s') is not None else 90}"]
     if la.gpus_per_node:
         lines.append(f"--gpus-per-node={la.gpus_per_node}")
     if la.mem_gb:
@@ -45,6 +49,11 @@ def write_sbatch(plan: Plan, cfg: DictConfig, runtime: dict) -> Path:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     python = shlex.quote(sys.executable)
+    from .launch import code_snapshot, snapshot_wanted
+    setup = [str(x) for x in (cfg.launcher.get("setup") or [])]
+    if snapshot_wanted(cfg):
+        snap = code_snapshot(out / "code")
+        setup.append(f"export PYTHONSAFEPATH=1 PYTHONPATH={shlex.quote(str(snap))}${{PYTHONPATH:+:$PYTHONPATH}}")
     submit = ["#!/usr/bin/env bash", f"# {plan.table} ({plan.profile}): submit every unfinished stage in graph order.",
               "set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}", "declare -A JOB"]
     for sid, stage in plan.stages.items():
@@ -56,7 +65,8 @@ def write_sbatch(plan: Plan, cfg: DictConfig, runtime: dict) -> Path:
         write_json({"stage_id": sid, "spec": stage.spec, "inputs": plan.input_paths(stage), "runtime": runtime,
                     "spec_hash": spec_hash(stage.spec)}, run_dir / CONFIG_FILE)
         script = out / f"{sid}.sbatch"
-        script.write_text("\n".join(["#!/usr/bin/env bash", *_directives(cfg, sid, logs), "set -euo pipefail",
+        script.write_text("\n".join(["#!/usr/bin/env bash", *_directives(cfg, sid, logs), *setup,
+                                     "set -euo pipefail",
                                      f"cd {shlex.quote(str(Path.cwd()))}",
                                      f"srun {python} -m harness.stages {shlex.quote(str(run_dir))}", ""]))
         deps = [d for d in plan.deps(stage) if plan.status(d) != "done"]

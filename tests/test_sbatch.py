@@ -46,3 +46,47 @@ def test_submit_all_runs_the_table_on_slurm(slurm_cluster, tmp_path):
         time.sleep(2)
     for c in plan.cells:
         assert 0 <= json.loads((plan.dir(c.evaluate) / "result.json").read_text())["top1"] <= 100
+
+
+def test_scripts_carry_signal_setup_and_code_snapshot(tmp_path, monkeypatch):
+    monkeypatch.setattr("harness.reproduce.check_slurm", lambda partition: None)
+    args = _args(tmp_path, "launcher.signal_delay_s=120", "launcher.setup=[module load cuda,source activate dmae]")
+    assert run_table("schedule", args) == 0
+    plan = build_plan(load_config("schedule", _args(tmp_path)))
+    snaps = list((plan.root / "sbatch" / "code").iterdir())
+    assert len(snaps) == 1 and (snaps[0] / "harness" / "stages.py").is_file()
+    for sid in plan.stages:
+        lines = (plan.root / "sbatch" / f"{sid}.sbatch").read_text().splitlines()
+        assert lines.index("#SBATCH --signal=USR2@120") == lines.index("#SBATCH --requeue") + 1
+        setup = lines.index("module load cuda")
+        assert lines[setup + 1] == "source activate dmae" and setup < lines.index("set -euo pipefail")
+        assert f"export PYTHONSAFEPATH=1 PYTHONPATH={snaps[0]}${{PYTHONPATH:+:$PYTHONPATH}}" in lines
+
+
+def test_default_signal_and_no_snapshot(tmp_path, monkeypatch):
+    monkeypatch.setattr("harness.reproduce.check_slurm", lambda partition: None)
+    assert run_table("schedule", _args(tmp_path, "launcher.snapshot=false")) == 0
+    plan = build_plan(load_config("schedule", _args(tmp_path)))
+    script = (plan.root / "sbatch" / f"{next(iter(plan.stages))}.sbatch").read_text()
+    assert "#SBATCH --signal=USR2@90" in script and "PYTHONPATH" not in script
+    assert not (plan.root / "sbatch" / "code").exists()
+
+
+def test_usr2_requeues_the_slurm_job(monkeypatch):
+    import os
+    import signal
+
+    import harness.stages as stages
+    calls = []
+    monkeypatch.setattr(stages.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    old = signal.getsignal(signal.SIGUSR2)
+    try:
+        stages._requeue_on_usr2()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.1)
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    assert calls == [["scontrol", "requeue", "4242"]]
