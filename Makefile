@@ -1,6 +1,8 @@
-# Two commands do all the set-up on a fresh machine (Debian 12, Python 3.11, root for apt-get):
+# Two commands do all the set-up on a fresh machine (Debian 12, Python 3.11, make, python3-venv, git; root for apt-get):
 #   make reproduce   -> venv + packages + Fashion-MNIST, then `python -m harness.reproduce table2` (tiny profile)
-#   make test        -> the same set-up + a local Slurm cluster, then the test suite
+#   make test        -> the same set-up + the Debian packages of a Slurm test cluster (slurmctld slurmd slurm-client
+#                       munge slurmdbd mariadb-server), then the test suite, which starts that cluster under
+#                       $(SLURM_PREFIX) with its own config (SLURM_CONF), daemons and database; /etc is not written
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,8 +11,11 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# The Slurm test cluster's prefix (config, state, logs, its own munged and MariaDB): harness/slurm_local.sh
+SLURM_PREFIX ?= /var/tmp/harness-slurm
+SLURM_ENV := HARNESS_SLURM_PREFIX=$(SLURM_PREFIX) SLURM_CONF=$(SLURM_PREFIX)/etc/slurm.conf
 
-.PHONY: reproduce test test-fast data venv slurm bench
+.PHONY: reproduce test test-fast data venv slurm slurm-stop bench
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -27,11 +32,14 @@ $(FASHION):
 slurm:
 	$(SUDO) bash harness/slurm_local.sh install
 
+slurm-stop:
+	$(SUDO) $(SLURM_ENV) bash harness/slurm_local.sh stop
+
 reproduce: venv data
 	$(PY) -m harness.reproduce table2
 
 test: venv data slurm
-	HARNESS_REQUIRE_SLURM=1 $(PY) -m pytest
+	$(SLURM_ENV) HARNESS_REQUIRE_SLURM=1 $(PY) -m pytest
 
 test-fast: venv data
 	$(PY) -m pytest -m "not slow and not slurm"

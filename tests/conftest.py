@@ -41,5 +41,14 @@ def slurm_cluster():
         if required:
             pytest.fail(msg)
         pytest.skip(msg)
+    # The test cluster has its own config (under $HARNESS_SLURM_PREFIX): every sbatch/squeue/sacct/scontrol the tests
+    # and submitit run, and the jobs they submit, must read it, never the machine's /etc/slurm/slurm.conf.
+    before = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = subprocess.run(["bash", SLURM_SCRIPT, "conf"], capture_output=True, text=True,
+                                              check=True).stdout.strip()
     yield
     subprocess.run(["bash", SLURM_SCRIPT, "stop"], capture_output=True, text=True, timeout=300)
+    if before is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = before

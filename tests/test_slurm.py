@@ -1,7 +1,12 @@
 """The smoke table through a real Slurm (harness/slurm_local.sh), and preemption: a stage interrupted by submitit
-(USR2, as on preemption/timeout) is requeued and resumes from checkpoint-last with the same final weights."""
+(USR2, as on preemption/timeout) is requeued and resumes from checkpoint-last with the same final weights. The test
+cluster is self-contained: starting it leaves /etc byte-identical, and a second one is refused beside it."""
 import json
+import os
+import re
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +19,7 @@ from harness.reproduce import PreflightError, run_table
 from harness.stages import run_stage
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
 SLURM = ["launcher=slurm", "launcher.partition=debug", "launcher.mem_gb=3", "launcher.timeout_min=15",
          "launcher.poll_s=1"]
 
@@ -68,3 +74,43 @@ def test_interrupted_stage_requeues_and_resumes_identically(slurm_cluster, tmp_p
     a = state_dict_of(safe_load(run_dir / "model.pth"))
     b = state_dict_of(safe_load(ref_dir / "model.pth"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+SCRIPT = ROOT / "harness" / "slurm_local.sh"
+ETC_FILES = [Path("/etc/slurm/slurm.conf"), Path("/etc/slurm/slurmdbd.conf"), Path("/etc/hosts"),
+             Path("/etc/munge/munge.key")]
+
+
+def _script(cmd, **env):
+    return subprocess.run(["bash", str(SCRIPT), cmd], capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, **env))
+
+
+def test_starting_the_test_cluster_leaves_etc_byte_identical(slurm_cluster):
+    """A site's /etc/slurm/slurm.conf (a dummy one here if the machine has none) is neither read nor written by the
+    test cluster: a cold start (stop, start) leaves it, slurmdbd.conf, /etc/hosts and the munge key as they were."""
+    site = ETC_FILES[0]
+    created = not site.exists()
+    if created:
+        site.parent.mkdir(parents=True, exist_ok=True)
+        site.write_text("# a site's Slurm config: the harness's test cluster must never read or write it\n"
+                        "ClusterName=not-the-test-cluster\nSlurmctldHost=elsewhere\n")
+    try:
+        before = {p: p.read_bytes() if p.exists() else None for p in ETC_FILES}
+        stopped = _script("stop")
+        assert stopped.returncode == 0, stopped.stderr
+        started = _script("start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert {p: p.read_bytes() if p.exists() else None for p in ETC_FILES} == before
+        conf = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60).stdout
+        assert re.search(r"ClusterName\s*=\s*harness", conf) and os.environ["SLURM_CONF"] in conf
+    finally:
+        if created:
+            site.unlink()
+
+
+def test_a_second_prefix_refuses_to_start_beside_this_cluster(slurm_cluster, tmp_path):
+    other = tmp_path / "other-prefix"
+    out = _script("start", HARNESS_SLURM_PREFIX=str(other))
+    assert out.returncode != 0 and "Slurm daemons this script did not start are running" in out.stderr, out.stderr
+    assert not other.exists()
