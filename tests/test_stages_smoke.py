@@ -16,7 +16,7 @@ from harness.checkpoints import safe_load, state_dict_of
 from harness.stages import run_stage
 
 DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=256,
-            test_subset=128, eval_crop_pct=1.0)
+            test_subset=128, holdout=96, eval_crop_pct=1.0)
 TEACHER = dict(preset="vit_pico", patch_size=4)
 STUDENT = dict(preset="vit_femto", patch_size=4)
 RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)
@@ -112,7 +112,8 @@ def test_smoke_pipeline(tmp_path, monkeypatch):
         assert (d / "result.json").exists() and (d / "config.json").exists() and not (d / "error.json").exists()
         assert json.loads((d / "result.json").read_text()) == res
         if spec["kind"] != "evaluate":
-            assert (d / "model.pth").exists() and (d / "checkpoint-last.pth").exists()
+            # a finished stage keeps model.pth; its checkpoints are deleted (run.keep_checkpoints defaults to false)
+            assert (d / "model.pth").exists() and not list(d.glob("checkpoint-*.pth"))
             rows = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
             assert [r["epoch"] for r in rows] == [1, 2]
             assert all(_finite(r["loss"]) and _finite(r["lr"]) for r in rows)
@@ -141,15 +142,21 @@ def test_smoke_pipeline(tmp_path, monkeypatch):
     # fine-tuning results
     for name in ("teacher_ft", "ft_mae", "ft_dmae", "ft_kd"):
         res = runs[name][1]
-        assert 0.0 <= res["best_top1"] <= 100.0 and 0.0 <= res["last_top1"] <= res["last_top5"] <= 100.0
-        assert res["best_top1"] >= res["last_top1"] and res["num_classes"] == 10 and _finite(res["final_loss"])
+        assert 0.0 <= res["best_val_top1"] <= 100.0 and 0.0 <= res["last_val_top1"] <= res["last_val_top5"] <= 100.0
+        assert res["best_val_top1"] >= res["last_val_top1"] and res["num_classes"] == 10 and res["n_val"] == 96
+        assert _finite(res["final_loss"])
     rows = [json.loads(line) for line in (runs["ft_kd"][0] / "log.jsonl").read_text().splitlines()]
     assert all(_finite(r["loss_kd"]) and _finite(r["loss_ce"]) for r in rows)
-    # evaluation of a saved model reproduces the fine-tuning stage's last-epoch numbers on the same split
+    # the evaluation stage reads the test split; the saved model reproduces the fine-tune's last validation numbers
+    from harness.data import Aug, DataSpec, build_dataset
+    from harness.train import evaluate_classifier, setup_runtime
+    val_ds, _ = build_dataset(DataSpec(**DATA), "val", Aug("eval", DATA["img_size"]))
     for ev, ft in (("eval_dmae", "ft_dmae"), ("eval_kd", "ft_kd")):
         res = runs[ev][1]
-        assert res["n_eval"] == 128 and 0.0 <= res["top1"] <= 100.0
-        assert res["top1"] == runs[ft][1]["last_top1"] and res["top5"] == runs[ft][1]["last_top5"]
+        assert res["n_eval"] == 128 and res["split"] == "test" and 0.0 <= res["top1"] <= 100.0
+        model = stages_mod.load_classifier(runs[ft][0] / "model.pth", STUDENT, DATA["img_size"], 10)
+        again = evaluate_classifier(model, val_ds, 64, setup_runtime(**RUNTIME))
+        assert again["top1"] == runs[ft][1]["last_val_top1"] and again["top5"] == runs[ft][1]["last_val_top5"]
 
     # saved files keep the official layout: decoder in pre-train files, projection only in the DMAE student,
     # fc_norm/head and no decoder in fine-tuned ones
