@@ -6,29 +6,35 @@
     python -m harness.reproduce table2 profile=paper launcher=slurm launcher.partition=gpu \\
         data.root=/datasets/imagenet teacher.pretrained_ckpt=/ckpt/mae_visualize_vit_large.pth \\
         teacher.finetuned_ckpt=/ckpt/mae_finetuned_vit_large.pth seeds=3
-    python -m harness.reproduce table2 -m profile=smoke seed=0,1     # hydra-style multirun sweep
+    python -m harness.reproduce table2 -m profile=smoke seed=0,1     # sweep: a results root per point
+    python -m harness.reproduce table2 -m rows.dmae_95.pretrain.mask_ratio=0.9,0.95
     python -m harness.reproduce all                         # every recipe
 
-Every input is checked before a job is submitted: config keys and values, the dataset, provided teacher
-checkpoints (loaded with weights_only=True and fitted to the recipe's teacher), and, for launcher=slurm, that the
-cluster answers and the partition exists. A rerun skips finished stages and resumes unfinished ones.
+Every input is checked before a job is submitted, and by --dry-run: config keys and values, the dataset, provided
+teacher checkpoints (loaded with weights_only=True and fitted to the recipe's teacher), and, for launcher=slurm,
+that the cluster answers and the partition exists. A rerun skips finished stages and resumes unfinished ones.
+
+-m (anywhere on the line) sweeps comma-separated values and range(a,b): each point is run as its own results root,
+<results_root>/sweeps/<table>.<profile>-<keys>/<key>=<value>/, stages the points share run once, and one combined
+report, <reports_dir>/sweeps/<table>.<profile>-<keys>.md, gives top-1 mean +- std and n per (point, row).
+Exit codes: 0 done, 1 a stage failed, 2 bad input (nothing submitted), 3 another driver holds the results root.
 """
 from __future__ import annotations
 
+# Standard library only at import time: `--help` must answer without loading hydra, torch or timm.
 import argparse
-import itertools
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
-from typing import List
+from pathlib import Path
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
-from omegaconf import DictConfig
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
-from .config import ConfigError, load_config, tables
-from .launch import DriverLocked
-from .plan import Plan, build_plan, describe, write_manifest
+    from .plan import Plan
 
 
 class PreflightError(RuntimeError):
@@ -99,18 +105,35 @@ def check_slurm(partition) -> None:
         raise PreflightError(f"launcher.partition={partition!r} does not exist; partitions: {', '.join(parts)}")
 
 
-def run_table(table: str, overrides: List[str], dry_run: bool = False, command: str = "") -> int:
-    cfg = load_config(table, overrides)
-    dry_run = dry_run or cfg.dry_run
+def prepare(table: str, overrides: Sequence[str]) -> Tuple["DictConfig", "Plan"]:
+    """Compose, plan and check every input: what a real run and --dry-run both do before anything else."""
+    from .config import load_config
+    from .plan import build_plan
+    cfg = load_config(table, list(overrides))
     plan = build_plan(cfg)
-    if dry_run:
+    check_inputs(plan, cfg)
+    return cfg, plan
+
+
+def run_table(table: str, overrides: List[str], dry_run: bool = False, command: str = "") -> int:
+    cfg, plan = prepare(table, overrides)
+    return run_plan(cfg, plan, overrides, dry_run, command)
+
+
+def run_plan(cfg: "DictConfig", plan: "Plan", overrides: Sequence[str], dry_run: bool = False, command: str = "",
+             reuse_from: Sequence[Path] = ()) -> int:
+    """Run a prepared (checked) plan; reuse_from: results roots whose finished stages of the same id are linked in
+    first (a sweep's other points)."""
+    from .plan import describe, write_manifest
+    table = cfg.table
+    if dry_run or cfg.dry_run:
         from .estimate import estimate_plan
         print(describe(plan, estimate_plan(plan, cfg)))
+        print("inputs checked: a real run would start now")
         return 0
-    check_inputs(plan, cfg)
     from .launch import _runtime, driver_lock, execute
     with driver_lock(plan.root):  # before the manifest: a second driver on this root changes nothing
-        write_manifest(plan, cfg, command, overrides)
+        write_manifest(plan, cfg, command, list(overrides))
         print(f"{table} ({cfg.profile}): {len(plan.stages)} stages, launcher={cfg.launcher.name}, results in "
               f"{plan.root}", flush=True)
         if cfg.launcher.write_sbatch:
@@ -119,6 +142,9 @@ def run_table(table: str, overrides: List[str], dry_run: bool = False, command: 
             print(f"wrote sbatch scripts; submit them with: bash {path}\n"
                   f"then, when the jobs are done: python -m harness.report {table} --profile {cfg.profile}")
             return 0
+        if reuse_from:
+            from .sweep import link_finished
+            link_finished(plan, reuse_from)
         states = execute(plan, cfg)
     failed = [sid for sid, st in states.items() if st != "done"]
     if cfg.report:
@@ -133,50 +159,108 @@ def run_table(table: str, overrides: List[str], dry_run: bool = False, command: 
 
 def expand_sweep(overrides: List[str]) -> List[List[str]]:
     """Hydra's override grammar: `key=a,b` and `key=range(0,3)` sweeps become the cartesian product of runs."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    axes = []
-    for o in parsed:
-        key = o.get_key_element()
-        if o.is_sweep_override():
-            axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
-        else:
-            axes.append([o.input_line])
-    return [list(combo) for combo in itertools.product(*axes)]
+    from .sweep import expand_sweep as expand
+    return expand(overrides)
+
+
+class _Job:
+    """One run of the invocation: a table, or one point of a table's sweep."""
+
+    def __init__(self, table: str, overrides: List[str], point=None, sweep: Optional[dict] = None):
+        self.table, self.overrides, self.point, self.sweep = table, overrides, point, sweep
+        self.cfg = self.plan = None
+
+
+def plan_jobs(names: Sequence[str], overrides: List[str], multirun: bool) -> List[_Job]:
+    """Every run of the invocation, composed, planned and checked (preflight) before any of them runs."""
+    jobs: List[_Job] = []
+    for table in names:
+        if not multirun:
+            jobs.append(_Job(table, list(overrides)))
+            continue
+        from .config import load_config
+        from .sweep import point_overrides, sweep_name, sweep_points
+        keys, points = sweep_points(overrides)
+        if not keys:
+            print("-m: no swept key (key=a,b or key=range(a,b)); one plain run", file=sys.stderr)
+            jobs.append(_Job(table, list(overrides)))
+            continue
+        first = load_config(table, points[0].overrides)  # the sweep's bases: results_root, reports_dir, profile
+        name = sweep_name(table, keys, first.profile)
+        sweep = {"name": name, "keys": keys, "results_root": str(first.results_root),
+                 "dir": Path(first.results_root) / "sweeps" / name,
+                 "report": Path(first.reports_dir) / "sweeps" / f"{name}.md", "jobs": []}
+        for p in points:
+            job = _Job(table, point_overrides(p, name, first.results_root, first.reports_dir), p, sweep)
+            sweep["jobs"].append(job)
+            jobs.append(job)
+    for job in jobs:
+        job.cfg, job.plan = prepare(job.table, job.overrides)
+    return jobs
+
+
+def run_jobs(jobs: List[_Job], dry_run: bool, command: str) -> int:
+    code = 0
+    for job in jobs:
+        reuse: List[Path] = []
+        if job.point is not None:
+            print(f"=== {job.table} {job.point.name}", flush=True)
+            reuse = [job.sweep["dir"] / p.name for p in (j.point for j in job.sweep["jobs"]) if p is not job.point]
+            reuse.append(Path(job.sweep["results_root"]))
+        code = max(code, run_plan(job.cfg, job.plan, job.overrides, dry_run, command, reuse))
+        sweep = job.sweep
+        if sweep is not None and job is sweep["jobs"][-1] and not (dry_run or job.cfg.dry_run):
+            from .report import report_name
+            from .sweep import write_sweep_report
+            points = []
+            for j in sweep["jobs"]:
+                rep = Path(j.cfg.reports_dir) / f"{report_name(j.table, j.cfg.profile)}.md"
+                points.append((j.point, j.plan.root, rep if rep.exists() else None))
+            path = write_sweep_report(sweep["report"], job.table, sweep["keys"], points, command)
+            print(f"sweep report: {path}", flush=True)
+    return code
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    import recipes
+    prog = "dmae-reproduce" if Path(sys.argv[0]).name == "dmae-reproduce" else "python -m harness.reproduce"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("table", nargs="?", default="table2", help=f"one of: {', '.join(recipes.tables())}, or all")
+    p.add_argument("overrides", nargs="*", help="hydra overrides, e.g. profile=smoke seeds=3 launcher=slurm")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check every input, print the plan and estimated cost; run nothing")
+    p.add_argument("-m", "--multirun", action="store_true",
+                   help="sweep comma-separated override values (key=a,b): a results root per point + one report")
+    args = p.parse_intermixed_args(list(argv))  # options anywhere: `table2 -m key=a,b` as in hydra
+    if "=" in args.table or args.table[:1] in "+~":  # `-m key=a,b` without a table: the default table
+        args.overrides.insert(0, args.table)
+        args.table = "table2"
+    return args
 
 
 def main(argv: List[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m harness.reproduce", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("table", nargs="?", default="table2", help=f"one of: {', '.join(tables())}, or all")
-    p.add_argument("overrides", nargs="*", help="hydra overrides, e.g. profile=smoke seeds=3 launcher=slurm")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and estimated cost; run nothing")
-    p.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated override values")
-    args = p.parse_args(argv)
+    args = parse_args(argv)
     # SIGTERM (kill, a scheduler ending the driver) unwinds like Ctrl-C, so local jobs are cancelled with it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    from .config import ConfigError, tables
+    from .launch import DriverLocked
     command = "python -m harness.reproduce " + " ".join(shlex.quote(a) for a in argv)
     names = tables() if args.table == "all" else [args.table]
-    runs = expand_sweep(args.overrides) if args.multirun else [args.overrides]
-    code = 0
-    for table in names:
-        for overrides in runs:
-            if len(runs) > 1:
-                print(f"=== {table} {' '.join(overrides)}", flush=True)
-            try:
-                code = max(code, run_table(table, overrides, args.dry_run, command))
-            except (ConfigError, PreflightError) as e:
-                print(f"error: {e}\nNothing was submitted.", file=sys.stderr)
-                return 2
-            except DriverLocked as e:
-                print(f"error: {e}\nNothing was submitted by this invocation.", file=sys.stderr)
-                return 3
-            except (KeyboardInterrupt, SystemExit) as e:
-                print("interrupted: running local jobs were cancelled (Slurm jobs go on); finished stages are kept. "
-                      "Run the same command again to resume.", file=sys.stderr)
-                return e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130
-    return code
+    try:
+        jobs = plan_jobs(names, args.overrides, args.multirun)
+        return run_jobs(jobs, args.dry_run, command)
+    except (ConfigError, PreflightError) as e:
+        print(f"error: {e}\nNothing was submitted.", file=sys.stderr)
+        return 2
+    except DriverLocked as e:
+        print(f"error: {e}\nNothing was submitted by this invocation.", file=sys.stderr)
+        return 3
+    except (KeyboardInterrupt, SystemExit) as e:
+        print("interrupted: running local jobs were cancelled (Slurm jobs go on); finished stages are kept. "
+              "Run the same command again to resume.", file=sys.stderr)
+        return e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130
 
 
 if __name__ == "__main__":
