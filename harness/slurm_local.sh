@@ -24,7 +24,9 @@ set -euo pipefail
 
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH   # daemons live in /usr/sbin
 PREFIX=${HARNESS_SLURM_PREFIX:-/var/tmp/harness-slurm}
-[[ $PREFIX == /* && $PREFIX != / && $PREFIX != *[[:space:]]* ]] || { echo "slurm_local: HARNESS_SLURM_PREFIX=$PREFIX must be an absolute path without spaces, not /" >&2; exit 2; }
+if [[ $PREFIX != /* || $PREFIX == / || $PREFIX == *[[:space:]]* ]]; then
+  echo "slurm_local: HARNESS_SLURM_PREFIX=$PREFIX must be an absolute path without spaces, not /" >&2; exit 2
+fi
 PREFIX=${PREFIX%/}
 TIMEOUT=${SLURM_LOCAL_TIMEOUT:-60}
 MARKER=$PREFIX/.harness-slurm-local   # written when this script creates the prefix; required before touching it
