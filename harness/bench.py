@@ -606,7 +606,7 @@ def bench_data(profiles: Sequence[str], n_images: int, root: str, threads: int =
     """Images/s of the input pipelines, one process, on Fashion-MNIST, through the same build_dataset / loader the
     stages use (batched tensor transforms for the in-memory dataset; the per-image PIL pipeline when RandAug is on).
     Torch threads as the profile's stages load data: run.threads in the main process (num_workers=0)."""
-    from .data import Aug, DataSpec, build_dataset, loader
+    from .data import Aug, DataSpec, FashionMNIST, build_dataset, loader
     out, seen = [], set()
     default_threads = torch.get_num_threads()
     for prof in profiles:
@@ -630,40 +630,28 @@ def bench_data(profiles: Sequence[str], n_images: int, root: str, threads: int =
             except Exception as e:  # no dataset here: say so, measure the rest
                 log(f"  data: skipped ({e})")
                 return out
-            it = iter(loader(ds, batch, d["transform"] != "eval", 0, workers))
-            next(it)  # warm-up batch
-            t0 = time.perf_counter()
-            seen_imgs = 0
-            for imgs, _ in it:
-                seen_imgs += imgs.shape[0]
-            dt = time.perf_counter() - t0
+            def timed(dataset) -> Tuple[int, float]:
+                it = iter(loader(dataset, batch, d["transform"] != "eval", 0, workers))
+                next(it)  # warm-up batch
+                t0, seen_imgs = time.perf_counter(), 0
+                for imgs, _ in it:
+                    seen_imgs += imgs.shape[0]
+                return seen_imgs, time.perf_counter() - t0
+
+            seen_imgs, dt = timed(ds)
             row = dict(d, profile=prof, images=seen_imgs, seconds=dt, images_per_s=seen_imgs / dt,
                        s_per_image=dt / seen_imgs, threads=torch.get_num_threads(), profile_num_workers=workers,
                        pipeline="batched tensors" if aug.batched else "per-image PIL",
                        note="" if d["img_size"] < 128 else "28x28 Fashion-MNIST upscaled by the transforms; "
                        "ImageNet JPEG decoding not included")
+            if aug.batched:  # the per-image PIL pipeline the stages used before, on the same images, right after
+                pil = torch.utils.data.Subset(FashionMNIST(root, "train", aug.pil()), range(n + batch))
+                pil_imgs, pil_dt = timed(pil)
+                row.update(pil_images_per_s=pil_imgs / pil_dt, speedup_vs_pil=(seen_imgs / dt) / (pil_imgs / pil_dt))
             out.append(row)
             log(f"  data {prof} {d['transform']} {d['img_size']}px randaug={d['randaug'] or '-'} ({row['pipeline']}): "
-                f"{row['images_per_s']:.0f} img/s")
-    return out
-            n = n_images if d["img_size"] < 128 else max(32, n_images // 8)
-            batch = min(d["batch"], n)
-            dl = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n + batch)), batch_size=batch,
-                                             num_workers=0, drop_last=True)
-            it = iter(dl)
-            next(it)  # warm-up batch
-            t0 = time.perf_counter()
-            seen_imgs = 0
-            for imgs, _ in it:
-                seen_imgs += imgs.shape[0]
-            dt = time.perf_counter() - t0
-            row = dict(d, profile=prof, images=seen_imgs, seconds=dt, images_per_s=seen_imgs / dt,
-                       s_per_image=dt / seen_imgs, threads=torch.get_num_threads(), profile_num_workers=workers,
-                       note="" if d["img_size"] < 128 else "28x28 Fashion-MNIST upscaled by the transforms; "
-                       "ImageNet JPEG decoding not included")
-            out.append(row)
-            log(f"  data {prof} {d['transform']} {d['img_size']}px randaug={d['randaug'] or '-'}: "
-                f"{row['images_per_s']:.0f} img/s")
+                f"{row['images_per_s']:.0f} img/s" + (f"; per-image PIL {row['pil_images_per_s']:.0f} img/s, "
+                                                      f"{row['speedup_vs_pil']:.0f}x" if aug.batched else ""))
     return out
 
 
@@ -982,12 +970,15 @@ def markdown(result: dict) -> str:
         lines.append("")
     if result.get("data"):
         lines += ["## Input pipeline (one process; the profile's stages divide this cost by run.num_workers)", "",
-                  "| profile | transform | size | RandAug | threads | images/s | ms/image | note |",
-                  "|---|---|---:|---|---:|---:|---:|---|"]
+                  "| profile | transform | size | RandAug | pipeline | threads | images/s | ms/image | per-image PIL "
+                  "images/s (same images, same run) | speed-up | note |",
+                  "|---|---|---:|---|---|---:|---:|---:|---:|---:|---|"]
         for d in result["data"]:
+            pil = d.get("pil_images_per_s")
+            pil_s, speedup = (f"{pil:.0f}", f"{d['speedup_vs_pil']:.0f}x") if pil else ("—", "—")
             lines.append(f"| {d['profile']} | {d['transform']} | {d['img_size']} | {d['randaug'] or '-'} "
-                         f"| {d.get('threads', '')} | {d['images_per_s']:.0f} | {d['s_per_image'] * 1e3:.3g} "
-                         f"| {d['note']} |")
+                         f"| {d.get('pipeline', 'per-image PIL')} | {d.get('threads', '')} | {d['images_per_s']:.0f} "
+                         f"| {d['s_per_image'] * 1e3:.3g} | {pil_s} | {speedup} | {d['note']} |")
         lines.append("")
     if result.get("targets"):
         lines += ["## Targets (paper shapes)", "", "| target | measured | met |", "|---|---|---|"]
