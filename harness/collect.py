@@ -36,9 +36,11 @@ from typing import Dict, List, Optional
 import numpy as np
 import pandas as pd
 
+import recipes
+
 from .stats import RISING_PP, last_epoch_gain, metric_curve
 
-PAPER_NUMBERS = Path(__file__).resolve().parent.parent / "recipes" / "paper-numbers.csv"
+PAPER_NUMBERS = recipes.path("paper-numbers.csv")
 RESULT, ERROR, CONFIG, LOG, LAST, JOB = "result.json", "error.json", "config.json", "log.jsonl", \
     "checkpoint-last.pth", "job.json"
 NOT_AVAILABLE = "not available"

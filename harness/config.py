@@ -16,7 +16,9 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+import recipes
+
+RECIPES_DIR = recipes.path()
 
 
 @dataclass
