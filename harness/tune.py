@@ -43,7 +43,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not cfg.data.holdout:
         p.error("data.holdout is 0: there is no validation split to tune on")
     plan = build_plan(cfg)
-    rows = []
+    record = Path(args.record)
+    record.parent.mkdir(parents=True, exist_ok=True)
     for sid, stage in plan.stages.items():
         if stage.kind == "evaluate":
             continue  # the test split is read by the final evaluation only
@@ -51,26 +52,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         if stage.kind != "finetune":
             continue
         log = [json.loads(line) for line in (plan.dir(sid) / "log.jsonl").read_text().splitlines() if line.strip()]
-        rows.append({"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "trial": args.trial, "overrides": " ".join(args.overrides),
-                     "stage": stage.spec["name"], "role": stage.role,
-                     "row_seed": " ".join(f"{r}/s{s}" for r, s in stage.cells), "epochs": res["epochs"],
-                     "train_images": res["train_images"], "last_val_top1": round(res["last_val_top1"], 2),
-                     "best_val_top1": round(res["best_val_top1"], 2),
-                     "last_epoch_gain": round(res["last_epoch_gain"] or 0.0, 2),
-                     "val_curve": " ".join(f"{r['val_top1']:.1f}" for r in log),
-                     "train_s": round(json.loads((plan.dir(sid) / RESULT_FILE).read_text())["wall_s"], 1),
-                     "git_commit": (_git_commit() or "")[:10]})
+        row = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "trial": args.trial, "overrides": " ".join(args.overrides),
+               "stage": stage.spec["name"], "role": stage.role,
+               "row_seed": " ".join(f"{r}/s{s}" for r, s in stage.cells), "epochs": res["epochs"],
+               "train_images": res["train_images"], "last_val_top1": round(res["last_val_top1"], 2),
+               "best_val_top1": round(res["best_val_top1"], 2), "last_epoch_gain": round(res["last_epoch_gain"] or 0.0, 2),
+               "val_curve": " ".join(f"{r['val_top1']:.1f}" for r in log),
+               "train_s": round(json.loads((plan.dir(sid) / RESULT_FILE).read_text())["wall_s"], 1),
+               "git_commit": (_git_commit() or "")[:10]}
+        new = not record.exists()
+        with open(record, "a", newline="") as f:  # each fine-tune as soon as it is done: a stopped trial keeps its rows
+            w = csv.DictWriter(f, fieldnames=RECORD_COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
         print(f"[tune {args.trial}] {stage.spec['name']}: val top-1 last {res['last_val_top1']:.2f} "
               f"best {res['best_val_top1']:.2f} (last-epoch gain {res['last_epoch_gain'] or 0:+.2f}); curve "
-              f"{rows[-1]['val_curve']}", flush=True)
-    record = Path(args.record)
-    new = not record.exists()
-    record.parent.mkdir(parents=True, exist_ok=True)
-    with open(record, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=RECORD_COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+              f"{row['val_curve']}", flush=True)
     return 0
 
 
