@@ -373,8 +373,9 @@ def _cost(c: Collected, summary: pd.DataFrame, papers: Dict[str, dict]) -> List[
         cost = [p for p in papers.values() if p["table"] == "training_cost_ICLR_version"]
         out += [""] + [f"- paper ({p['masking_ratio']} masking): {p['metric']} = {p['text']} — {p['source']}"
                        for p in cost]
-        out += ["", "On CPU profiles wall time is dominated by start-up and data loading, so these ratios say little "
-                "about the paper's 8-GPU ImageNet claim; DMAE's pre-training also pays the teacher's forward pass."]
+        out += ["", "A row's cost includes its own pre-training: DMAE's pays the teacher's forward pass, the KD row's "
+                "fine-tuning pays it every step. On a CPU profile (one thread per stage, tiny models, no data-loading "
+                "workers) these ratios say little about the paper's 8-GPU ImageNet claim."]
     return out
 
 
