@@ -290,20 +290,54 @@ def _failure_detail(plan: Plan, sid: str, job=None) -> str:
 
 class Elsewhere:
     """A stage that another process is running (it holds <stage dir>/.stage.lock: e.g. a job left behind by a driver
-    that was killed): waited for, never started a second time."""
+    that was killed): waited for, never started a second time. When that job is a chain (its job.json lists the
+    stages it runs after this one) and its process is alive, the rest of the chain is waited for too: between two
+    stages of a chain no lock is held, and a second runner must not step in there."""
     paths = None
 
-    def __init__(self, run_dir: Path, holder: str):
+    def __init__(self, run_dir: Path, holder: str, rest: Sequence[Path] = (), pid: Optional[int] = None):
         self.run_dir, self.job_id = Path(run_dir), holder
+        self.rest, self.pid = [Path(d) for d in rest], pid
 
     def done(self) -> bool:
-        return lock_holder(self.run_dir) is None
+        if self.pid is not None and _alive(self.pid):
+            return False
+        return all(lock_holder(d) is None for d in [self.run_dir, *self.rest])
 
     def result(self):
         raise RuntimeError(f"the run by {self.job_id} ended without a result")
 
     def cancel(self, check: bool = False) -> None:
         """Not ours to stop."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def slurm_job_ids(cfg: DictConfig) -> bool:
+    """Whether job ids are Slurm's (not local process ids)."""
+    return cfg.launcher.name == "slurm"
+
+
+def _orphan_chain(plan: Plan, sid: str, state: Dict[str, str]) -> tuple:
+    """(the stages after `sid` in the chain of the local job that holds its lock, that job's pid), from job.json;
+    ([], None) when the job is not a local chain of this plan or is gone."""
+    try:
+        info = json.loads((plan.dir(sid) / JOB_FILE).read_text())
+        chain, pid = list(info.get("chain") or []), int(info["job_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return [], None
+    if sid not in chain or not _alive(pid):
+        return [], None
+    rest = [m for m in chain[chain.index(sid) + 1:] if m in plan.stages and state.get(m) != "done"]
+    return rest, pid
 
 
 def reuse_finished(plan: Plan) -> List[str]:
@@ -510,9 +544,13 @@ def _drive(plan: Plan, cfg: DictConfig, ex, prog: Progress, running: Dict[str, o
             if dep:
                 prog.set(sid, "blocked", f"(input {dep} failed)")
             elif holder:  # e.g. the job of a killed driver, still running: wait for it, do not start it twice
-                running[sid], members[sid] = Elsewhere(plan.dir(sid), holder), [sid]
-                busy.add(sid)
-                prog.set(sid, "re-attached", f"(running elsewhere: {holder})")
+                rest, pid = _orphan_chain(plan, sid, prog.state) if not slurm_job_ids(cfg) else ([], None)
+                rest = [m for m in rest if m not in busy]
+                running[sid] = Elsewhere(plan.dir(sid), holder, [plan.dir(m) for m in rest], pid)
+                members[sid] = [sid, *rest]
+                busy.update(members[sid])
+                prog.set(sid, "re-attached", f"(running elsewhere: {holder})" + (
+                    f", then {', '.join(rest)} in the same job" if rest else ""))
             elif all(prog.state.get(d) == "done" for d in plan.deps(stage)):
                 ready.append(stage)
         ready.sort(key=lambda st: not st.role.startswith("teacher"))  # teachers gate most of the graph

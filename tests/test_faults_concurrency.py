@@ -122,8 +122,9 @@ SMALL = ["profile=smoke", "launcher=local", "report=false", "teacher.train=false
 def test_second_driver_refused_and_killed_driver_rerun_waits_then_submits_only_the_rest(tmp_path, capsys):
     """Driver A (a real `python -m harness.reproduce` process, local launcher) runs the MAE row's 3 stages. While
     A's pre-training job runs: a second driver on the same root is refused and changes nothing. Then A is SIGKILLed;
-    its job goes on. The rerun (this process) finds that job by its stage lock, waits for it instead of starting the
-    stage again, and submits only the fine-tune and evaluation."""
+    its job goes on: a chained job that runs the pre-training, the fine-tune and the evaluation. The rerun (this
+    process) finds that job by its stage lock and its job.json, waits for the whole chain instead of starting any of
+    it again, and ends with every stage done."""
     from harness.config import load_config
     from harness.plan import build_plan
     from harness.reproduce import main, run_table
@@ -159,7 +160,10 @@ def test_second_driver_refused_and_killed_driver_rerun_waits_then_submits_only_t
             pass
     assert f"{pre}: re-attached (running elsewhere: {holder})" in out
     assert f"{pre}: submitted" not in out  # never started a second time
-    assert f"{fin}: submitted" in out and f"{ev}: submitted" in out
+    # the orphan is a chained job (pre-train -> fine-tune -> evaluate): the rerun waits for the whole chain and
+    # submits nothing of it, not even in the moment between two of its stages when no stage lock is held
+    assert f"{pre}: re-attached (running elsewhere: {holder}), then {fin}, {ev} in the same job" in out
+    assert f"{fin}: submitted" not in out and f"{ev}: submitted" not in out
     for sid in plan.stages:
         assert (plan.dir(sid) / "result.json").exists(), sid
     res = json.loads((plan.dir(pre) / "result.json").read_text())

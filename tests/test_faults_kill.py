@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=64,
-            test_subset=32, eval_crop_pct=1.0)
+            test_subset=32, holdout=32, eval_crop_pct=1.0)
 MODEL = dict(preset="vit_femto", patch_size=4)
 RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)
 TIMING = ("epoch_s", "images_per_s", "train_s", "wall_s", "device_hours", "finished_at", "resumed_from_epoch", "host",
@@ -429,21 +429,31 @@ def test_timeout_requeues_and_resumes_identically(tmp_path):
 
 @pytest.mark.slurm
 def test_real_slurm_timeout_requeues_and_resumes_identically(slurm_cluster, tmp_path):
-    """A real Slurm time limit (1 min) with USR2 45 s before it: submitit checkpoints and requeues the job, which
-    resumes from checkpoint-last, until the stage is done; the weights equal an uninterrupted run's."""
+    """The signal Slurm sends before a time limit or a preemption (USR2; here by `scancel --signal=USR2` as soon as
+    two epochs are logged, so the test does not depend on machine speed): submitit checkpoints and requeues the job
+    (a real `scontrol requeue`), which resumes from checkpoint-last until the stage is done; the weights equal an
+    uninterrupted run's."""
+    import subprocess
+    import time
+
     from harness.config import load_config
     from harness.launch import _job, _runtime, slurm_executor
     from harness.plan import build_plan
     from harness.stages import run_stage
     args = ["profile=smoke", "launcher=slurm", "launcher.partition=debug", "launcher.mem_gb=3", "launcher.poll_s=1",
-            "launcher.timeout_min=1", "launcher.signal_delay_s=45", "launcher.max_requeues=6", "pretrain.epochs=150",
+            "launcher.timeout_min=20", "launcher.max_requeues=6", "pretrain.epochs=400", "run.keep_checkpoints=true",
             f"results_root={tmp_path / 'slurm'}"]
     cfg = load_config("table2", args)
     plan = build_plan(cfg)
     stage = next(s for s in plan.stages.values() if s.role == "student-pretrain" and not s.inputs)
     job = slurm_executor(plan, cfg).submit(_job(plan, stage, cfg, distributed=False))
+    log, deadline = plan.dir(stage.id) / "log.jsonl", time.time() + 900
+    while not (log.exists() and log.read_text().count("\n") >= 2):
+        assert time.time() < deadline and not job.done(), "the stage never logged two epochs"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], check=True, timeout=60)
     result = job.result()
-    assert result["resumed_from_epoch"] > 0, "never timed out: make the stage longer"
+    assert result["resumed_from_epoch"] >= 1, "the stage was not requeued after the signal"
     ref = tmp_path / "reference"
     run_stage(stage.spec, ref, plan.input_paths(stage), _runtime(cfg), stage.id)
     assert same_as(ref, plan.dir(stage.id))

@@ -446,6 +446,8 @@ def test_missing_failed_and_partial_stages_are_shown_not_dropped(tree, tmp_path)
                                                  "at": "2026-01-01T00:00:00"}))
     kd1 = cells_of(tree, "kd_finetuned_teacher")[1]  # fine-tune interrupted: checkpoint-last, no result
     (tree / kd1["finetune"] / "result.json").unlink()
+    # as an interrupted run leaves it (a finished stage's checkpoints are deleted: run.keep_checkpoints is false)
+    (tree / kd1["finetune"] / "checkpoint-last.pth").write_bytes(b"")
     (tree / kd1["evaluate"] / "result.json").unlink()
     c = collect(tree)
     st = c.cells.set_index(["row", "seed"])["status"]
