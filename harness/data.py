@@ -162,18 +162,6 @@ class Aug:
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def pretrain_transform(img_size: int, crop_min: float = 0.2):
-    return Aug("pretrain", img_size, crop_min=crop_min).pil()
-
-
-def finetune_transform(img_size: int, randaug: str, reprob: float, crop_min: float = 0.08):
-    return Aug("finetune", img_size, crop_min=crop_min, randaug=randaug, reprob=reprob).pil()
-
-
-def eval_transform(img_size: int, crop_pct: float):
-    return Aug("eval", img_size, crop_pct=crop_pct).pil()
-
-
 _MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 

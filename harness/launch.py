@@ -321,13 +321,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def slurm_job_ids(cfg: DictConfig) -> bool:
-    """Whether job ids are Slurm's (not local process ids)."""
-    return cfg.launcher.name == "slurm"
-
-
 def _orphan_chain(plan: Plan, sid: str, state: Dict[str, str]) -> tuple:
-    """(the stages after `sid` in the chain of the local job that holds its lock, that job's pid), from job.json;
+    """(the stages after `sid` in the chain of the local job that holds its lock, that job's pid: a local job's id is
+    its process id), from job.json;
     ([], None) when the job is not a local chain of this plan or is gone."""
     try:
         info = json.loads((plan.dir(sid) / JOB_FILE).read_text())
@@ -544,7 +540,7 @@ def _drive(plan: Plan, cfg: DictConfig, ex, prog: Progress, running: Dict[str, o
             if dep:
                 prog.set(sid, "blocked", f"(input {dep} failed)")
             elif holder:  # e.g. the job of a killed driver, still running: wait for it, do not start it twice
-                rest, pid = _orphan_chain(plan, sid, prog.state) if not slurm_job_ids(cfg) else ([], None)
+                rest, pid = _orphan_chain(plan, sid, prog.state) if cfg.launcher.name != "slurm" else ([], None)
                 rest = [m for m in rest if m not in busy]
                 running[sid] = Elsewhere(plan.dir(sid), holder, [plan.dir(m) for m in rest], pid)
                 members[sid] = [sid, *rest]

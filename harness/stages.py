@@ -168,8 +168,7 @@ def finetune(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, sta
     if val_ds is not None:  # validation split: monitoring only (the reported number is the evaluate stage's test top-1)
         best = max(res.history, key=lambda r: r["val_top1"])
         out.update(best_val_top1=best["val_top1"], best_epoch=best["epoch"], last_val_top1=last["val_top1"],
-                   last_val_top5=last["val_top5"], n_val=last["n_val"],
-                   last_epoch_gain=last["val_top1"] - res.history[-2]["val_top1"] if len(res.history) > 1 else None)
+                   last_val_top5=last["val_top5"], n_val=last["n_val"])
     return out
 
 

@@ -35,6 +35,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .launch import _runtime
     from .plan import build_plan
     from .stages import RESULT_FILE, _git_commit, run_stage
+    from .stats import last_epoch_gain
 
     overrides = list(args.overrides)
     if not any(o.startswith("results_root=") for o in overrides):
@@ -52,11 +53,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if stage.kind != "finetune":
             continue
         log = [json.loads(line) for line in (plan.dir(sid) / "log.jsonl").read_text().splitlines() if line.strip()]
+        gain = last_epoch_gain(log) or 0.0
         row = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "trial": args.trial, "overrides": " ".join(args.overrides),
                "stage": stage.spec["name"], "role": stage.role,
                "row_seed": " ".join(f"{r}/s{s}" for r, s in stage.cells), "epochs": res["epochs"],
                "train_images": res["train_images"], "last_val_top1": round(res["last_val_top1"], 2),
-               "best_val_top1": round(res["best_val_top1"], 2), "last_epoch_gain": round(res["last_epoch_gain"] or 0.0, 2),
+               "best_val_top1": round(res["best_val_top1"], 2), "last_epoch_gain": round(gain, 2),
                "val_curve": " ".join(f"{r['val_top1']:.1f}" for r in log),
                "train_s": round(json.loads((plan.dir(sid) / RESULT_FILE).read_text())["wall_s"], 1),
                "git_commit": (_git_commit() or "")[:10]}
@@ -67,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 w.writeheader()
             w.writerow(row)
         print(f"[tune {args.trial}] {stage.spec['name']}: val top-1 last {res['last_val_top1']:.2f} "
-              f"best {res['best_val_top1']:.2f} (last-epoch gain {res['last_epoch_gain'] or 0:+.2f}); curve "
+              f"best {res['best_val_top1']:.2f} (last-epoch gain {gain:+.2f}); curve "
               f"{row['val_curve']}", flush=True)
     return 0
 
