@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
@@ -110,16 +113,47 @@ def encoder_to_classifier(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor
     return {k: v for k, v in sd.items() if not k.startswith(drop)}
 
 
+# Signals that end or requeue a run (scheduler time limit/preemption: USR2 via submitit, TERM, Ctrl-C). Their Python
+# handlers run between any two bytecodes; submitit's exits the process (sys.exit) after requeueing, and a SystemExit
+# raised inside torch.save's zip writer turns into a RuntimeError ("unexpected pos"), failing the job instead of
+# requeueing it. Checkpoint writes therefore hold them back and deliver them once the files are in place.
+DEFERRED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+
+
+@contextmanager
+def signals_deferred(sigs=DEFERRED_SIGNALS):
+    """Hold back `sigs` (Python-level handlers, main thread only) for the duration of the block, then re-raise each
+    one that arrived, once, with the original handlers back in place."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list = []
+    old = {}
+    for sig in sigs:
+        try:
+            old[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
+        except (ValueError, OSError, TypeError):  # not settable here: left as it is
+            continue
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
+
+
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: readers never see a partial file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with signals_deferred():
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
 
 
 def _fsync_dir(d: Path) -> None:
@@ -138,14 +172,15 @@ def save_last(state: dict, run_dir: Path) -> None:
     renames only checkpoint-prev exists, and load_last() falls back to it."""
     run_dir = Path(run_dir)
     tmp = run_dir / f".{LAST}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if (run_dir / LAST).exists():
-        os.replace(run_dir / LAST, run_dir / PREV)
-    os.replace(tmp, run_dir / LAST)
-    _fsync_dir(run_dir)
+    with signals_deferred():  # a requeue signal waits until both renames are done
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if (run_dir / LAST).exists():
+            os.replace(run_dir / LAST, run_dir / PREV)
+        os.replace(tmp, run_dir / LAST)
+        _fsync_dir(run_dir)
 
 
 def load_last(run_dir: Path, log=print, quarantine: bool = False) -> Optional[dict]:

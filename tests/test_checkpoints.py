@@ -293,3 +293,34 @@ def test_save_last_rotates_and_load_last_falls_back(tmp_path):
     (tmp_path / PREV).write_bytes(b"")
     with pytest.raises(CheckpointError, match="no readable checkpoint"):
         load_last(tmp_path, log=lambda m: None)
+
+
+def test_requeue_signal_during_a_checkpoint_write_is_delivered_after_it(tmp_path, monkeypatch):
+    """A scheduler's USR2 (submitit checkpoints, requeues and exits) that lands inside torch.save used to surface as
+    a RuntimeError from the half-written zip and fail the job: the handler now runs once, after the files are in
+    place."""
+    import os
+    import signal
+
+    import harness.checkpoints as ck
+
+    seen = []
+    real_save = torch.save
+
+    def save_with_signal(obj, f):
+        os.kill(os.getpid(), signal.SIGUSR2)  # arrives mid-write
+        real_save(obj, f)
+        seen.append("saved")
+
+    def handler(signum, frame):
+        seen.append(("handler", (tmp_path / ck.LAST).exists() and ck.load_last(tmp_path) is not None))
+
+    old = signal.signal(signal.SIGUSR2, handler)
+    try:
+        monkeypatch.setattr(ck.torch, "save", save_with_signal)
+        ck.save_last({"epoch": 1}, tmp_path)
+        monkeypatch.setattr(ck.torch, "save", real_save)
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    assert seen == ["saved", ("handler", True)]
+    assert signal.getsignal(signal.SIGUSR2) is old
