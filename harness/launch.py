@@ -18,6 +18,7 @@ import json
 import os
 import shlex
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,9 +28,10 @@ import submitit
 from omegaconf import DictConfig, OmegaConf
 
 from .plan import Plan, Stage
-from .stages import ERROR_FILE, RESULT_FILE, lock_holder, run_stage, write_json
+from .stages import ERROR_FILE, RESULT_FILE, StageLocked, lock_holder, run_stage, write_json
 
 JOB_FILE = "job.json"
+LOCKED = "locked"  # a job's result when a stage of it was found running in another process
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "UNKNOWN"}
 
 
@@ -49,9 +51,13 @@ class StageJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         if self.distributed:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        result = run_stage(self.spec, self.run_dir, self.inputs, self.runtime, self.stage_id)
-        for sid, spec, run_dir, inputs in self.then:
-            run_stage(spec, run_dir, inputs, self.runtime, sid)
+        try:
+            result = run_stage(self.spec, self.run_dir, self.inputs, self.runtime, self.stage_id)
+            for sid, spec, run_dir, inputs in self.then:
+                run_stage(spec, run_dir, inputs, self.runtime, sid)
+        except StageLocked as e:  # another job runs it (e.g. one submitted by a driver killed before it wrote
+            # job.json): not a failure; the driver waits for that run instead
+            return {"status": LOCKED, "stage_id": e.stage_id, "holder": e.holder}
         return result
 
 
@@ -321,6 +327,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _is_submitit(pid: int) -> bool:
+    """Whether process `pid` is a submitit local job controller (a recycled pid is not our job); True where /proc
+    cannot tell."""
+    try:
+        return b"submitit" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return not Path("/proc/self").exists()
+
+
 def _orphan_chain(plan: Plan, sid: str, state: Dict[str, str]) -> tuple:
     """(the stages after `sid` in the chain of the local job that holds its lock, that job's pid: a local job's id is
     its process id), from job.json;
@@ -330,7 +345,7 @@ def _orphan_chain(plan: Plan, sid: str, state: Dict[str, str]) -> tuple:
         chain, pid = list(info.get("chain") or []), int(info["job_id"])
     except (OSError, ValueError, KeyError, TypeError):
         return [], None
-    if sid not in chain or not _alive(pid):
+    if sid not in chain or not _alive(pid) or not _is_submitit(pid):
         return [], None
     rest = [m for m in chain[chain.index(sid) + 1:] if m in plan.stages and state.get(m) != "done"]
     return rest, pid
@@ -416,6 +431,29 @@ def local_executor(plan: Plan, cfg: DictConfig) -> submitit.LocalExecutor:
         params["signal_delay_s"] = la.signal_delay_s
     ex.update_parameters(**params)
     return ex
+
+
+@contextmanager
+def controller_stderr(ex, path: Path):
+    """Start submitit's local job controllers with their stderr in `path`, not the driver's. A controller is a child
+    of the driver in its process group: a Ctrl-C at the terminal reaches it too and, as when the driver cancels its
+    job (SIGINT), it stops its tasks and prints a KeyboardInterrupt traceback. The driver's one-line note should be
+    the last thing the user sees. The jobs' own output goes to their .submitit logs either way."""
+    if not isinstance(ex, submitit.LocalExecutor):
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fd, 2)  # inherited by the controller processes started inside the block
+        os.close(fd)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def snapshot_wanted(cfg: DictConfig) -> bool:
@@ -539,9 +577,12 @@ def _drive(plan: Plan, cfg: DictConfig, ex, prog: Progress, running: Dict[str, o
             holder = lock_holder(plan.dir(sid))
             if dep:
                 prog.set(sid, "blocked", f"(input {dep} failed)")
-            elif holder:  # e.g. the job of a killed driver, still running: wait for it, do not start it twice
+            elif holder or (cfg.launcher.name != "slurm" and _orphan_chain(plan, sid, prog.state)[1]):
+                # e.g. the job of a killed driver, still running (it holds the stage lock) or started and about to
+                # take it (its controller is alive): wait for it, do not start it twice
                 rest, pid = _orphan_chain(plan, sid, prog.state) if cfg.launcher.name != "slurm" else ([], None)
                 rest = [m for m in rest if m not in busy]
+                holder = holder or f"local job {pid}"
                 running[sid] = Elsewhere(plan.dir(sid), holder, [plan.dir(m) for m in rest], pid)
                 members[sid] = [sid, *rest]
                 busy.update(members[sid])
@@ -558,7 +599,8 @@ def _drive(plan: Plan, cfg: DictConfig, ex, prog: Progress, running: Dict[str, o
                 c = chain_from(plan, stage, prog.state, busy) if chain else [stage]
                 busy.update(st.id for st in c)
                 chains.append(c)
-            with ex.batch():  # on Slurm, one job array for the whole wave
+            with controller_stderr(ex, plan.root / ".submitit" / "controllers.err"), ex.batch():
+                # on Slurm, one job array for the whole wave
                 pending = [(c, ex.submit(_job(plan, c[0], cfg, distributed, c[1:]))) for c in chains]
             for c, job in pending:
                 info = {"job_id": job.job_id, "folder": str(plan.root / ".submitit" / "%j"),
@@ -595,7 +637,11 @@ def _drive(plan: Plan, cfg: DictConfig, ex, prog: Progress, running: Dict[str, o
                     prog.set(sid, "todo", f"(the run by {job.job_id} stopped without a result; resubmitting)")
                     continue
                 try:
-                    job.result()
+                    res = job.result()
+                    if isinstance(res, dict) and res.get("status") == LOCKED:
+                        # a stage of this chain was held by another run: wait for it (next round re-attaches it)
+                        prog.set(sid, "todo", f"(found running elsewhere: {res.get('holder')}; waiting for it)")
+                        continue
                     detail = "the job ended without a result"
                 except Exception as e:
                     detail = _failure_detail(plan, sid, job) or str(e).splitlines()[0]

@@ -198,6 +198,10 @@ def _git_commit() -> Optional[str]:
 class StageLocked(RuntimeError):
     """Another process is running this stage (it holds <run_dir>/.stage.lock)."""
 
+    def __init__(self, message: str, stage_id: str = "", holder: str = ""):
+        super().__init__(message)
+        self.stage_id, self.holder = stage_id, holder
+
 
 def _read_holder(f) -> str:
     f.seek(0)
@@ -222,7 +226,7 @@ def stage_lock(run_dir: Path, stage_id: str, wait_s: float = 1.0):
                 f.close()
                 raise StageLocked(f"stage {stage_id} is already being run by {holder or 'another process'} (it holds "
                                   f"{path}); refusing to run it twice at once. Wait for that run to end, or stop "
-                                  "it first.") from None
+                                  "it first.", stage_id, holder or "another process") from None
             time.sleep(0.05)
     f.seek(0)
     f.truncate()
@@ -286,7 +290,8 @@ def run_stage(spec: dict, run_dir: str | Path, inputs: Dict[str, str], runtime: 
             flag = torch.tensor([0 if locked else 1], device=rt.device)
             dist.broadcast(flag, 0)
             if not flag.item() and locked is None:
-                locked = StageLocked(f"stage {stage_id}: rank 0 found it already running elsewhere")
+                locked = StageLocked(f"stage {stage_id}: rank 0 found it already running elsewhere", stage_id,
+                                     "another process")
         if locked is not None:
             raise locked
         if done.exists():  # finished by the runner that held the lock before us

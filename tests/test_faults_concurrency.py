@@ -190,3 +190,83 @@ def test_every_rank_stops_when_the_stage_is_locked(tmp_path):
     assert f"StageLocked: stage pt is already being run by pid {os.getpid()}" in text
     assert "rank 0 found it already running elsewhere" in text  # rank 1 stopped too
     assert not (d / "log.jsonl").exists() and not (d / "error.json").exists()
+
+
+def _models(plan):
+    """{stage id: (sha256 of model.pth or None, top-1 or None)} of a finished plan."""
+    import hashlib
+    out = {}
+    for sid in plan.stages:
+        d = plan.dir(sid)
+        res = json.loads((d / "result.json").read_text())
+        sha = hashlib.sha256((d / "model.pth").read_bytes()).hexdigest() if (d / "model.pth").exists() else None
+        out[sid] = (sha, res.get("top1"))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job_file", ["kept", "lost"])
+def test_driver_killed_in_the_submit_window_one_rerun_finishes_identically(tmp_path, capsys, job_file):
+    """Driver A is SIGKILLed the moment it prints `submitted`: its job has been started but, still importing, holds
+    no stage lock yet. `kept`: A wrote job.json, so the rerun sees a live local controller and waits for its chain.
+    `lost`: job.json removed, as if A died between submitting and writing it; the rerun submits the stage again and
+    whichever job comes second finds the stage locked and steps back (never a failure). Either way one rerun ends
+    with rc 0 and the same weights and top-1 as an uninterrupted run."""
+    from harness.config import load_config
+    from harness.plan import build_plan
+    from harness.reproduce import run_table
+    args = SMALL + [f"results_root={tmp_path / 'killed'}"]
+    plan = build_plan(load_config("table2", args))
+    pre = plan.cells[0].pretrain
+    with open(tmp_path / "a.out", "w") as out:
+        a = subprocess.Popen([sys.executable, "-m", "harness.reproduce", "table2", *args], cwd=ROOT, env=env(),
+                             stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: ": submitted (job " in (tmp_path / "a.out").read_text(), what="A's submission", proc=a)
+        os.kill(a.pid, signal.SIGKILL)  # the driver only: its job goes on
+        a.wait(timeout=30)
+        if job_file == "lost":
+            (plan.dir(pre) / "job.json").unlink()
+        assert run_table("table2", args) == 0
+        out = capsys.readouterr().out
+    finally:
+        try:
+            os.killpg(a.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert ": failed" not in out and ": blocked" not in out
+    if job_file == "kept":
+        assert f"{pre}: re-attached (running elsewhere: " in out and f"{pre}: submitted" not in out
+    clean = SMALL + [f"results_root={tmp_path / 'clean'}"]
+    assert run_table("table2", clean) == 0
+    assert _models(plan) == _models(build_plan(load_config("table2", clean)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interrupted_driver_ends_with_one_line_and_no_traceback(tmp_path, how):
+    """Ctrl-C at a terminal signals the whole foreground process group (driver, submitit's local job controllers,
+    their tasks); SIGTERM reaches the driver alone, which cancels its jobs. Either way the user's terminal shows the
+    driver's one-line note last and no traceback (the controllers' go to .submitit/controllers.err)."""
+    args = SMALL + [f"results_root={tmp_path / 'results'}", "pretrain.epochs=25"]
+    out_p, err_p = tmp_path / "out", tmp_path / "err"
+    with open(out_p, "w") as out, open(err_p, "w") as err:
+        a = subprocess.Popen([sys.executable, "-m", "harness.reproduce", "table2", *args], cwd=ROOT, env=env(),
+                             stdout=out, stderr=err, text=True, start_new_session=True)
+    try:
+        logs = lambda: list((tmp_path / "results").glob("table2/smoke/*/log.jsonl"))  # noqa: E731
+        wait_for(lambda: any(p.read_text().count("\n") >= 1 for p in logs()), what="a running stage", proc=a)
+        if how == "ctrl-c":
+            os.killpg(a.pid, signal.SIGINT)
+        else:
+            os.kill(a.pid, signal.SIGTERM)
+        rc = a.wait(timeout=60)
+    finally:
+        try:
+            os.killpg(a.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    err = err_p.read_text()
+    assert rc == (130 if how == "ctrl-c" else 143), err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1].startswith("interrupted: "), err
