@@ -38,6 +38,7 @@ import pandas as pd
 
 import recipes
 
+from .rundir import FileHashes, broken_input, read_result
 from .stats import RISING_PP, last_epoch_gain, metric_curve
 
 PAPER_NUMBERS = recipes.path("paper-numbers.csv")
@@ -46,7 +47,7 @@ RESULT, ERROR, CONFIG, LOG, LAST, JOB = "result.json", "error.json", "config.jso
 NOT_AVAILABLE = "not available"
 NOT_IMAGENET = "n/a (not ImageNet)"
 # worst first: a cell is as bad as the worst stage it needs
-SEVERITY = ("failed", "unreadable", "partial", "not started", "done")
+SEVERITY = ("failed", "unreadable", "stale", "partial", "not started", "done")
 ROLES = ("teacher-pretrain", "teacher-finetune", "teacher-evaluate", "student-pretrain", "student-finetune",
          "evaluate")
 # fine-tune result keys: the current name first, then the name in results written before the validation split
@@ -164,6 +165,7 @@ def collect(root: Path) -> Collected:
         rec.update(stage_id=sid, kind=st["kind"], role=st["role"],
                    serves=", ".join(f"{r}/s{s}" for r, s in st.get("cells", [])))
         recs.append(rec)
+    _mark_stale(root, manifest, recs)
     stages = pd.DataFrame(recs).reindex(columns=STAGE_COLUMNS)
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if d.name not in manifest["stages"]:
@@ -174,6 +176,30 @@ def collect(root: Path) -> Collected:
         warnings.append(f"{root / ev / RESULT}: no numeric top1; cell skipped")
     cells.loc[bad, ["status", "reason"]] = ["unreadable", f"{RESULT} has no numeric top1"]
     return Collected(root, manifest, stages, cells, warnings)
+
+
+def _mark_stale(root: Path, manifest: dict, recs: List[dict]) -> None:
+    """A finished stage computed from an input that is no longer what it read (rundir.broken_input) is `stale`: its
+    numbers are not shown, and the reason names the stage that broke the chain."""
+    by_id = {r["stage_id"]: r for r in recs}
+    hashes = FileHashes()
+    checked: set = set()
+
+    def status(sid: str) -> str:  # a stage's status once its own inputs are checked (upstream first)
+        rec = by_id.get(sid)
+        if rec is None:
+            return "not started"
+        if sid not in checked:
+            checked.add(sid)
+            if rec["status"] == "done":
+                why = broken_input(read_result(root / sid) or {}, manifest["stages"][sid].get("inputs", {}),
+                                   status, lambda ref: read_result(root / ref), hashes)
+                if why:
+                    rec.update(status="stale", reason=f"stale: {why}")
+        return rec["status"]
+
+    for sid in by_id:
+        status(sid)
 
 
 def _deps(manifest: dict, sid: str) -> List[str]:
@@ -200,7 +226,8 @@ def _cells(manifest: dict, st: pd.DataFrame) -> pd.DataFrame:
         status, reason = "done", ""
         if st.at[ev, "status"] != "done":
             deps = _deps(manifest, ev)
-            worst = min(deps, key=lambda s: (SEVERITY.index(st.at[s, "status"]), deps.index(s)))
+            # the worst status; among equals the most upstream stage (where a chain broke)
+            worst = min(deps, key=lambda s: (SEVERITY.index(st.at[s, "status"]), -deps.index(s)))
             status = st.at[worst, "status"]
             if status == "done":  # every input done, the evaluation not yet run
                 status, worst = "not started", ev

@@ -380,6 +380,7 @@ def execute(plan: Plan, cfg: DictConfig) -> Dict[str, str]:
     plan.check_paths()
     with driver_lock(plan.root):
         reuse_finished(plan)
+        plan.set_aside_stale()
         name = cfg.launcher.name
         if name == "debug":
             states = _run_in_process(plan, cfg)

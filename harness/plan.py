@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from .config import (ConfigError, DistillConfig, FinetuneConfig, KDConfig, ModelConfig, PretrainConfig, TeacherConfig,
                      check_name, merged, resolve_accum, resolve_pairs, resolve_schedule, world_size)
 from .models import get_arch
-from .stages import ERROR_FILE, MODEL_FILE, RESULT_FILE, spec_hash
+from .rundir import ERROR_FILE, MODEL_FILE, RESULT_FILE, STALE_DIR, FileHashes, broken_input, read_result
+from .stages import spec_hash
 
 MANIFEST = "manifest.json"
 
@@ -75,6 +76,40 @@ class Plan:
             d = Path(os.path.normpath(self.dir(sid)))
             if d.parent != root or not check_name_ok(sid):
                 raise ConfigError(f"stage directory {d} (stage id {sid!r}) is not inside {root}; refusing to write it")
+
+    def stale(self) -> Dict[str, str]:
+        """{stage id: why} for every finished stage that is no longer valid: an input it consumed is not done, or is
+        not the file it read then (rundir.broken_input). In dependency order; a stage computed from a stale one is
+        stale too."""
+        out: Dict[str, str] = {}
+        hashes = FileHashes()
+
+        def status(sid: str) -> str:
+            return "stale" if sid in out else self.status(sid)
+
+        for sid, stage in self.stages.items():
+            res = read_result(self.dir(sid)) if self.status(sid) == "done" else None
+            if res is None:
+                continue
+            why = broken_input(res, stage.inputs, status, lambda ref: read_result(self.dir(ref)), hashes)
+            if why:
+                out[sid] = why
+        return out
+
+    def set_aside_stale(self, log=print) -> Dict[str, str]:
+        """Move every stale stage's directory to <root>/.stale/<stage id>.<time> (with a stale.json saying why), so
+        it is recomputed; nothing is deleted. Returns {stage id: why}."""
+        import json
+        import time
+        stale = self.stale()
+        for sid, why in stale.items():
+            dest = self.root / STALE_DIR / f"{sid}.{time.strftime('%Y%m%d-%H%M%S')}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.dir(sid), dest)
+            (dest / "stale.json").write_text(json.dumps({"stage_id": sid, "why": why,
+                                                         "at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+            log(f"[reproduce] {sid}: stale, {why}; moved aside to {dest}, recomputing")
+        return stale
 
     def status(self, stage_id: str) -> str:
         d = self.dir(stage_id)
@@ -242,15 +277,18 @@ def describe(plan: Plan, estimates: Optional[Dict[str, float]] = None) -> str:
     lines = [f"Plan for {plan.table} ({plan.profile}): {len(plan.stages)} stages, {len(plan.cells)} table cells",
              f"results: {plan.root}"]
     total = 0.0
+    stale = plan.stale()
     for s in plan.stages.values():
-        st = plan.status(s.id)
+        st = "stale" if s.id in stale else plan.status(s.id)
         est = (estimates or {}).get(s.id)
         if est is not None and st != "done":
             total += est
         needs = ", ".join(f"{r}={ref if ref.startswith('file:') else ref}" for r, ref in s.inputs.items()) or "-"
         cost = f"~{est / 60:.1f} min" if est is not None else "cost unknown"
         lines.append(f"  [{st:>7}] {s.id}\n            needs: {needs}\n            serves: "
-                     f"{', '.join(f'{r}/s{sd}' for r, sd in s.cells)}; {cost if st != 'done' else 'done'}")
+                     f"{', '.join(f'{r}/s{sd}' for r, sd in s.cells)}; {cost if st != 'done' else 'done'}"
+                     + (f"\n            stale: {stale[s.id]}; would be moved aside and recomputed" if s.id in stale
+                        else ""))
     if estimates:
         lines.append(f"Estimated remaining compute: ~{total / 60:.1f} min")
     return "\n".join(lines)

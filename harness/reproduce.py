@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
     from .plan import Plan
 
+DEFAULT_TABLE = "table2"  # `python -m harness.reproduce` with no table; first in `all`
+
 
 class PreflightError(RuntimeError):
     """Bad input found before anything was submitted."""
@@ -226,7 +228,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     prog = "dmae-reproduce" if Path(sys.argv[0]).name == "dmae-reproduce" else "python -m harness.reproduce"
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("table", nargs="?", default="table2", help=f"one of: {', '.join(recipes.tables())}, or all")
+    p.add_argument("table", nargs="?", default=DEFAULT_TABLE, help=f"one of: {', '.join(recipes.tables())}, or all")
     p.add_argument("overrides", nargs="*", help="hydra overrides, e.g. profile=smoke seeds=3 launcher=slurm")
     p.add_argument("--dry-run", action="store_true",
                    help="check every input, print the plan and estimated cost; run nothing")
@@ -235,7 +237,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = p.parse_intermixed_args(list(argv))  # options anywhere: `table2 -m key=a,b` as in hydra
     if "=" in args.table or args.table[:1] in "+~":  # `-m key=a,b` without a table: the default table
         args.overrides.insert(0, args.table)
-        args.table = "table2"
+        args.table = DEFAULT_TABLE
     return args
 
 
@@ -247,7 +249,8 @@ def main(argv: List[str] | None = None) -> int:
     from .config import ConfigError, tables
     from .launch import DriverLocked
     command = "python -m harness.reproduce " + " ".join(shlex.quote(a) for a in argv)
-    names = tables() if args.table == "all" else [args.table]
+    # `all`: the default table first (its teacher and rows feed most other tables), then the rest by name
+    names = [DEFAULT_TABLE] + [t for t in tables() if t != DEFAULT_TABLE] if args.table == "all" else [args.table]
     try:
         jobs = plan_jobs(names, args.overrides, args.multirun)
         return run_jobs(jobs, args.dry_run, command)

@@ -35,12 +35,9 @@ import torch
 from .checkpoints import atomic_save, encoder_to_classifier, load_weights, safe_load, state_dict_of, DECODER_KEYS
 from .data import Aug, DataSpec, build_dataset
 from .models import build_classifier, build_mae, get_arch
+from .rundir import CONFIG_FILE, ERROR_FILE, MODEL_FILE, RESULT_FILE, input_record, sha256_file  # noqa: F401
 from .train import NonFiniteLoss, Runtime, Schedule, evaluate_classifier, fit, seed_all, setup_runtime
 
-MODEL_FILE = "model.pth"
-RESULT_FILE = "result.json"
-ERROR_FILE = "error.json"
-CONFIG_FILE = "config.json"
 LOCK_FILE = ".stage.lock"
 SCHEDULE_KEYS = ("epochs", "warmup_epochs", "batch_size", "accum_iter", "blr", "min_lr", "weight_decay", "betas",
                  "clip_grad")
@@ -308,6 +305,7 @@ def _run_locked(spec: dict, run_dir: Path, inputs: Dict[str, str], runtime: dict
                     "spec_hash": spec_hash(spec)}, run_dir / CONFIG_FILE)
         (run_dir / ERROR_FILE).unlink(missing_ok=True)
     t0 = time.time()
+    consumed = input_record(inputs) if rt.is_main else {}  # what this result is computed from (rundir.broken_input)
     try:
         restarts = 0
         while True:
@@ -336,7 +334,10 @@ def _run_locked(spec: dict, run_dir: Path, inputs: Dict[str, str], runtime: dict
               "device_name": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor()
               or platform.machine(), "world_size": rt.world, "device_hours": wall * rt.world / 3600.0,
               "host": socket.gethostname(), "torch": torch.__version__, "python": sys.version.split()[0],
-              "git_commit": _git_commit(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+              "git_commit": _git_commit(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "runtime": {k: runtime.get(k) for k in ("device", "amp", "threads", "num_workers")}, "inputs": consumed}
+    if rt.is_main and (run_dir / MODEL_FILE).exists():
+        result["model_sha256"] = sha256_file(run_dir / MODEL_FILE)
     if rt.is_main:
         write_json(result, done)
         if not runtime.get("keep_checkpoints") and done.exists() and (run_dir / MODEL_FILE).exists():

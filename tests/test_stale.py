@@ -1,0 +1,130 @@
+"""Validity follows the graph: a finished stage counts only while every input it consumed is done and holds the bytes
+it read (result.json records their sha256, and its own model's). A stale chain is never reported as done (the
+reason names the stage that broke it); the next run moves it aside and recomputes it, ending where a clean run
+ends."""
+import hashlib
+import json
+
+import pytest
+import torch
+
+from harness.collect import collect
+from harness.config import load_config
+from harness.plan import build_plan
+from harness.reproduce import run_table
+from harness.rundir import STALE_DIR, sha256_file
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["profile=smoke", "launcher=debug", "report=false", "teacher.train=false", "~rows.kd_finetuned_teacher",
+        "~rows.dmae_75", "~rows.dmae_95", "~rows.dmae_98", "data.test_subset=128"]
+
+
+def finished(tmp_path, name):
+    args = ARGS + [f"results_root={tmp_path / name}"]
+    assert run_table("table2", args) == 0
+    plan = build_plan(load_config("table2", args))
+    return args, plan, plan.cells[0]
+
+
+def fingerprint(plan):
+    out = {}
+    for sid in plan.stages:
+        d = plan.dir(sid)
+        res = json.loads((d / "result.json").read_text())
+        model = d / "model.pth"
+        out[sid] = (hashlib.sha256(model.read_bytes()).hexdigest() if model.exists() else None, res.get("top1"))
+    return out
+
+
+def test_result_records_what_it_consumed_and_produced(tmp_path):
+    _, plan, cell = finished(tmp_path, "a")
+    pt = json.loads((plan.dir(cell.pretrain) / "result.json").read_text())
+    ft = json.loads((plan.dir(cell.finetune) / "result.json").read_text())
+    ev = json.loads((plan.dir(cell.evaluate) / "result.json").read_text())
+    assert pt["model_sha256"] == sha256_file(plan.dir(cell.pretrain) / "model.pth") and pt["inputs"] == {}
+    (role, used), = ft["inputs"].items()
+    assert used == {"path": str(plan.dir(cell.pretrain) / "model.pth"), "sha256": pt["model_sha256"]}
+    assert ev["inputs"][next(iter(ev["inputs"]))]["sha256"] == ft["model_sha256"]
+    assert ft["runtime"]["threads"] is not None and ft["git_commit"]
+    assert plan.stale() == {}
+
+
+def test_failed_upstream_makes_the_chain_stale_named_in_the_report_and_the_rerun_recomputes_it(tmp_path, capsys):
+    """The issue's case: a finished row whose pre-training lost result.json and model.pth and got an unreadable
+    checkpoint-last."""
+    args, plan, cell = finished(tmp_path, "broken")
+    clean = fingerprint(plan)
+    old_top1 = json.loads((plan.dir(cell.evaluate) / "result.json").read_text())["top1"]
+    pre = plan.dir(cell.pretrain)
+    (pre / "result.json").unlink()
+    (pre / "model.pth").unlink()
+    (pre / "checkpoint-last.pth").write_bytes(b"not a checkpoint")
+
+    stale = plan.stale()
+    assert set(stale) == {cell.finetune, cell.evaluate}
+    assert f"its input" in stale[cell.finetune] and cell.pretrain in stale[cell.finetune]
+    c = collect(plan.root)
+    row = c.cells.iloc[0]
+    assert row["status"] != "done" and row["top1"] != row["top1"]  # NaN: no number from a stale chain
+    assert cell.pretrain in row["reason"], row["reason"]
+    assert (c.stages.set_index("stage_id").at[cell.evaluate, "status"]) == "stale"
+
+    capsys.readouterr()
+    run_table("table2", args)  # the pre-training itself fails on its corrupt checkpoint or restarts; either way:
+    out = capsys.readouterr().out
+    assert f"{cell.finetune}: stale" in out and f"{cell.evaluate}: stale" in out
+    moved = sorted((plan.root / STALE_DIR).iterdir())
+    assert [p.name.split(".")[0] for p in moved] == sorted([cell.evaluate, cell.finetune])
+    assert json.loads((moved[0] / "result.json").read_text())  # moved aside, not deleted
+    assert "why" in json.loads((moved[0] / "stale.json").read_text())
+    c = collect(plan.root)
+    row = c.cells.iloc[0]
+    if row["status"] == "done":  # the corrupt checkpoint was set aside and the pre-training redone from scratch
+        assert fingerprint(plan) == clean
+    else:
+        assert cell.pretrain in row["reason"] and row["top1"] != row["top1"]
+        (pre / "checkpoint-last.pth").unlink(missing_ok=True)
+        (pre / "error.json").unlink(missing_ok=True)
+        assert run_table("table2", args) == 0
+        assert fingerprint(plan) == clean
+    assert json.loads((plan.dir(cell.evaluate) / "result.json").read_text())["top1"] == old_top1
+
+
+def test_upstream_recomputed_with_other_weights_invalidates_its_consumers(tmp_path, capsys):
+    args, plan, cell = finished(tmp_path, "changed")
+    pre = plan.dir(cell.pretrain)
+    ckpt = torch.load(pre / "model.pth", weights_only=True)  # official format: {"model": state dict, ...}
+    key = next(k for k, v in ckpt["model"].items() if torch.is_floating_point(v))
+    ckpt["model"][key] = ckpt["model"][key] + 0.01  # as if the pre-training had been rerun and ended elsewhere
+    torch.save(ckpt, pre / "model.pth")
+    res = json.loads((pre / "result.json").read_text())
+    res["model_sha256"] = sha256_file(pre / "model.pth")
+    (pre / "result.json").write_text(json.dumps(res))
+
+    stale = plan.stale()
+    assert set(stale) == {cell.finetune, cell.evaluate}
+    assert "recomputed with other weights" in stale[cell.finetune]
+    assert collect(plan.root).cells.iloc[0]["status"] == "stale"
+    assert run_table("table2", args) == 0
+    ft = json.loads((plan.dir(cell.finetune) / "result.json").read_text())
+    assert next(iter(ft["inputs"].values()))["sha256"] == res["model_sha256"]
+    assert plan.stale() == {} and collect(plan.root).cells.iloc[0]["status"] == "done"
+
+
+def test_a_changed_user_checkpoint_makes_its_consumers_stale(tmp_path):
+    from harness.rundir import broken_input
+    ckpt = tmp_path / "teacher.pth"
+    ckpt.write_bytes(b"weights v1")
+    res = {"inputs": {"teacher": {"path": str(ckpt), "sha256": sha256_file(ckpt)}}}
+    ok = broken_input(res, {"teacher": f"file:{ckpt}"}, lambda s: "done", lambda s: {}, sha256_file)
+    assert ok is None
+    ckpt.write_bytes(b"weights v2")
+    why = broken_input(res, {"teacher": f"file:{ckpt}"}, lambda s: "done", lambda s: {}, sha256_file)
+    assert "changed since it was read" in why
+    ckpt.unlink()
+    assert "missing" in broken_input(res, {"teacher": f"file:{ckpt}"}, lambda s: "done", lambda s: {},
+                                     lambda p: None)
+    # a result written before inputs were recorded is trusted as far as its inputs are done
+    assert broken_input({}, {"model": "up"}, lambda s: "done", lambda s: {"model_sha256": "x"}, sha256_file) is None
+    assert "is failed" in broken_input({}, {"model": "up"}, lambda s: "failed", lambda s: None, sha256_file)
