@@ -39,9 +39,11 @@ reproduce: venv data
 	$(PY) -m harness.reproduce table2
 
 test: venv data slurm
+	$(PY) -m ruff check .
 	$(SLURM_ENV) HARNESS_REQUIRE_SLURM=1 $(PY) -m pytest
 
 test-fast: venv data
+	$(PY) -m ruff check .
 	$(PY) -m pytest -m "not slow and not slurm"
 
 bench: venv data

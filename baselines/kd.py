@@ -33,8 +33,6 @@ def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: st
 
 
 class KDObjective(ClassifyObjective):
-    uses_teacher = True
-
     def __init__(self, teacher: nn.Module, num_classes: int, kind: str = "soft", weight: float = 0.5,
                  temperature: float = 1.0, **classify_kwargs):
         super().__init__(num_classes, **classify_kwargs)

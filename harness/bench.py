@@ -51,7 +51,6 @@ from torch import nn
 SCHEMA = 1
 DEFAULT_DIR = "results/bench"
 TRAIN_KINDS = ("mae", "dmae", "finetune", "finetune_kd")
-KINDS = TRAIN_KINDS + ("eval",)
 QUICK_SHAPES = ("tiny", "smoke")
 ALL_SHAPES = ("tiny", "smoke", "paper")
 ABLATIONS = ("fused_off", "fused_on", "compile", "adamw_foreach", "adamw_fused")

@@ -99,7 +99,8 @@ def check_imagefolder(root: str) -> None:
     for split in ("train", "val"):
         d = base / split
         if not d.is_dir():
-            raise DataError(f"data.root={root!r}: expected the folder {d} (ImageNet layout root/{{train,val}}/<class>/)")
+            raise DataError(f"data.root={root!r}: expected the folder {d} "
+                            "(ImageNet layout root/{train,val}/<class>/)")
         classes = [c for c in d.iterdir() if c.is_dir()]
         if not classes:
             raise DataError(f"{d} has no class folders (expected {d}/<class>/<image>)")

@@ -277,7 +277,9 @@ def results_table(plan: Plan) -> str:
             for c in plan.cells]
     head = ("row", "seed", "top-1", "teacher top-1")
     w = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
-    fmt = lambda r: "  ".join(x.ljust(w[i]) if i == 0 else x.rjust(w[i]) for i, x in enumerate(r))
+
+    def fmt(r):
+        return "  ".join(x.ljust(w[i]) if i == 0 else x.rjust(w[i]) for i, x in enumerate(r))
     return "\n".join([f"results: {plan.table} ({plan.profile}), test top-1 %", fmt(head), *map(fmt, rows)])
 
 

@@ -52,8 +52,6 @@ def feature_distance(student: torch.Tensor, teacher: torch.Tensor, distance: str
 
 
 class MAEObjective:
-    uses_teacher = False
-
     def __init__(self, mask_ratio: float = 0.75, visible_rounding: str = "paper", norm_pix_loss: bool = False):
         self.mask_ratio = mask_ratio
         self.rounding = visible_rounding
@@ -77,7 +75,6 @@ class DMAEObjective(MAEObjective):
     block). Terms: loss_pix, loss_feat (the sum, before alpha) and loss_feat_<k> for each pair k (in `pairs` order).
     """
 
-    uses_teacher = True
 
     def __init__(self, teacher: MaskedAutoencoderViT, pairs: Sequence[Sequence[int]], alpha: float = 1.0,
                  pixel_weight: float = 1.0, distance: str = "l1", normalize: bool = True, include_cls: bool = True,
@@ -122,8 +119,6 @@ class DMAEObjective(MAEObjective):
 
 class ClassifyObjective:
     """Cross-entropy on Mixup/CutMix soft targets (timm SoftTargetCrossEntropy), or label-smoothed CE without mixing."""
-
-    uses_teacher = False
 
     def __init__(self, num_classes: int, mixup: float = 0.0, cutmix: float = 0.0, smoothing: float = 0.0):
         from timm.data import Mixup

@@ -504,7 +504,8 @@ def write_report(root: Path, reports_dir: str | Path, figures: bool = True,
     parts = [[f"# {c.table}: {c.manifest.get('title', '')}", ""], _banner(c),
              ["", "Statuses: done · failed (reason from error.json) · partial (running or interrupted) · unreadable "
               "(result file could not be read; skipped) · stale (computed from an input that has since failed or "
-              "changed; the reason names it; the next run moves it aside and recomputes it) · not started.", "", "## Warnings", ""], warn,
+              "changed; the reason names it; the next run moves it aside and recomputes it) · not started.", "",
+              "## Warnings", ""], warn,
              ["", "## Results", ""], _results(summary, c), ["", "## Claims", ""], _claims(res),
              ["", "## Expected values", ""], _expected(c, summary, expected_dir),
              ["", "## Figures", ""],

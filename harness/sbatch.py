@@ -8,8 +8,8 @@ Each stage gets `<stage dir>/config.json` (what it runs) and `sbatch/<stage id>.
 `--requeue` lets a preempted job come back, and the stage resumes from its checkpoint-last;
 `--signal=USR2@<launcher.signal_delay_s or 90>` warns a job before its time limit, and harness.stages then requeues it
 (scontrol requeue) instead of being killed as failed. launcher.setup lines run first; with launcher.snapshot (default
-on for slurm) the scripts run a copy of the code taken when they were written, not the working tree of later. After the jobs end,
-`python -m harness.report <table> --profile <profile>` writes the report.
+on for slurm) the scripts run a copy of the code taken when they were written, not the working tree of later. After
+the jobs end, `python -m harness.report <table> --profile <profile>` writes the report.
 """
 from __future__ import annotations
 

@@ -130,7 +130,8 @@ def finetune(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, sta
 
     f, data = spec["finetune"], _data(spec)
     seed_all(spec["seed"])
-    train_ds, num_classes = build_dataset(data, "train", Aug("finetune", data.img_size, crop_min=f.get("crop_min", 0.08),
+    train_ds, num_classes = build_dataset(data, "train", Aug("finetune", data.img_size,
+                                                             crop_min=f.get("crop_min", 0.08),
                                                              randaug=f["randaug"], reprob=f["reprob"]))
     # per-epoch monitoring reads the validation split carved out of the training images, never the test split
     val_ds = build_dataset(data, "val", Aug("eval", data.img_size, crop_pct=data.eval_crop_pct))[0] \
@@ -365,7 +366,8 @@ def _requeue_on_usr2() -> None:
 
     def handler(signum, frame):
         job = os.environ.get("SLURM_ARRAY_JOB_ID") and \
-            f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}" or os.environ["SLURM_JOB_ID"]
+            f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}" \
+            or os.environ["SLURM_JOB_ID"]
         if os.environ.get("SLURM_PROCID", "0") == "0":
             print(f"[stages] USR2 (time limit near): requeueing Slurm job {job}", flush=True)
             subprocess.run(["scontrol", "requeue", job], check=False)

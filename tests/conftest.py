@@ -6,11 +6,11 @@ ROOT = str(Path(__file__).resolve().parents[1])
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import os
-import shutil
-import subprocess
+import os  # noqa: E402  (after the sys.path set-up above)
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
 
-import pytest
+import pytest  # noqa: E402
 
 SLURM_SCRIPT = os.path.join(ROOT, "harness", "slurm_local.sh")
 

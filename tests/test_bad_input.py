@@ -65,7 +65,7 @@ BAD_CONFIG = [
     (["run.device=cpu", "launcher.gpus_per_node=2"], r"gpus_per_node > 0 with run.device=cpu"),
 ]
 
-TRIED = []  # (overrides, first line of the error): printed by the last test of this module
+TRIED = []  # (overrides, first line of the error): printed after the module (list_of_bad_inputs_tried)
 
 
 @pytest.fixture(autouse=True)
@@ -287,8 +287,11 @@ def test_unknown_partition_is_refused_without_a_cluster(capsys, tmp_path, result
     check_slurm(None)
 
 
-def test_zz_list_of_bad_inputs_tried():
-    """Prints every bad input tried in this module and the error it produced (`pytest -s tests/test_bad_input.py`)."""
+@pytest.fixture(scope="module", autouse=True)
+def list_of_bad_inputs_tried():
+    """After the module's tests: prints every bad input tried and the error it produced
+    (`pytest -s tests/test_bad_input.py`), whatever order the tests ran in."""
+    yield
     print(f"\n{len(TRIED)} bad inputs refused before submission:")
     for overrides, error in TRIED:
         print(f"- {overrides}\n    -> {error}")

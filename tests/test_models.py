@@ -78,10 +78,10 @@ def test_preset_shapes_and_official_layout(name):
 
 def test_paper_presets_match_the_paper_sizes():
     # ViT-B/16 student with MAE's dec512d8b decoder; ViT-L/16 teacher; official aligned blocks 8 and 17 exist.
-    b, l = get_arch("vit_base"), get_arch("vit_large")
+    b, lg = get_arch("vit_base"), get_arch("vit_large")
     assert (b.embed_dim, b.depth, b.num_heads) == (768, 12, 12)
     assert (b.decoder_embed_dim, b.decoder_depth, b.decoder_num_heads) == (512, 8, 16)
-    assert (l.embed_dim, l.depth, l.num_heads) == (1024, 24, 16)
+    assert (lg.embed_dim, lg.depth, lg.num_heads) == (1024, 24, 16)
     assert (PRESETS["vit_huge"].embed_dim, PRESETS["vit_huge"].depth) == (1280, 32)
     with pytest.raises(ValueError, match="unknown model preset"):
         get_arch("vit_gigantic")

@@ -28,7 +28,8 @@ def _plan(tmp_path):
               _stage("t-ev", "evaluate", "teacher-evaluate", None, cells),
               _stage("ev0", "evaluate", "evaluate", None, [cells[0]]),
               _stage("ev1", "evaluate", "evaluate", None, [cells[1]])]
-    return Plan("table2", "smoke", tmp_path, {s.id: s for s in stages}, [_cell("dmae", 0, "ev0"), _cell("dmae", 1, "ev1")])
+    return Plan("table2", "smoke", tmp_path, {s.id: s for s in stages},
+                [_cell("dmae", 0, "ev0"), _cell("dmae", 1, "ev1")])
 
 
 def _log(d, n, epoch_s=10.0):

@@ -391,7 +391,7 @@ def test_report_table_banner_and_every_link_exists(tree, tmp_path):
         assert re.search(rf"^\| `{row}` .* \(n=2\) \| .* \| 2/2 done \|$", text, re.M), row
     assert "| `dmae_75` DMAE, 75% masking | 84.0 [" in text and NOT_IMAGENET in text
     found = links(text)
-    figures = [l.split("/", 1)[1] for l in found if l.endswith(".png")]
+    figures = [f.split("/", 1)[1] for f in found if f.endswith(".png")]
     expected = ["claims_forest.png", "top1_by_row.png"] + (["val_curves.png"] if has_val_curves(tree) else []) \
         + ["curves-teacher.png"] + [f"curves-{r}.png" for r in ROWS]
     assert figures == expected and "top1_vs_mask" not in text  # the twin-axis plot is gone

@@ -63,7 +63,7 @@ def test_failed_upstream_makes_the_chain_stale_named_in_the_report_and_the_rerun
 
     stale = plan.stale()
     assert set(stale) == {cell.finetune, cell.evaluate}
-    assert f"its input" in stale[cell.finetune] and cell.pretrain in stale[cell.finetune]
+    assert "its input" in stale[cell.finetune] and cell.pretrain in stale[cell.finetune]
     c = collect(plan.root)
     row = c.cells.iloc[0]
     assert row["status"] != "done" and row["top1"] != row["top1"]  # NaN: no number from a stale chain
