@@ -48,6 +48,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .rundir import git_commit
+
 SCHEMA = 1
 DEFAULT_DIR = "results/bench"
 TRAIN_KINDS = ("mae", "dmae", "finetune", "finetune_kd")
@@ -854,7 +856,7 @@ def _run(shapes, device, steps, warmup, batch, batch_cap, out_dir, data, data_im
     from timm.layers import use_fused_attn
     result = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": info,
               "command": command, "torch": torch.__version__, "timm": timm.__version__,
-              "python": sys.version.split()[0], "host": platform.node(), "git_commit": _git_commit(),
+              "python": sys.version.split()[0], "host": platform.node(), "git_commit": git_commit(),
               "timm_fused_attn": use_fused_attn(), "load_avg_start": _loadavg(),
               "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
                                                  "MKL_NUM_THREADS", "TIMM_FUSED_ATTN") if k in os.environ},
@@ -898,15 +900,6 @@ def _loadavg() -> Optional[List[float]]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
-        return None
-
-
-def _git_commit() -> Optional[str]:
-    import subprocess
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or None
-    except Exception:
         return None
 
 

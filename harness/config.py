@@ -408,7 +408,7 @@ def _check_section(where: str, sec: dict, kind: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Semantic checks the schema cannot express (impossible values, unknown presets, block indices)."""
     from omegaconf.errors import OmegaConfBaseException
-    from .models import PRESETS
+    from .arch import PRESETS
 
     try:  # hydra lets `+section.key=...` add keys to a structured config: re-check the whole tree against the schema
         OmegaConf.merge(OmegaConf.structured(TableConfig), OmegaConf.to_container(cfg, resolve=False))

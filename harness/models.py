@@ -18,37 +18,8 @@ from torch import nn
 from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from .arch import PRESETS, Arch, get_arch  # noqa: F401  (re-exported: the presets' home is harness.arch)
 
-@dataclass(frozen=True)
-class Arch:
-    """Encoder width/depth/heads plus the MAE decoder's. Patch and image size come from the data."""
-
-    embed_dim: int
-    depth: int
-    num_heads: int
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    mlp_ratio: float = 4.0
-
-
-# Paper-scale presets use MAE's official decoder (dec512d8b). The small ones drive the embedded default on CPU.
-PRESETS: Dict[str, Arch] = {
-    "vit_tiny": Arch(192, 12, 3),
-    "vit_small": Arch(384, 12, 6),
-    "vit_base": Arch(768, 12, 12),
-    "vit_large": Arch(1024, 24, 16),
-    "vit_huge": Arch(1280, 32, 16),
-    # CPU-sized ViTs for Fashion-MNIST (28x28, patch 4 -> 49 tokens), named by width (w), depth (d) and decoder.
-    # The tiny profile's teacher (~1.2M encoder parameters) and student (~0.2M): 6x, as ViT-L/ViT-B is 3.5x.
-    "vit_w128d6_dec64d1": Arch(128, 6, 4, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2),
-    "vit_w64d4_dec64d1": Arch(64, 4, 2, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2),
-    "vit_w32d3_dec32d1": Arch(32, 3, 2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2),
-    "vit_micro": Arch(192, 6, 3, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
-    "vit_nano": Arch(96, 4, 3, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
-    "vit_pico": Arch(48, 3, 3, decoder_embed_dim=48, decoder_depth=1, decoder_num_heads=3),
-    "vit_femto": Arch(32, 2, 2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2),
-}
 
 _norm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -264,10 +235,3 @@ def build_classifier(arch: Arch, num_classes: int, img_size: int = 224, patch_si
     trunc_normal_(model.head.weight, std=2e-5)
     nn.init.zeros_(model.head.bias)
     return model
-
-
-def get_arch(name: str) -> Arch:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None

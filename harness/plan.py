@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import (ConfigError, DistillConfig, FinetuneConfig, KDConfig, ModelConfig, PretrainConfig, TeacherConfig,
                      check_name, merged, resolve_accum, resolve_pairs, resolve_schedule, world_size)
-from .models import get_arch
-from .rundir import ERROR_FILE, MODEL_FILE, RESULT_FILE, STALE_DIR, FileHashes, broken_input, read_result
-from .stages import spec_hash
+from .arch import get_arch
+from .rundir import (ERROR_FILE, MODEL_FILE, RESULT_FILE, STALE_DIR, FileHashes, broken_input, git_commit,
+                     read_result, spec_hash, write_json)
 
 MANIFEST = "manifest.json"
 
@@ -256,11 +256,10 @@ def _toposort(stages: Dict[str, Stage]) -> List[str]:
 
 def write_manifest(plan: Plan, cfg: DictConfig, command: str, overrides: List[str]) -> Path:
     """Everything the report needs to map stage results back to table rows, plus provenance."""
-    from .stages import _git_commit, write_json
     plan.root.mkdir(parents=True, exist_ok=True)
     manifest = {
         "table": plan.table, "profile": plan.profile, "title": cfg.title, "profile_note": cfg.profile_note,
-        "command": command, "overrides": list(overrides), "git_commit": _git_commit(), "seeds": cfg.seeds,
+        "command": command, "overrides": list(overrides), "git_commit": git_commit(), "seeds": cfg.seeds,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "cells": [c.__dict__ for c in plan.cells],
         "stages": {s.id: {"kind": s.kind, "role": s.role, "name": s.spec["name"], "inputs": s.inputs,

@@ -9,9 +9,14 @@ it aside and recomputes it, and the report never shows a number from it.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -19,7 +24,89 @@ MODEL_FILE = "model.pth"
 RESULT_FILE = "result.json"
 ERROR_FILE = "error.json"
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".stage.lock"
 STALE_DIR = ".stale"  # <results root>/.stale/<stage id>.<time>: stale stages moved aside, never deleted
+
+
+def spec_hash(spec: dict) -> str:
+    """The hash in a stage id: over the whole resolved spec, inputs' stage ids included."""
+    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def write_json(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def git_commit() -> Optional[str]:
+    """The code version a result was computed with (None outside a git checkout)."""
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except Exception:
+        return None
+
+
+class StageLocked(RuntimeError):
+    """Another process is running this stage (it holds <run_dir>/.stage.lock)."""
+
+    def __init__(self, message: str, stage_id: str = "", holder: str = ""):
+        super().__init__(message)
+        self.stage_id, self.holder = stage_id, holder
+
+
+def _read_holder(f) -> str:
+    f.seek(0)
+    return f.read().strip()
+
+
+@contextmanager
+def stage_lock(run_dir: Path, stage_id: str, wait_s: float = 1.0):
+    """Exclusive, non-blocking flock on <run_dir>/.stage.lock for as long as the stage runs; released by the kernel
+    when the process dies, so a killed run never leaves a stale lock. A brief retry (wait_s) absorbs a driver's
+    probe (lock_holder); then StageLocked names the holder."""
+    path = Path(run_dir) / LOCK_FILE
+    f = open(path, "a+")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = _read_holder(f)
+                f.close()
+                raise StageLocked(f"stage {stage_id} is already being run by {holder or 'another process'} (it holds "
+                                  f"{path}); refusing to run it twice at once. Wait for that run to end, or stop "
+                                  "it first.", stage_id, holder or "another process") from None
+            time.sleep(0.05)
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}")
+    f.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def lock_holder(run_dir: str | Path) -> Optional[str]:
+    """Who runs the stage in run_dir now ('pid N on host since ...'), or None when nobody holds its lock."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        f = open(path, "r")
+    except FileNotFoundError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(f) or "another process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -16,8 +16,6 @@ Run one by hand:  python -m harness.stages results/table2/smoke/<stage-id>
 """
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
 import platform
@@ -26,31 +24,21 @@ import subprocess
 import sys
 import time
 import traceback
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
 from .checkpoints import atomic_save, encoder_to_classifier, load_weights, safe_load, state_dict_of, DECODER_KEYS
 from .data import Aug, DataSpec, build_dataset
 from .models import build_classifier, build_mae, get_arch
-from .rundir import CONFIG_FILE, ERROR_FILE, MODEL_FILE, RESULT_FILE, input_record, sha256_file  # noqa: F401
+from .rundir import (CONFIG_FILE, ERROR_FILE, LOCK_FILE, MODEL_FILE, RESULT_FILE, StageLocked,  # noqa: F401
+                     git_commit, input_record, lock_holder, sha256_file, spec_hash, stage_lock, write_json)
 from .train import NonFiniteLoss, Runtime, Schedule, evaluate_classifier, fit, seed_all, setup_runtime
 
-LOCK_FILE = ".stage.lock"
 SCHEDULE_KEYS = ("epochs", "warmup_epochs", "batch_size", "accum_iter", "blr", "min_lr", "weight_decay", "betas",
                  "clip_grad")
-
-
-def spec_hash(spec: dict) -> str:
-    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-
-
-def write_json(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def _schedule(section: dict) -> Schedule:
@@ -184,75 +172,6 @@ def evaluate(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, sta
 STAGES = {"pretrain": pretrain, "finetune": finetune, "evaluate": evaluate}
 
 
-def _git_commit() -> Optional[str]:
-    try:
-        here = Path(__file__).resolve().parent
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or None
-    except Exception:
-        return None
-
-
-class StageLocked(RuntimeError):
-    """Another process is running this stage (it holds <run_dir>/.stage.lock)."""
-
-    def __init__(self, message: str, stage_id: str = "", holder: str = ""):
-        super().__init__(message)
-        self.stage_id, self.holder = stage_id, holder
-
-
-def _read_holder(f) -> str:
-    f.seek(0)
-    return f.read().strip()
-
-
-@contextmanager
-def stage_lock(run_dir: Path, stage_id: str, wait_s: float = 1.0):
-    """Exclusive, non-blocking flock on <run_dir>/.stage.lock for as long as the stage runs; released by the kernel
-    when the process dies, so a killed run never leaves a stale lock. A brief retry (wait_s) absorbs a driver's
-    probe (lock_holder); then StageLocked names the holder."""
-    path = Path(run_dir) / LOCK_FILE
-    f = open(path, "a+")
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                holder = _read_holder(f)
-                f.close()
-                raise StageLocked(f"stage {stage_id} is already being run by {holder or 'another process'} (it holds "
-                                  f"{path}); refusing to run it twice at once. Wait for that run to end, or stop "
-                                  "it first.", stage_id, holder or "another process") from None
-            time.sleep(0.05)
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}")
-    f.flush()
-    try:
-        yield
-    finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
-
-
-def lock_holder(run_dir: str | Path) -> Optional[str]:
-    """Who runs the stage in run_dir now ('pid N on host since ...'), or None when nobody holds its lock."""
-    path = Path(run_dir) / LOCK_FILE
-    try:
-        f = open(path, "r")
-    except FileNotFoundError:
-        return None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return _read_holder(f) or "another process"
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return None
-
-
 def _remove_stale_tmp(run_dir: Path, log) -> None:
     """Temporary files of killed processes (config/log/model/result writes); checkpoint ones are left to fit(),
     which reports them when no complete checkpoint exists."""
@@ -335,7 +254,7 @@ def _run_locked(spec: dict, run_dir: Path, inputs: Dict[str, str], runtime: dict
               "device_name": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor()
               or platform.machine(), "world_size": rt.world, "device_hours": wall * rt.world / 3600.0,
               "host": socket.gethostname(), "torch": torch.__version__, "python": sys.version.split()[0],
-              "git_commit": _git_commit(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "git_commit": git_commit(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "runtime": {k: runtime.get(k) for k in ("device", "amp", "threads", "num_workers")}, "inputs": consumed}
     if rt.is_main and (run_dir / MODEL_FILE).exists():
         result["model_sha256"] = sha256_file(run_dir / MODEL_FILE)

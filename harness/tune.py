@@ -34,7 +34,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .config import load_config
     from .launch import _runtime
     from .plan import build_plan
-    from .stages import RESULT_FILE, _git_commit, run_stage
+    from .rundir import RESULT_FILE, git_commit
+    from .stages import run_stage
     from .stats import last_epoch_gain
 
     overrides = list(args.overrides)
@@ -61,7 +62,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                "best_val_top1": round(res["best_val_top1"], 2), "last_epoch_gain": round(gain, 2),
                "val_curve": " ".join(f"{r['val_top1']:.1f}" for r in log),
                "train_s": round(json.loads((plan.dir(sid) / RESULT_FILE).read_text())["wall_s"], 1),
-               "git_commit": (_git_commit() or "")[:10]}
+               "git_commit": (git_commit() or "")[:10]}
         new = not record.exists()
         with open(record, "a", newline="") as f:  # each fine-tune as soon as it is done: a stopped trial keeps its rows
             w = csv.DictWriter(f, fieldnames=RECORD_COLUMNS)
