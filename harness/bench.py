@@ -87,6 +87,12 @@ class StepSpec:
     mixup: float = 0.0
     cutmix: float = 0.0
     smoothing: float = 0.0
+    # the optimizer and loss settings of the profile's stages (harness.build makes both from them)
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75  # fine-tuning kinds
+    betas: Tuple[float, ...] = ()  # () = the official default of the kind
+    distill: Tuple[Tuple[str, object], ...] = ()  # dmae: alpha, pixel_weight, distance, normalize, include_cls, ...
+    kd: Tuple[object, ...] = ("soft", 0.5, 1.0)  # finetune_kd: kind, weight, temperature
 
     @property
     def trains(self) -> bool:
@@ -116,6 +122,9 @@ class StepSpec:
     def from_dict(cls, d: dict) -> "StepSpec":
         d = dict(d)
         d["pairs"] = tuple(tuple(int(x) for x in p) for p in d.get("pairs", ()))
+        d["betas"] = tuple(d.get("betas", ()))
+        d["distill"] = tuple(tuple(kv) for kv in d.get("distill", ()))
+        d["kd"] = tuple(d.get("kd", cls.kd))
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -160,12 +169,19 @@ def profile_steps(profile: str, batch: Optional[int] = None, device_type: str = 
     masks = sorted({float(pre["mask_ratio"])} | {float(r.get("pretrain", {}).get("mask_ratio", pre["mask_ratio"]))
                                                  for r in c["rows"].values() if r.get("method") == "dmae"})
     base = dict(patch_size=int(st["patch_size"]), img_size=img, num_classes=n_cls)
+    distill = tuple((k, dis[k]) for k in ("alpha", "pixel_weight", "distance", "normalize", "include_cls",
+                                          "projection"))
     mae = StepSpec("mae", st["preset"], batch=bs(pre["batch_size"]), mask_ratio=float(pre["mask_ratio"]),
-                   visible_rounding=pre.get("visible_rounding", "paper"), **base)
+                   visible_rounding=pre.get("visible_rounding", "paper"), weight_decay=float(pre["weight_decay"]),
+                   betas=tuple(float(b) for b in pre["betas"]), **base)
     dmae = replace(mae, kind="dmae", teacher=te["model"]["preset"], teacher_patch=int(te["model"]["patch_size"]),
-                   teacher_mode="partial", pairs=pairs)
+                   teacher_mode="partial", pairs=pairs, distill=distill)
+    kd = c["kd"]
     ft = StepSpec("finetune", st["preset"], batch=bs(fin["batch_size"]), drop_path=float(fin["drop_path"]),
-                  mixup=float(fin["mixup"]), cutmix=float(fin["cutmix"]), smoothing=float(fin["smoothing"]), **base)
+                  mixup=float(fin["mixup"]), cutmix=float(fin["cutmix"]), smoothing=float(fin["smoothing"]),
+                  weight_decay=float(fin["weight_decay"]), layer_decay=float(fin["layer_decay"]),
+                  betas=tuple(float(b) for b in fin["betas"]),
+                  kd=(kd["kind"], float(kd["weight"]), float(kd["temperature"])), **base)
     steps = [(f"mae_{_mask_tag(mae.mask_ratio)}", mae),
              (f"dmae_partial_{_mask_tag(mae.mask_ratio)}", dmae),
              (f"dmae_full_{_mask_tag(mae.mask_ratio)}", replace(dmae, teacher_mode="full"))]
@@ -180,11 +196,14 @@ def profile_steps(profile: str, batch: Optional[int] = None, device_type: str = 
         steps += [(f"teacher_mae_{_mask_tag(float(tp['mask_ratio']))}",
                    StepSpec("mae", te["model"]["preset"], batch=bs(tp["batch_size"]),
                             mask_ratio=float(tp["mask_ratio"]), visible_rounding=tp.get("visible_rounding", "paper"),
+                            weight_decay=float(tp["weight_decay"]), betas=tuple(float(b) for b in tp["betas"]),
                             **tbase)),
                   ("teacher_finetune",
                    StepSpec("finetune", te["model"]["preset"], batch=bs(tf["batch_size"]),
                             drop_path=float(tf["drop_path"]), mixup=float(tf["mixup"]), cutmix=float(tf["cutmix"]),
-                            smoothing=float(tf["smoothing"]), **tbase)),
+                            smoothing=float(tf["smoothing"]), weight_decay=float(tf["weight_decay"]),
+                            layer_decay=float(tf["layer_decay"]), betas=tuple(float(b) for b in tf["betas"]),
+                            **tbase)),
                   ("teacher_eval", StepSpec("eval", te["model"]["preset"], batch=bs(tf["eval_batch_size"]),
                                             **tbase))]
     return steps
@@ -227,12 +246,13 @@ class Pool:
 
 def _student_mae(pool: Pool, s: StepSpec, distill_dims: Sequence[int]):
     from .models import build_mae, get_arch
+    projection = dict(s.distill).get("projection", "linear")
 
     def make():
         torch.manual_seed(0)
         m = build_mae(get_arch(s.model), s.img_size, s.patch_size)
         if distill_dims:
-            m.add_distill_heads(list(distill_dims))
+            m.add_distill_heads(list(distill_dims), projection)
         return m.to(pool.device).train()
     return pool.get(("mae", s.model, s.patch_size, s.img_size, tuple(distill_dims)), make)
 
@@ -257,36 +277,33 @@ def _classifier(pool: Pool, preset: str, s: StepSpec, patch: int, frozen: bool, 
                      0.0 if frozen else drop_path), make)
 
 
-def _optimizer(pool: Pool, model: nn.Module, kind: str, impl: str = "default"):
-    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+def _optimizer(pool: Pool, model: nn.Module, s: StepSpec, impl: str = "default"):
+    """The optimizer the stages build (harness.build), at the profile's weight decay, layer decay and betas."""
+    from . import build
 
     def make():
-        if kind in ("mae", "dmae"):
-            groups = param_groups_weight_decay(model, 0.05, no_weight_decay_list=model.no_weight_decay())
-            betas = (0.9, 0.95)
+        if s.kind in ("mae", "dmae"):
+            groups = build.pretrain_param_groups(model, s.weight_decay)
+            betas = s.betas or (0.9, 0.95)
         else:
-            groups = param_groups_layer_decay(model, 0.05, no_weight_decay_list=model.no_weight_decay(),
-                                              layer_decay=0.75)
-            betas = (0.9, 0.999)
-        extra = {"foreach": True} if impl == "adamw_foreach" else {"fused": True} if impl == "adamw_fused" else {}
-        return torch.optim.AdamW(groups, lr=1e-5, betas=betas, **extra)
+            groups = build.finetune_param_groups(model, s.weight_decay, s.layer_decay)
+            betas = s.betas or (0.9, 0.999)
+        return build.optimizer(groups, 1e-5, betas, impl)
     return pool.get(("opt", id(model), impl), make)
 
 
 def _objective(pool: Pool, s: StepSpec, teacher: Optional[nn.Module]):
-    from .objectives import ClassifyObjective, DMAEObjective, MAEObjective
+    """The objective the stages build (harness.build) from the profile's settings."""
+    from . import build
 
     def make():
-        if s.kind == "mae":
-            return MAEObjective(s.mask_ratio, s.visible_rounding)
-        if s.kind == "dmae":
-            return DMAEObjective(teacher, s.pairs, teacher_mode=s.teacher_mode, mask_ratio=s.mask_ratio,
-                                 visible_rounding=s.visible_rounding)
-        mix = dict(mixup=s.mixup, cutmix=s.cutmix, smoothing=s.smoothing)
-        if s.kind == "finetune_kd":
-            from baselines.kd import KDObjective
-            return KDObjective(teacher, s.num_classes, kind="soft", weight=0.5, temperature=1.0, **mix)
-        return ClassifyObjective(s.num_classes, **mix)
+        if s.kind in ("mae", "dmae"):
+            p = dict(mask_ratio=s.mask_ratio, visible_rounding=s.visible_rounding)
+            d = dict(s.distill, teacher_mode=s.teacher_mode) if s.kind == "dmae" else None
+            return build.pretrain_objective(s.kind, p, d, teacher, s.pairs)
+        f = dict(mixup=s.mixup, cutmix=s.cutmix, smoothing=s.smoothing)
+        kd = dict(zip(("kind", "weight", "temperature"), s.kd)) if s.kind == "finetune_kd" else None
+        return build.finetune_objective(s.num_classes, f, kd, teacher)
     return pool.get(("objective", s, id(teacher)), make)
 
 
@@ -347,7 +364,7 @@ def build_step(pool: Pool, s: StepSpec, amp: str, options: Optional[dict] = None
             teacher = _classifier(pool, s.teacher, s, s.teacher_patch, frozen=True, drop_path=0.0)
     models = [model] + ([teacher] if teacher is not None else [])
     objective = _objective(pool, s, teacher) if s.trains else None
-    opt = _optimizer(pool, model, s.kind, options.get("optimizer", "default")) if s.trains else None
+    opt = _optimizer(pool, model, s, options.get("optimizer", "default")) if s.trains else None
     run_model = model
     if options.get("compile"):
         run_model = pool.get(("compiled", id(model)), lambda: torch.compile(model))

@@ -30,6 +30,7 @@ from typing import Dict
 
 import torch
 
+from .build import finetune_objective, finetune_param_groups, pretrain_objective, pretrain_param_groups
 from .checkpoints import atomic_save, encoder_to_classifier, load_weights, safe_load, state_dict_of, DECODER_KEYS
 from .data import Aug, DataSpec, build_dataset
 from .models import build_classifier, build_mae, get_arch
@@ -77,30 +78,17 @@ def _save_model(model, spec: dict, stage_id: str, run_dir: Path) -> None:
 
 
 def pretrain(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, stage_id: str) -> dict:
-    from timm.optim import param_groups_weight_decay
-    from .objectives import DMAEObjective, MAEObjective
-
     p, data = spec["pretrain"], _data(spec)
     seed_all(spec["seed"])
     model = build_mae(get_arch(spec["model"]["preset"]), **_img(spec))
-    mae_kwargs = dict(mask_ratio=p["mask_ratio"], visible_rounding=p["visible_rounding"],
-                      norm_pix_loss=p["norm_pix_loss"])
-    if spec["objective"] == "mae":
-        objective = MAEObjective(**mae_kwargs)
-    elif spec["objective"] == "dmae":
-        d = spec["distill"]
+    teacher, d = None, spec.get("distill")
+    if spec["objective"] == "dmae":
         teacher = load_teacher_encoder(inputs["teacher"], spec["teacher_model"], data.img_size,
                                        with_decoder=d["teacher_mode"] == "full")
         model.add_distill_heads([teacher.embed_dim] * len(d["pairs"]), d["projection"])
-        objective = DMAEObjective(teacher, d["pairs"], alpha=d["alpha"], pixel_weight=d["pixel_weight"],
-                                  distance=d["distance"], normalize=d["normalize"], include_cls=d["include_cls"],
-                                  teacher_mode=d["teacher_mode"], **mae_kwargs)
-    else:
-        raise ValueError(f"pre-training objective must be 'mae' or 'dmae', got {spec['objective']!r}")
+    objective = pretrain_objective(spec["objective"], p, d, teacher, d["pairs"] if teacher is not None else ())
     train_ds, _ = build_dataset(data, "train", Aug("pretrain", data.img_size, crop_min=p.get("crop_min", 0.2)))
-    # MAE/DMAE pre-training (optim_factory.add_weight_decay, no skip list): no decay on biases and 1-D (norm) params
-    # only; cls_token and mask_token are decayed, pos_embeds are frozen.
-    groups = param_groups_weight_decay(model, p["weight_decay"])
+    groups = pretrain_param_groups(model, p["weight_decay"])
     res = fit(model=model, objective=objective, param_groups=groups, dataset=train_ds, schedule=_schedule(p),
               run_dir=run_dir, spec_hash=spec_hash(spec), seed=spec["seed"], rt=rt, name=spec["name"])
     if rt.is_main:
@@ -113,9 +101,6 @@ def pretrain(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, sta
 
 
 def finetune(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, stage_id: str) -> dict:
-    from timm.optim import param_groups_layer_decay
-    from .objectives import ClassifyObjective
-
     f, data = spec["finetune"], _data(spec)
     seed_all(spec["seed"])
     train_ds, num_classes = build_dataset(data, "train", Aug("finetune", data.img_size,
@@ -128,17 +113,12 @@ def finetune(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, sta
     if inputs.get("init"):
         sd = encoder_to_classifier(state_dict_of(safe_load(inputs["init"])))
         load_weights(model, sd, source=f"pre-trained checkpoint {inputs['init']}", allow_missing=("head.", "fc_norm."))
-    mix = dict(mixup=f["mixup"], cutmix=f["cutmix"], smoothing=f["smoothing"])
+    teacher = None
     if spec.get("kd"):
-        from baselines.kd import KDObjective
-        k = spec["kd"]
         teacher = load_classifier(inputs["kd_teacher"], spec["teacher_model"], data.img_size, num_classes)
-        objective = KDObjective(teacher, num_classes, kind=k["kind"], weight=k["weight"],
-                                temperature=k["temperature"], **mix)
-    else:
-        objective = ClassifyObjective(num_classes, **mix)
-    groups = param_groups_layer_decay(model, f["weight_decay"], no_weight_decay_list=model.no_weight_decay(),
-                                      layer_decay=f["layer_decay"])
+    objective = finetune_objective(num_classes, f, spec.get("kd"), teacher)
+    groups = finetune_param_groups(model, f["weight_decay"], f["layer_decay"])
+
     def eval_fn(m) -> dict:
         r = evaluate_classifier(m, val_ds, f["eval_batch_size"], rt)
         return {"val_top1": r["top1"], "val_top5": r["top5"], "n_val": r["n_eval"]}

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .build import optimizer as build_optimizer
 from .checkpoints import CheckpointError, load_last, save_last
 
 
@@ -208,7 +209,7 @@ def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, s
         objective.teacher.to(rt.device)
     eff_batch = schedule.batch_size * schedule.accum_iter * rt.world
     lr = schedule.blr * eff_batch / 256
-    optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(schedule.betas))
+    optimizer = build_optimizer(param_groups, lr, schedule.betas)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp == "fp16")
 
     steps_per_epoch = len(loader(dataset, schedule.batch_size, True, 0, 0, rt.rank, rt.world, seed=seed))

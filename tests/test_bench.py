@@ -112,3 +112,37 @@ def test_estimate_plan_without_benchmarks_is_empty(tmp_path):
     assert estimate_plan(plan, cfg, bench_dir=tmp_path / "no-bench", verbose=False) == {}
     (tmp_path / "empty").mkdir()
     assert estimate_plan(plan, cfg, bench_dir=tmp_path / "empty", verbose=False) == {}
+
+
+def _groups(param_groups):
+    return [(g["weight_decay"], g.get("lr_scale", 1.0), sorted(tuple(p.shape) for p in g["params"]))
+            for g in param_groups]
+
+
+def test_benchmarked_steps_train_with_the_stages_settings_and_builders():
+    """The benchmark measures the step training runs: its steps carry the profile's optimizer, distillation and KD
+    settings, and their optimizer and objective come from harness.build, as the stages' do (an earlier bench had
+    its own factory: no weight decay on cls/mask tokens in pre-training, hard-coded KD settings)."""
+    import torch
+
+    from harness import build
+    c = bench._profile_cfg("tiny")
+    steps = dict(bench.profile_steps("tiny"))
+    mae, dmae, ft, kd = steps["mae_m75"], steps["dmae_partial_m75"], steps["finetune"], steps["finetune_kd"]
+    pre, fin = c["pretrain"], c["finetune"]
+    assert (mae.weight_decay, mae.betas) == (pre["weight_decay"], tuple(pre["betas"]))
+    assert (ft.weight_decay, ft.layer_decay, ft.betas) == (fin["weight_decay"], fin["layer_decay"], tuple(fin["betas"]))
+    assert kd.kd == (c["kd"]["kind"], c["kd"]["weight"], c["kd"]["temperature"])
+    assert {k: v for k, v in dmae.distill} == {k: c["distill"][k] for k, _ in dmae.distill}
+
+    pool = bench.Pool(torch.device("cpu"))
+    for spec, param_groups in ((mae, build.pretrain_param_groups), (ft, None)):
+        step = bench.build_step(pool, spec, "none")
+        model = step.models[0]
+        opt = next(v for k, v in pool.items.items() if k[0] == "opt" and k[1] == id(model))
+        ref = build.pretrain_param_groups(model, pre["weight_decay"]) if param_groups else \
+            build.finetune_param_groups(model, fin["weight_decay"], fin["layer_decay"])
+        assert _groups(opt.param_groups) == _groups(ref)
+        assert opt.param_groups[0]["betas"] == (tuple(pre["betas"]) if param_groups else tuple(fin["betas"]))
+    objective = next(v for k, v in pool.items.items() if k[0] == "objective" and k[1] == ft)
+    assert type(objective) is type(build.finetune_objective(10, fin))
