@@ -197,10 +197,89 @@ class FitResult:
     earlier_seconds: float = 0.0  # training time of earlier attempts, from the checkpoint resumed
 
 
+def resume(run_dir: Path, spec_hash: str, model: nn.Module, optimizer, scaler, rt: Runtime, seed: int,
+           epochs: int, name: str) -> FitResult:
+    """Restore model, optimizer, scaler and RNG from run_dir/checkpoint-last.pth (a checkpoint of another spec is
+    refused), or seed a fresh start and say so; then make log.jsonl the restored history and remove temporary files
+    of interrupted checkpoint writes. Returns the history so far, the epoch to start from and earlier attempts' time."""
+    result = FitResult()
+    state = load_last(run_dir, log=rt.log, quarantine=rt.is_main)
+    if state is not None:
+        if state.get("spec_hash") != spec_hash:
+            raise CheckpointError(f"{run_dir}/checkpoint-last.pth was written for another configuration "
+                                  f"(hash {state.get('spec_hash')} vs {spec_hash}); refusing to resume. Move it away "
+                                  "or use a fresh run directory.")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        result.resumed_from_epoch = int(state["epoch"])
+        result.history = list(state.get("history", []))
+        result.earlier_seconds = float(state.get("train_seconds", 0.0))
+        rt.log(f"[{name}] resumed from checkpoint-last at epoch {result.resumed_from_epoch}/{epochs}")
+    else:
+        _fresh_start_notice(run_dir, rt, name)
+        seed_all(seed * 1000 + rt.rank)
+    if rt.is_main:
+        for p in _stray_checkpoint_tmps(run_dir):
+            p.unlink(missing_ok=True)
+            rt.log(f"[{name}] removed {p.name}, left by an interrupted checkpoint write")
+        # log.jsonl = the checkpoint's history: drop lines of epochs written after it (or after a fallback)
+        tmp = run_dir / f".log.jsonl.tmp-{os.getpid()}"
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in result.history))
+        os.replace(tmp, run_dir / "log.jsonl")
+    return result
+
+
+def train_one_epoch(train_model: nn.Module, model: nn.Module, objective: Callable, optimizer, scaler, data,
+                    schedule: Schedule, lr: float, epoch: int, steps_per_epoch: int, rt: Runtime, name: str) -> dict:
+    """One pass over `data` (MAE's engine_*.train_one_epoch): per-step lr, autocast, the non-finite check, gradient
+    accumulation, clipping and the (scaled) optimizer step. Returns the epoch's mean loss terms, images seen and
+    seconds."""
+    train_model.train()
+    sums: Dict[str, float] = {}
+    n_steps, seen = 0, 0
+    t0 = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for step, (imgs, labels) in enumerate(data):
+        if step % schedule.accum_iter == 0:
+            set_lr(optimizer, lr_at(schedule, lr, epoch, step, steps_per_epoch))
+        imgs = imgs.to(rt.device, non_blocking=True)
+        labels = labels.to(rt.device, non_blocking=True)
+        with _autocast(rt):
+            loss, terms = objective(train_model, imgs, labels)
+        if not torch.isfinite(loss):
+            detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+            if terms and all(torch.isfinite(v).all() for v in terms.values()):
+                detail += "; every term is finite, so a weight combining them is not (e.g. distill.alpha)"
+            raise NonFiniteLoss(f"non-finite loss {loss.item()} at epoch {epoch} step {step} (0-based; {detail}) "
+                                f"in {name}")
+        scaler.scale(loss / schedule.accum_iter).backward()
+        if (step + 1) % schedule.accum_iter == 0:
+            if schedule.clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), schedule.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        n_steps += 1
+        seen += imgs.shape[0]
+        sums["loss"] = sums.get("loss", 0.0) + loss.item()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v.item()
+        if rt.log_every and (step + 1) % rt.log_every == 0:
+            ips = seen * rt.world / (time.perf_counter() - t0)
+            rt.log(f"[{name}] epoch {epoch + 1}/{schedule.epochs} step {step + 1}/{steps_per_epoch} "
+                   f"loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} {ips:.0f} img/s")
+    return {"means": {k: v / max(1, n_steps) for k, v in sums.items()}, "seen": seen,
+            "seconds": time.perf_counter() - t0}
+
+
 def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, schedule: Schedule, run_dir: Path,
         spec_hash: str, seed: int, rt: Runtime, name: str = "stage",
         eval_fn: Optional[Callable[[nn.Module], Dict[str, float]]] = None) -> FitResult:
-    """Train `model` with `objective` for schedule.epochs epochs, resuming from run_dir/checkpoint-last.pth."""
+    """Train `model` with `objective` for schedule.epochs epochs, resuming from run_dir/checkpoint-last.pth: set-up,
+    resume(), then per epoch train_one_epoch(), the validation eval_fn, the log line and checkpoint-last."""
     from .data import loader
 
     run_dir = Path(run_dir)
@@ -221,34 +300,8 @@ def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, s
            f"(= {schedule.batch_size} per device x {schedule.accum_iter} accum x {rt.world} device(s))  "
            f"{steps_per_epoch} steps/epoch, {total_updates} updates, warmup {schedule.warmup_epochs} epochs")
 
-    result = FitResult()
-    start_epoch, prior_seconds = 0, 0.0
-    state = load_last(run_dir, log=rt.log, quarantine=rt.is_main)
-    if state is not None:
-        if state.get("spec_hash") != spec_hash:
-            raise CheckpointError(f"{run_dir}/checkpoint-last.pth was written for another configuration "
-                                  f"(hash {state.get('spec_hash')} vs {spec_hash}); refusing to resume. Move it away "
-                                  "or use a fresh run directory.")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start_epoch = int(state["epoch"])
-        result.history = list(state.get("history", []))
-        prior_seconds = float(state.get("train_seconds", 0.0))
-        result.resumed_from_epoch = start_epoch
-        rt.log(f"[{name}] resumed from checkpoint-last at epoch {start_epoch}/{schedule.epochs}")
-    else:
-        _fresh_start_notice(run_dir, rt, name)
-        seed_all(seed * 1000 + rt.rank)
-    if rt.is_main:
-        for p in _stray_checkpoint_tmps(run_dir):
-            p.unlink(missing_ok=True)
-            rt.log(f"[{name}] removed {p.name}, left by an interrupted checkpoint write")
-    if rt.is_main:  # log.jsonl = the checkpoint's history: drop lines of epochs written after it (or after a fallback)
-        tmp = run_dir / f".log.jsonl.tmp-{os.getpid()}"
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in result.history))
-        os.replace(tmp, run_dir / "log.jsonl")
+    result = resume(run_dir, spec_hash, model, optimizer, scaler, rt, seed, schedule.epochs, name)
+    prior_seconds = result.earlier_seconds
 
     train_model = model
     if rt.distributed:
@@ -257,46 +310,13 @@ def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, s
 
     t_start = time.perf_counter()
     throughputs = []
-    for epoch in range(start_epoch, schedule.epochs):
-        train_model.train()
+    for epoch in range(result.resumed_from_epoch, schedule.epochs):
         data = loader(dataset, schedule.batch_size, True, epoch, rt.num_workers, rt.rank, rt.world, seed=seed)
-        sums: Dict[str, float] = {}
-        n_steps, seen = 0, 0
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        for step, (imgs, labels) in enumerate(data):
-            if step % schedule.accum_iter == 0:
-                set_lr(optimizer, lr_at(schedule, lr, epoch, step, steps_per_epoch))
-            imgs = imgs.to(rt.device, non_blocking=True)
-            labels = labels.to(rt.device, non_blocking=True)
-            with _autocast(rt):
-                loss, terms = objective(train_model, imgs, labels)
-            if not torch.isfinite(loss):
-                detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-                if terms and all(torch.isfinite(v).all() for v in terms.values()):
-                    detail += "; every term is finite, so a weight combining them is not (e.g. distill.alpha)"
-                raise NonFiniteLoss(f"non-finite loss {loss.item()} at epoch {epoch} step {step} (0-based; {detail}) "
-                                    f"in {name}")
-            scaler.scale(loss / schedule.accum_iter).backward()
-            if (step + 1) % schedule.accum_iter == 0:
-                if schedule.clip_grad:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), schedule.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-            n_steps += 1
-            seen += imgs.shape[0]
-            sums["loss"] = sums.get("loss", 0.0) + loss.item()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
-            if rt.log_every and (step + 1) % rt.log_every == 0:
-                ips = seen * rt.world / (time.perf_counter() - t0)
-                rt.log(f"[{name}] epoch {epoch + 1}/{schedule.epochs} step {step + 1}/{steps_per_epoch} "
-                       f"loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} {ips:.0f} img/s")
-        epoch_s = time.perf_counter() - t0
-        throughputs.append(seen * rt.world / epoch_s)
-        row = {"epoch": epoch + 1, **{k: v / max(1, n_steps) for k, v in sums.items()},
+        ep = train_one_epoch(train_model, model, objective, optimizer, scaler, data, schedule, lr, epoch,
+                             steps_per_epoch, rt, name)
+        epoch_s = ep["seconds"]
+        throughputs.append(ep["seen"] * rt.world / epoch_s)
+        row = {"epoch": epoch + 1, **ep["means"],
                "lr": optimizer.param_groups[0]["lr"], "epoch_s": epoch_s, "images_per_s": throughputs[-1]}
         if eval_fn is not None:
             row.update(eval_fn(model))
