@@ -295,11 +295,13 @@ def _optimizer(pool: Pool, model: nn.Module, s: StepSpec, impl: str = "default")
 def _objective(pool: Pool, s: StepSpec, teacher: Optional[nn.Module]):
     """The objective the stages build (harness.build) from the profile's settings."""
     from . import build
+    from .config import DistillConfig
 
     def make():
         if s.kind in ("mae", "dmae"):
             p = dict(mask_ratio=s.mask_ratio, visible_rounding=s.visible_rounding)
-            d = dict(s.distill, teacher_mode=s.teacher_mode) if s.kind == "dmae" else None
+            d = {**asdict(DistillConfig()), **dict(s.distill), "teacher_mode": s.teacher_mode} \
+                if s.kind == "dmae" else None  # a spec from elsewhere (the estimator) has the config's defaults
             return build.pretrain_objective(s.kind, p, d, teacher, s.pairs)
         f = dict(mixup=s.mixup, cutmix=s.cutmix, smoothing=s.smoothing)
         kd = dict(zip(("kind", "weight", "temperature"), s.kd)) if s.kind == "finetune_kd" else None

@@ -71,15 +71,20 @@ def test_failed_upstream_makes_the_chain_stale_named_in_the_report_and_the_rerun
     assert (c.stages.set_index("stage_id").at[cell.evaluate, "status"]) == "stale"
 
     capsys.readouterr()
-    # the unreadable checkpoint-last is reported and the pre-training starts again from scratch
-    with pytest.warns(UserWarning, match="no complete checkpoint to resume from; starting from scratch"):
-        assert run_table("table2", args) == 0
+    assert run_table("table2", args) == 1  # the pre-training refuses its unreadable checkpoint-last (error.json)
     out = capsys.readouterr().out
     assert f"{cell.finetune}: stale" in out and f"{cell.evaluate}: stale" in out
+    assert "no readable checkpoint to resume from" in json.loads((pre / "error.json").read_text())["error"]
     moved = sorted((plan.root / STALE_DIR).iterdir())
     assert [p.name.split(".")[0] for p in moved] == sorted([cell.evaluate, cell.finetune])
     assert json.loads((moved[0] / "result.json").read_text())  # moved aside, not deleted
     assert "why" in json.loads((moved[0] / "stale.json").read_text())
+    row = collect(plan.root).cells.iloc[0]  # the row is not shown as done, and the reason names the pre-training
+    assert row["status"] == "failed" and row["top1"] != row["top1"] and cell.pretrain in row["reason"]
+
+    (pre / "checkpoint-last.pth").unlink()  # what the error message says to do
+    with pytest.warns(UserWarning, match="no complete checkpoint to resume from; starting from scratch"):
+        assert run_table("table2", args) == 0
     assert collect(plan.root).cells.iloc[0]["status"] == "done"
     assert fingerprint(plan) == clean  # recomputed downstream = a clean run
     assert json.loads((plan.dir(cell.evaluate) / "result.json").read_text())["top1"] == old_top1
