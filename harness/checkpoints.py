@@ -17,8 +17,7 @@ from typing import Dict, Iterable, Optional
 import torch
 from torch import nn
 
-LAST = "checkpoint-last.pth"
-PREV = "checkpoint-prev.pth"
+from .rundir import LAST_CHECKPOINT as LAST, PREV_CHECKPOINT as PREV
 DECODER_KEYS = ("decoder_", "mask_token")
 STUDENT_ONLY_KEYS = ("distill_proj.",)
 

@@ -38,12 +38,12 @@ import pandas as pd
 
 import recipes
 
-from .rundir import FileHashes, broken_input, read_result
+from .rundir import (CONFIG_FILE, ERROR_FILE, JOB_FILE, LAST_CHECKPOINT, LOG_FILE, MANIFEST_FILE, RESULT_FILE,
+                     FileHashes, broken_input, read_result)
 from .stats import RISING_PP, last_epoch_gain, metric_curve
 
 PAPER_NUMBERS = recipes.path("paper-numbers.csv")
-RESULT, ERROR, CONFIG, LOG, LAST, JOB = "result.json", "error.json", "config.json", "log.jsonl", \
-    "checkpoint-last.pth", "job.json"
+RESULT, ERROR, CONFIG, LOG, LAST, JOB = RESULT_FILE, ERROR_FILE, CONFIG_FILE, LOG_FILE, LAST_CHECKPOINT, JOB_FILE
 NOT_AVAILABLE = "not available"
 NOT_IMAGENET = "n/a (not ImageNet)"
 # worst first: a cell is as bad as the worst stage it needs
@@ -148,9 +148,9 @@ STAGE_COLUMNS = ["stage_id", "kind", "role", "serves", "status", "reason", "epoc
 
 def collect(root: Path) -> Collected:
     root = Path(root).resolve()
-    if not (root / "manifest.json").exists():
+    if not (root / MANIFEST_FILE).exists():
         raise FileNotFoundError(f"{root / 'manifest.json'} not found: is {root} a results/<table>/<profile> tree?")
-    manifest = json.loads((root / "manifest.json").read_text())
+    manifest = json.loads((root / MANIFEST_FILE).read_text())
     warnings: List[str] = []
     recs = []
     cell_order = {(c["row"], c["seed"]): i for i, c in enumerate(manifest["cells"])}

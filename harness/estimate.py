@@ -30,6 +30,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from .rundir import CONFIG_FILE, LOG_FILE, RESULT_FILE
+
 REPO_BENCH = Path(__file__).resolve().parent.parent / "results" / "bench"
 # Sizes of the datasets the profiles use, when no subset is set.
 FASHION_MNIST_SIZES = {"train": 60000, "val": 10000}
@@ -185,8 +187,8 @@ def _finished(root: Path) -> Dict[str, dict]:
         return out
     for d in root.iterdir():
         try:
-            res = json.loads((d / "result.json").read_text())
-            spec = json.loads((d / "config.json").read_text())["spec"]
+            res = json.loads((d / RESULT_FILE).read_text())
+            spec = json.loads((d / CONFIG_FILE).read_text())["spec"]
         except (OSError, ValueError, KeyError):
             continue
         if res.get("wall_s") and not res.get("resumed_from_epoch"):
@@ -197,7 +199,7 @@ def _finished(root: Path) -> Dict[str, dict]:
 
 def _epochs_logged(run_dir: Path) -> int:
     try:
-        return sum(1 for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip())
+        return sum(1 for line in (run_dir / LOG_FILE).read_text().splitlines() if line.strip())
     except OSError:
         return 0
 

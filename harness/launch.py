@@ -28,9 +28,9 @@ import submitit
 from omegaconf import DictConfig, OmegaConf
 
 from .plan import Plan, Stage
-from .stages import ERROR_FILE, RESULT_FILE, StageLocked, lock_holder, run_stage, write_json
+from .rundir import ERROR_FILE, JOB_FILE, LOG_FILE, RESULT_FILE, StageLocked, lock_holder, write_json
+from .stages import run_stage
 
-JOB_FILE = "job.json"
 LOCKED = "locked"  # a job's result when a stage of it was found running in another process
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "UNKNOWN"}
 
@@ -228,7 +228,7 @@ def _human(s: float) -> str:
 def _log_lines(run_dir: Path) -> List[dict]:
     out = []
     try:
-        text = (Path(run_dir) / "log.jsonl").read_text()
+        text = (Path(run_dir) / LOG_FILE).read_text()
     except OSError:
         return out
     for line in text.splitlines():

@@ -20,10 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from .config import (ConfigError, DistillConfig, FinetuneConfig, KDConfig, ModelConfig, PretrainConfig, TeacherConfig,
                      check_name, merged, resolve_accum, resolve_pairs, resolve_schedule, world_size)
 from .arch import get_arch
-from .rundir import (ERROR_FILE, MODEL_FILE, RESULT_FILE, STALE_DIR, FileHashes, broken_input, git_commit,
-                     read_result, spec_hash, write_json)
+from .rundir import (ERROR_FILE, LAST_CHECKPOINT, MANIFEST_FILE, MODEL_FILE, RESULT_FILE, STALE_DIR, FileHashes,
+                     broken_input, git_commit, read_result, spec_hash, write_json)
 
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_FILE
 
 
 @dataclass
@@ -117,7 +117,7 @@ class Plan:
             return "done"
         if (d / ERROR_FILE).exists():
             return "failed"
-        if (d / "checkpoint-last.pth").exists():
+        if (d / LAST_CHECKPOINT).exists():
             return "partial"
         return "todo"
 

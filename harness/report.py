@@ -32,6 +32,7 @@ from .collect import (NOT_AVAILABLE, NOT_IMAGENET, Collected, collect, export, l
                       summarize, teacher_results)
 from .config import RECIPES_DIR
 from .figures import make_figures
+from .rundir import MANIFEST_FILE
 from .stats import (DECIDED, NOT_APPLICABLE, RISING_PP, TOLERANCE_FLOOR, TOLERANCE_SE, LEVEL, expected_check,
                     judge)
 
@@ -531,7 +532,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--expected-dir", type=Path, default=EXPECTED_DIR, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     base = Path(args.results_root) / args.table
-    found = sorted(d.name for d in base.iterdir() if (d / "manifest.json").exists()) if base.is_dir() else []
+    found = sorted(d.name for d in base.iterdir() if (d / MANIFEST_FILE).exists()) if base.is_dir() else []
     profile = args.profile
     if profile is None and len(found) != 1:
         p.error(f"{base}: {'several profiles' if found else 'no results'} ({', '.join(found) or 'none'}); "

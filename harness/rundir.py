@@ -24,7 +24,11 @@ MODEL_FILE = "model.pth"
 RESULT_FILE = "result.json"
 ERROR_FILE = "error.json"
 CONFIG_FILE = "config.json"
+LOG_FILE = "log.jsonl"  # one JSON line per epoch
+JOB_FILE = "job.json"  # the job that runs the stage (Slurm job id / local controller pid, its chain)
+LAST_CHECKPOINT, PREV_CHECKPOINT = "checkpoint-last.pth", "checkpoint-prev.pth"
 LOCK_FILE = ".stage.lock"
+MANIFEST_FILE = "manifest.json"  # <results root>/<table>/<profile>/manifest.json: the plan
 STALE_DIR = ".stale"  # <results root>/.stale/<stage id>.<time>: stale stages moved aside, never deleted
 
 

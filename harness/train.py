@@ -27,6 +27,7 @@ from torch import nn
 
 from .build import optimizer as build_optimizer
 from .checkpoints import CheckpointError, load_last, save_last
+from .rundir import LOG_FILE
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -171,7 +172,7 @@ def _fresh_start_notice(run_dir: Path, rt: Runtime, name: str) -> None:
     attempt (epochs in log.jsonl, an interrupted checkpoint write) whose progress is lost."""
     if not rt.is_main:
         return
-    log = run_dir / "log.jsonl"
+    log = run_dir / LOG_FILE
     epochs = sum(1 for line in log.read_text(errors="replace").splitlines() if line.strip()) if log.exists() else 0
     stray = _stray_checkpoint_tmps(run_dir)
     if not epochs and not stray:
@@ -227,7 +228,7 @@ def resume(run_dir: Path, spec_hash: str, model: nn.Module, optimizer, scaler, r
         # log.jsonl = the checkpoint's history: drop lines of epochs written after it (or after a fallback)
         tmp = run_dir / f".log.jsonl.tmp-{os.getpid()}"
         tmp.write_text("".join(json.dumps(row) + "\n" for row in result.history))
-        os.replace(tmp, run_dir / "log.jsonl")
+        os.replace(tmp, run_dir / LOG_FILE)
     return result
 
 
@@ -322,7 +323,7 @@ def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, s
             row.update(eval_fn(model))
         result.history.append(row)
         if rt.is_main:
-            with open(run_dir / "log.jsonl", "a") as f:
+            with open(run_dir / LOG_FILE, "a") as f:
                 f.write(json.dumps(row) + "\n")
             save_last({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scaler": scaler.state_dict(), "epoch": epoch + 1, "rng": rng_state(),

@@ -34,7 +34,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .config import load_config
     from .launch import _runtime
     from .plan import build_plan
-    from .rundir import RESULT_FILE, git_commit
+    from .rundir import LOG_FILE, RESULT_FILE, git_commit
     from .stages import run_stage
     from .stats import last_epoch_gain
 
@@ -53,7 +53,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         res = run_stage(stage.spec, plan.dir(sid), plan.input_paths(stage), _runtime(cfg), sid)
         if stage.kind != "finetune":
             continue
-        log = [json.loads(line) for line in (plan.dir(sid) / "log.jsonl").read_text().splitlines() if line.strip()]
+        log = [json.loads(line) for line in (plan.dir(sid) / LOG_FILE).read_text().splitlines() if line.strip()]
         gain = last_epoch_gain(log) or 0.0
         row = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "trial": args.trial, "overrides": " ".join(args.overrides),
                "stage": stage.spec["name"], "role": stage.role,
