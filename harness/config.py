@@ -337,8 +337,13 @@ def check_name(what: str, value) -> None:
 
 
 def world_size(launcher) -> int:
-    """Devices one stage runs on: nodes x GPUs per node (a CPU job counts as one)."""
-    return int(launcher["nodes"]) * max(1, int(launcher["gpus_per_node"]))
+    """Processes one stage runs on (a CPU job counts as one): debug runs it in this process; local starts one task
+    per GPU of this machine (launcher.nodes does not apply); slurm runs nodes x GPUs per node. The planner (effective
+    batch -> accum_iter) and the estimator both use this."""
+    if launcher["name"] == "debug":
+        return 1
+    gpus = max(1, int(launcher["gpus_per_node"] or 0))
+    return gpus * (int(launcher["nodes"] or 1) if launcher["name"] == "slurm" else 1)
 
 
 def resolve_accum(sec: dict, world: int, where: str) -> dict:

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from .config import world_size
 from .rundir import CONFIG_FILE, LOG_FILE, RESULT_FILE
 
 REPO_BENCH = Path(__file__).resolve().parent.parent / "results" / "bench"
@@ -54,14 +55,6 @@ def _device_type(cfg) -> str:
         import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
     return "cuda" if dev.startswith("cuda") else dev
-
-
-def _world(cfg) -> int:
-    la = cfg.launcher
-    if la.name == "debug":
-        return 1
-    gpus = max(1, int(la.gpus_per_node or 0))
-    return gpus * (int(la.nodes or 1) if la.name == "slurm" else 1)
 
 
 def _dataset_sizes(data: dict) -> Tuple[int, int, int, str]:
@@ -209,7 +202,7 @@ def estimate_details(plan, cfg, bench_dir: Optional[str | Path] = None) -> dict:
     reads this."""
     from .bench import current_device_key, load_results
     dev_type = _device_type(cfg)
-    world = _world(cfg)
+    world = world_size(cfg.launcher)
     out = {"device_type": dev_type, "world": world, "files": [], "stages": {}, "notes": []}
     if bench_dir is not None or os.environ.get("DMAE_BENCH_DIR"):
         dirs = [Path(bench_dir or os.environ["DMAE_BENCH_DIR"])]
