@@ -117,3 +117,16 @@ def test_paper_profile_requires_data_and_checkpoints():
 def test_unknown_table():
     with pytest.raises(ConfigError, match="unknown table"):
         load_config("table99")
+
+
+def test_world_size_is_what_each_launcher_starts():
+    """One stage's process count, as the planner (effective batch -> accum_iter) and the estimator see it: debug
+    runs in the driver's process, local starts one task per GPU of this machine (nodes do not apply), slurm runs
+    nodes x GPUs per node; a CPU job counts as one."""
+    from omegaconf import OmegaConf
+
+    from harness.config import world_size
+    got = {name: (world_size(OmegaConf.create(dict(name=name, nodes=3, gpus_per_node=2))),
+                  world_size(OmegaConf.create(dict(name=name, nodes=1, gpus_per_node=0))))
+           for name in ("debug", "local", "slurm")}
+    assert got == {"debug": (1, 1), "local": (2, 1), "slurm": (6, 1)}
