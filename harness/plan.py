@@ -282,7 +282,7 @@ def describe(plan: Plan, estimates: Optional[Dict[str, float]] = None) -> str:
         est = (estimates or {}).get(s.id)
         if est is not None and st != "done":
             total += est
-        needs = ", ".join(f"{r}={ref if ref.startswith('file:') else ref}" for r, ref in s.inputs.items()) or "-"
+        needs = ", ".join(f"{r}={ref}" for r, ref in s.inputs.items()) or "-"
         cost = f"~{est / 60:.1f} min" if est is not None else "cost unknown"
         lines.append(f"  [{st:>7}] {s.id}\n            needs: {needs}\n            serves: "
                      f"{', '.join(f'{r}/s{sd}' for r, sd in s.cells)}; {cost if st != 'done' else 'done'}"
