@@ -27,8 +27,9 @@ BAD_CONFIG = [
                                        r"device\(s\) = 64 per step \(accum_iter would be 1.5625\)"),
     (["run.device=cuda", "launcher.gpus_per_node=8", "pretrain.batch_size=100", "pretrain.effective_batch=4096"],
      r"effective_batch=4096 is not a positive multiple of batch_size 100 x 8 device\(s\) = 800 per step"),
-    (["run.device=cuda", "launcher.gpus_per_node=3", "launcher.nodes=2", "finetune.effective_batch=1024"],
-     r"finetune.effective_batch=1024 is not a positive multiple of batch_size 64 x 6 device\(s\) = 384"),
+    # the local launcher starts one task per GPU of this machine: 3 processes (launcher.nodes is Slurm's)
+    (["run.device=cuda", "launcher.gpus_per_node=3", "finetune.effective_batch=1024"],
+     r"finetune.effective_batch=1024 is not a positive multiple of batch_size 64 x 3 device\(s\) = 192"),
     (["teacher.pretrain.effective_batch=32"], r"teacher.pretrain.effective_batch=32 .* \(accum_iter would be 0.5\)"),
     (["+rows.dmae_95.finetune.effective_batch=96"], r"rows.dmae_95.finetune.effective_batch=96"),
     # unknown keys, wrong types
