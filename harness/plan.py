@@ -10,7 +10,9 @@ rerun finds finished stages by id. Results live in <results_root>/<table>/<profi
 """
 from __future__ import annotations
 
+import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -99,8 +101,6 @@ class Plan:
     def set_aside_stale(self, log=print) -> Dict[str, str]:
         """Move every stale stage's directory to <root>/.stale/<stage id>.<time> (with a stale.json saying why), so
         it is recomputed; nothing is deleted. Returns {stage id: why}."""
-        import json
-        import time
         stale = self.stale()
         for sid, why in stale.items():
             dest = self.root / STALE_DIR / f"{sid}.{time.strftime('%Y%m%d-%H%M%S')}"
