@@ -15,7 +15,8 @@ Splits (the same for every stage and seed):
 Transforms follow the official code: pre-training RandomResizedCrop(scale crop_min-1, official 0.2) + flip;
 fine-tuning timm's create_transform (RandomResizedCrop scale crop_min-1 + flip, RandAug, random erasing); evaluation
 Resize(img/crop_pct) + CenterCrop. An in-memory dataset (Fashion-MNIST) applies them to whole batches of tensors
-(`TensorImages`: one affine resample per batch instead of a PIL pipeline per image; bilinear instead of bicubic);
+(`TensorImages`: crop boxes drawn as torchvision draws them, one affine resample per batch instead of a PIL
+pipeline per image; bilinear instead of bicubic);
 RandAug needs PIL, so a fine-tune with `randaug` set uses the per-image pipeline.
 """
 from __future__ import annotations
@@ -167,21 +168,41 @@ _MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
+def crop_boxes(b: int, height: int, width: int, crop_min: float, g: torch.Generator):
+    """RandomResizedCrop(scale=(crop_min, 1), ratio=(3/4, 4/3)) boxes for b images, drawn as torchvision's get_params
+    draws them: up to 10 tries of an area and an aspect ratio, rounded to whole pixels, the first that fits the image;
+    else the central-crop fallback (the whole image for a square input). Returns (top, left, h, w) in pixels, floats."""
+    tries = 10
+    area = torch.empty(b, tries).uniform_(crop_min, 1.0, generator=g) * (height * width)
+    ratio = torch.empty(b, tries).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g).exp()
+    w = (area * ratio).sqrt().round()  # torchvision: int(round(sqrt(target_area * aspect_ratio)))
+    h = (area / ratio).sqrt().round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    found = fits.any(1)
+    pick = fits.float().argmax(1, keepdim=True)  # the first try that fits
+    w = torch.where(found, w.gather(1, pick).squeeze(1), torch.tensor(float(width)))
+    h = torch.where(found, h.gather(1, pick).squeeze(1), torch.tensor(float(height)))
+    top = torch.where(found, (torch.rand(b, generator=g) * (height - h + 1)).floor(), (height - h) // 2)
+    left = torch.where(found, (torch.rand(b, generator=g) * (width - w + 1)).floor(), (width - w) // 2)
+    return top, left, h, w
+
+
 def random_resized_crop_flip(x: torch.Tensor, out: int, crop_min: float, g: torch.Generator) -> torch.Tensor:
-    """RandomResizedCrop(scale=(crop_min, 1), ratio=(3/4, 4/3)) + horizontal flip on a batch (B, C, H, W), one
-    affine resample for all images. A crop that would not fit is clamped to the image (torchvision retries instead)."""
-    b = x.shape[0]
-    area = torch.empty(b).uniform_(crop_min, 1.0, generator=g)
-    ratio = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g).exp()
-    w = (area * ratio).sqrt().clamp(max=1.0)  # crop width / image width
-    h = (area / ratio).sqrt().clamp(max=1.0)
-    cx = (torch.rand(b, generator=g) * 2 - 1) * (1 - w)  # crop centre, normalised coordinates [-1, 1]
-    cy = (torch.rand(b, generator=g) * 2 - 1) * (1 - h)
+    """RandomResizedCrop (boxes as torchvision draws them, `crop_boxes`) + horizontal flip on a batch (B, C, H, W),
+    one affine resample for all images. scale=(1, 1) gives the whole image, flipped or not: a crop that is the whole
+    image at the output size is copied, not resampled."""
+    b, _, height, width = x.shape
+    top, left, h, w = crop_boxes(b, height, width, crop_min, g)
     flip = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
+    theta = torch.zeros(b, 2, 3)  # normalised coordinates [-1, 1]: scale = crop / image, shift = crop centre
+    theta[:, 0, 0], theta[:, 1, 1] = w / width * flip, h / height
+    theta[:, 0, 2], theta[:, 1, 2] = (2 * left + w) / width - 1, (2 * top + h) / height - 1
     grid = F.affine_grid(theta, [b, x.shape[1], out, out], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    whole = (w == width) & (h == height)
+    if out == width == height and whole.any():
+        y[whole] = torch.where(flip[whole].view(-1, 1, 1, 1) < 0, x[whole].flip(-1), x[whole])
+    return y
 
 
 class TensorImages(Dataset):

@@ -29,6 +29,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--trial", required=True, help="a name for this trial in the record")
     p.add_argument("--record", required=True, help="CSV the trial's validation numbers are appended to")
+    p.add_argument("--only", choices=["teacher"],
+                   help="run only the teacher's pre-training and fine-tuning (the teacher is tuned once, alone)")
     args = p.parse_intermixed_args(argv)
 
     from .config import load_config
@@ -50,6 +52,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for sid, stage in plan.stages.items():
         if stage.kind == "evaluate":
             continue  # the test split is read by the final evaluation only
+        if args.only and not stage.role.startswith(args.only):
+            continue
         res = run_stage(stage.spec, plan.dir(sid), plan.input_paths(stage), _runtime(cfg), sid)
         if stage.kind != "finetune":
             continue
