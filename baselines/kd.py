@@ -8,10 +8,16 @@ pulled towards a fine-tuned teacher classifier:
 - soft (the recipes' default): KD = KL(softmax(t / T) || softmax(s / T)) * T^2, averaged over the batch (Hinton).
 - hard (DeiT's hard-label distillation): KD = CE(s, argmax t).
 The paper does not say which variant its "distilling a fine-tuned ViT-L" baseline used; recipes name theirs.
+
+`CachedTeacherLogits`: when every training input is one of a few fixed views of each image (a flip-only
+augmentation of an in-memory dataset, no Mixup/CutMix), the teacher's logits are computed once per view and looked
+up by the input's exact bytes; any other input goes through the teacher. The loss is the same; the teacher runs on
+2 N images instead of epochs x N.
 """
 from __future__ import annotations
 
-from typing import Tuple
+import hashlib
+from typing import Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +38,38 @@ def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: st
     raise ValueError(f"kd.kind must be 'soft' or 'hard', got {kind!r}")
 
 
+def _digest(x: torch.Tensor) -> bytes:
+    return hashlib.blake2b(x.numpy().tobytes(), digest_size=16).digest()
+
+
+class CachedTeacherLogits:
+    """The teacher's logits for a fixed set of inputs (`views`: batches of them), keyed by each input's bytes."""
+
+    def __init__(self, teacher: nn.Module, views: Iterable[torch.Tensor]):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.index, chunks, row = {}, [], 0
+        with torch.no_grad():
+            for x in views:
+                x = x.contiguous()
+                for r in x:  # equal inputs (a duplicate image, a symmetric one) share the first one's row
+                    self.index.setdefault(_digest(r), row)
+                    row += 1
+                chunks.append(self.teacher(x))
+        self.logits = torch.cat(chunks) if chunks else torch.empty(0)
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
+        rows = [self.index.get(_digest(r)) for r in imgs.detach().cpu().contiguous()]
+        if None in rows:  # not one of the views (another crop, a mixed image): the teacher computes the batch
+            self.misses += len(rows)
+            return self.teacher(imgs)
+        self.hits += len(rows)
+        return self.logits[rows].to(imgs.device)
+
+
 class KDObjective(ClassifyObjective):
     def __init__(self, teacher: nn.Module, num_classes: int, kind: str = "soft", weight: float = 0.5,
                  temperature: float = 1.0, **classify_kwargs):
@@ -41,13 +79,18 @@ class KDObjective(ClassifyObjective):
         kd_term(torch.zeros(1, 2), torch.zeros(1, 2), kind, temperature)  # validates kind early
         self.teacher = teacher.eval().requires_grad_(False)
         self.kind, self.weight, self.temperature = kind, weight, temperature
+        self.cached: Optional[CachedTeacherLogits] = None
+
+    def cache_teacher_logits(self, views: Iterable[torch.Tensor]) -> CachedTeacherLogits:
+        self.cached = CachedTeacherLogits(self.teacher, views)
+        return self.cached
 
     def __call__(self, model: nn.Module, imgs: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, Terms]:
         imgs, targets = self.mix(imgs, labels)
         logits = model(imgs)
         with torch.no_grad():
             self.teacher.eval()
-            teacher_logits = self.teacher(imgs)
+            teacher_logits = self.cached(imgs) if self.cached is not None else self.teacher(imgs)
         loss_ce = self.criterion(logits, targets)
         loss_kd = kd_term(logits, teacher_logits, self.kind, self.temperature)
         loss = (1.0 - self.weight) * loss_ce + self.weight * loss_kd

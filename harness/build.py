@@ -37,6 +37,17 @@ def finetune_objective(num_classes: int, f: dict, kd: Optional[dict] = None, tea
     return ClassifyObjective(num_classes, **mix)
 
 
+def kd_teacher_logits_cached(spec: dict, device_type: str) -> bool:
+    """Whether a KD fine-tune looks its teacher's logits up (baselines.kd.CachedTeacherLogits) instead of running
+    the teacher every step: on CPU, for the in-memory dataset at its native 28 px with a flip-only augmentation (no
+    crop, RandAug, erasing, Mixup or CutMix), where every training input is an image or its mirror. The stages and
+    the cost estimate both ask this."""
+    f, data = spec["finetune"], spec["data"]
+    return bool(spec.get("kd")) and device_type == "cpu" and data["name"] == "fashion_mnist" \
+        and int(data["img_size"]) == 28 and float(f.get("crop_min", 0.08)) >= 1.0 and not f.get("randaug") \
+        and not f.get("reprob") and not f.get("mixup") and not f.get("cutmix")
+
+
 def pretrain_param_groups(model: nn.Module, weight_decay: float) -> list:
     """MAE/DMAE pre-training (official optim_factory.add_weight_decay, no skip list): no decay on biases and 1-D
     (norm) parameters only; cls_token and mask_token are decayed, the position embeddings are frozen."""

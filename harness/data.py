@@ -240,6 +240,22 @@ class TensorImages(Dataset):
             x = self._erase(x)
         return x.contiguous(), self.targets[idx]
 
+    @property
+    def flip_only(self) -> bool:
+        """Every training input is an image or its mirror, bit for bit: no crop (scale 1 at the native size), no
+        erasing."""
+        return (self.aug.kind == "finetune" and self.aug.crop_min >= 1.0 and self._erase is None
+                and self.images.shape[-1] == self.images.shape[-2] == self.aug.img_size)
+
+    def flip_views(self, batch_size: int = 512):
+        """The inputs a flip-only training split can produce, in batches: each image normalised, then mirrored
+        (element-wise the same arithmetic as `batch`, so the bytes are equal)."""
+        ident = TensorImages(self.images, self.targets, Aug("eval", self.aug.img_size, crop_pct=1.0))
+        for s in range(0, len(self), batch_size):
+            x = ident.batch(torch.arange(s, min(s + batch_size, len(self))), None)[0]
+            yield x
+            yield x.flip(-1).contiguous()
+
     def __getitem__(self, i: int):
         x, y = self.batch(torch.tensor([i]), torch.Generator().manual_seed(i))
         return x[0], int(y[0])

@@ -253,11 +253,18 @@ def estimate_details(plan, cfg, bench_dir: Optional[str | Path] = None) -> dict:
             parts.append((st, per_epoch * epochs, data_spi))
         elif stage.kind == "finetune":
             sec = spec["finetune"]
-            st = _step_spec(spec, "finetune_kd" if spec.get("kd") else "finetune", sec["batch_size"], n_cls)
+            from .build import kd_teacher_logits_cached  # torch, as the benchmark steps
+            cached = kd_teacher_logits_cached(spec, dev_type)
+            kind = "finetune_kd" if spec.get("kd") and not cached else "finetune"
+            st = _step_spec(spec, kind, sec["batch_size"], n_cls)
             data_spi, dn = idx.pipeline("finetune", img, sec.get("randaug") or "", sec.get("reprob", 0.0))
             epochs = int(sec["epochs"])
             per_epoch = (n_train // (int(sec["batch_size"]) * world)) * int(sec["batch_size"])
             parts.append((st, per_epoch * epochs, data_spi))
+            if cached:  # the teacher's logits once, for each training image and its mirror
+                t = spec["teacher_model"]
+                teacher_spec = {**spec, "model": {"preset": t["preset"], "patch_size": t["patch_size"]}}
+                parts.append((_step_spec(teacher_spec, "eval", sec["eval_batch_size"], n_cls), 2 * n_train, 0.0))
             ev_spi, _ = idx.pipeline("eval", img)
             parts.append((_step_spec(spec, "eval", sec["eval_batch_size"], n_cls), per_device_val * epochs, ev_spi))
         else:

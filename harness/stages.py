@@ -30,7 +30,8 @@ from typing import Dict
 
 import torch
 
-from .build import finetune_objective, finetune_param_groups, pretrain_objective, pretrain_param_groups
+from .build import (finetune_objective, finetune_param_groups, kd_teacher_logits_cached, pretrain_objective,
+                    pretrain_param_groups)
 from .checkpoints import atomic_save, encoder_to_classifier, load_weights, safe_load, state_dict_of, DECODER_KEYS
 from .data import Aug, DataSpec, build_dataset
 from .models import build_classifier, build_mae, get_arch
@@ -117,6 +118,13 @@ def finetune(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, sta
     if spec.get("kd"):
         teacher = load_classifier(inputs["kd_teacher"], spec["teacher_model"], data.img_size, num_classes)
     objective = finetune_objective(num_classes, f, spec.get("kd"), teacher)
+    if teacher is not None and kd_teacher_logits_cached(spec, rt.device.type) and train_ds.flip_only:
+        t0 = time.time()
+        cache = objective.cache_teacher_logits(train_ds.flip_views())
+        rt.log(f"[{spec['name']}] teacher logits of {len(cache)} views (each image and its mirror) computed once "
+               f"({time.time() - t0:.1f} s): the augmentation is flip-only")
+    else:
+        cache = None
     groups = finetune_param_groups(model, f["weight_decay"], f["layer_decay"])
 
     def eval_fn(m) -> dict:
@@ -131,6 +139,8 @@ def finetune(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, sta
     out = {"final_loss": last["loss"], "train_s": res.train_seconds, "images_per_s": res.images_per_s,
            "resumed_from_epoch": res.resumed_from_epoch, "earlier_attempts_s": res.earlier_seconds,
            "epochs": f["epochs"], "num_classes": num_classes, "train_images": len(train_ds)}
+    if cache is not None:  # a resumed run counts only its own epochs
+        out.update(kd_cached_views=len(cache), kd_cache_hits=cache.hits, kd_cache_misses=cache.misses)
     if val_ds is not None:  # validation split: monitoring only (the reported number is the evaluate stage's test top-1)
         best = max(res.history, key=lambda r: r["val_top1"])
         out.update(best_val_top1=best["val_top1"], best_epoch=best["epoch"], last_val_top1=last["val_top1"],

@@ -384,3 +384,53 @@ def test_kd_objective_mixes_ce_and_kd(kind):
     assert all(p.grad is None for p in teacher.parameters())
     with pytest.raises(ValueError):
         KDObjective(teacher, 3, weight=1.5)
+
+
+def _fashion_like(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g)
+    images[1] = images[0]  # a duplicate image
+    images[2] = torch.cat([images[2][:, :14], images[2][:, :14].flip(-1)], 1)  # a mirror-symmetric one
+    return images, torch.randint(0, 10, (n,), generator=g)
+
+
+@pytest.mark.parametrize("kind", ["soft", "hard"])
+def test_cached_teacher_logits_give_the_same_kd_loss_on_flip_only_batches(kind):
+    from harness.data import Aug, TensorBatches, TensorImages
+    from harness.models import build_classifier, get_arch
+    images, targets = _fashion_like()
+    ds = TensorImages(images, targets, Aug("finetune", 28, crop_min=1.0))
+    assert ds.flip_only
+    torch.manual_seed(0)
+    teacher = build_classifier(get_arch("vit_femto"), 10, 28, 4).eval()
+    student = build_classifier(get_arch("vit_femto"), 10, 28, 4)
+    plain = KDObjective(teacher, 10, kind=kind, weight=0.5, temperature=2.0)
+    cached = KDObjective(teacher, 10, kind=kind, weight=0.5, temperature=2.0)
+    cache = cached.cache_teacher_logits(ds.flip_views(batch_size=16))
+    assert len(cache) == 2 * 40 - 3  # a duplicate image shares both views, a symmetric one its mirror
+    for epoch in range(3):
+        for imgs, labels in TensorBatches(ds, 8, train=True, epoch=epoch, seed=0, rank=0, world=1):
+            torch.manual_seed(epoch)
+            a = plain(student, imgs, labels)[1]
+            torch.manual_seed(epoch)
+            b = cached(student, imgs, labels)[1]
+            torch.testing.assert_close(a["loss_kd"], b["loss_kd"], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a["loss_ce"], b["loss_ce"])
+    assert cache.misses == 0 and cache.hits == 3 * 40
+
+
+def test_cached_teacher_logits_fall_back_to_the_teacher_for_other_inputs():
+    from harness.data import Aug, TensorBatches, TensorImages
+    from harness.models import build_classifier, get_arch
+    images, targets = _fashion_like()
+    cropped = TensorImages(images, targets, Aug("finetune", 28, crop_min=0.35))
+    assert not cropped.flip_only and not TensorImages(images, targets, Aug("finetune", 28, reprob=0.25)).flip_only
+    torch.manual_seed(0)
+    teacher = build_classifier(get_arch("vit_femto"), 10, 28, 4).eval()
+    obj = KDObjective(teacher, 10)
+    flip_ds = TensorImages(images, targets, Aug("finetune", 28, crop_min=1.0))
+    cache = obj.cache_teacher_logits(flip_ds.flip_views())
+    imgs, _ = next(iter(TensorBatches(cropped, 8, train=True, epoch=0, seed=0, rank=0, world=1)))
+    with torch.no_grad():
+        torch.testing.assert_close(cache(imgs), teacher(imgs))
+    assert cache.misses == 8 and cache.hits == 0
