@@ -155,6 +155,9 @@ class LauncherConfig:
     timeout_min: int = 60
     nodes: int = 1
     gpus_per_node: int = 0  # one task per GPU; 0 = one CPU task
+    # processes per node; 0 = one per GPU (one without GPUs). With run.device=cpu, 2+ CPU tasks train with gloo DDP
+    # (the multi-GPU code path on a CPU machine, e.g. --rehearse); with GPUs it must equal gpus_per_node
+    tasks_per_node: int = 0
     cpus_per_task: int = 2
     mem_gb: Optional[float] = None
     max_requeues: int = 3  # preemptions/timeouts a stage may survive
@@ -238,8 +241,9 @@ def tables() -> List[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
-def load_config(table: str, overrides: Optional[List[str]] = None) -> DictConfig:
-    """Compose recipes/<table>.yaml with command-line style overrides (hydra's compose API)."""
+def load_config(table: str, overrides: Optional[List[str]] = None, check: bool = True) -> DictConfig:
+    """Compose recipes/<table>.yaml with command-line style overrides (hydra's compose API); check=False skips the
+    semantic checks (validate), for a caller that completes the config first (--rehearse)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -268,7 +272,8 @@ def load_config(table: str, overrides: Optional[List[str]] = None) -> DictConfig
             first, _, rest = msg.partition("\n")
             msg = f"{first}: {reason}" + (f"\n{rest}" if rest else "")
         raise ConfigError(msg) from None
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -336,14 +341,18 @@ def check_name(what: str, value) -> None:
                           "no '..', no '/')")
 
 
+def tasks_per_node(launcher) -> int:
+    """Processes a job starts per node: launcher.tasks_per_node, else one per GPU, else one."""
+    return int(launcher.get("tasks_per_node") or 0) or max(1, int(launcher["gpus_per_node"] or 0))
+
+
 def world_size(launcher) -> int:
-    """Processes one stage runs on (a CPU job counts as one): debug runs it in this process; local starts one task
-    per GPU of this machine (launcher.nodes does not apply); slurm runs nodes x GPUs per node. The planner (effective
-    batch -> accum_iter) and the estimator both use this."""
+    """Processes one stage runs on: debug runs it in this process; local starts tasks_per_node tasks on this machine
+    (launcher.nodes does not apply); slurm runs nodes x tasks per node. The planner (effective batch -> accum_iter),
+    the launchers and the estimator all use this."""
     if launcher["name"] == "debug":
         return 1
-    gpus = max(1, int(launcher["gpus_per_node"] or 0))
-    return gpus * (int(launcher["nodes"] or 1) if launcher["name"] == "slurm" else 1)
+    return tasks_per_node(launcher) * (int(launcher["nodes"] or 1) if launcher["name"] == "slurm" else 1)
 
 
 def resolve_accum(sec: dict, world: int, where: str) -> dict:
@@ -433,7 +442,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.seeds < 1:
         raise ConfigError(f"seeds={cfg.seeds} must be >= 1")
     la, d = cfg.launcher, cfg.data
-    for key, lo in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_task", 1), ("timeout_min", 1),
+    for key, lo in (("nodes", 1), ("gpus_per_node", 0), ("tasks_per_node", 0), ("cpus_per_task", 1), ("timeout_min", 1),
                     ("max_requeues", 0), ("array_parallelism", 1), ("max_parallel", 0)):
         if la[key] < lo:
             raise ConfigError(f"launcher.{key}={la[key]} must be >= {lo}")
@@ -510,6 +519,10 @@ def validate(cfg: DictConfig) -> None:
                                       f"{t_depth} (0-based)")
     if cfg.launcher.gpus_per_node and cfg.run.device == "cpu":
         raise ConfigError("launcher.gpus_per_node > 0 with run.device=cpu")
+    if cfg.launcher.gpus_per_node and cfg.launcher.tasks_per_node \
+            and cfg.launcher.tasks_per_node != cfg.launcher.gpus_per_node:
+        raise ConfigError(f"launcher.tasks_per_node={cfg.launcher.tasks_per_node} with gpus_per_node="
+                          f"{cfg.launcher.gpus_per_node}: a GPU job runs one task per GPU (leave tasks_per_node at 0)")
     validate_claims(cfg)
 
 

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence
 import submitit
 from omegaconf import DictConfig, OmegaConf
 
+from .config import tasks_per_node, world_size
 from .plan import Plan, Stage
 from .rundir import ERROR_FILE, JOB_FILE, LOG_FILE, RESULT_FILE, StageLocked, lock_holder, write_json
 from .stages import run_stage
@@ -429,7 +430,7 @@ def local_executor(plan: Plan, cfg: DictConfig) -> submitit.LocalExecutor:
     default 30 s), checkpoints and is restarted, at most launcher.max_requeues times, as on Slurm."""
     la = cfg.launcher
     ex = submitit.LocalExecutor(folder=plan.root / ".submitit" / "%j", max_num_timeout=la.max_requeues)
-    params = dict(timeout_min=la.timeout_min, gpus_per_node=la.gpus_per_node, tasks_per_node=max(1, la.gpus_per_node))
+    params = dict(timeout_min=la.timeout_min, gpus_per_node=la.gpus_per_node, tasks_per_node=tasks_per_node(la))
     if la.get("signal_delay_s") is not None:
         params["signal_delay_s"] = la.signal_delay_s
     ex.update_parameters(**params)
@@ -497,8 +498,8 @@ def slurm_executor(plan: Plan, cfg: DictConfig) -> submitit.AutoExecutor:
     la = cfg.launcher
     ex = submitit.AutoExecutor(folder=plan.root / ".submitit" / "%j", cluster="slurm",
                                slurm_max_num_timeout=la.max_requeues)
-    tasks = max(1, la.gpus_per_node)
-    params = dict(timeout_min=la.timeout_min, nodes=la.nodes, tasks_per_node=tasks, cpus_per_task=la.cpus_per_task,
+    params = dict(timeout_min=la.timeout_min, nodes=la.nodes, tasks_per_node=tasks_per_node(la),
+                  cpus_per_task=la.cpus_per_task,
                   slurm_array_parallelism=la.array_parallelism,
                   slurm_additional_parameters=OmegaConf.to_container(la.additional_parameters, resolve=True))
     if la.gpus_per_node:
@@ -539,7 +540,7 @@ def _run_jobs(plan: Plan, cfg: DictConfig, ex: submitit.AutoExecutor, slurm: boo
     launcher.max_parallel jobs at once (0 = no limit; on Slurm a wave goes out as one job array), poll, repeat."""
     prog = Progress(plan, quiet=_quiet(cfg), estimates=_estimates(plan, cfg))
     limit = cfg.launcher.max_parallel
-    distributed = cfg.launcher.nodes * max(1, cfg.launcher.gpus_per_node) > 1
+    distributed = world_size(cfg.launcher) > 1
     running: Dict[str, object] = {}  # first stage of a job -> the job
     members: Dict[str, List[str]] = {}  # first stage of a job -> every stage the job runs, in order
     for sid in plan.stages:

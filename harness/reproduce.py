@@ -9,6 +9,7 @@
     python -m harness.reproduce table2 -m profile=smoke seed=0,1     # sweep: a results root per point
     python -m harness.reproduce table2 -m rows.dmae_95.pretrain.mask_ratio=0.9,0.95
     python -m harness.reproduce all                         # every recipe
+    python -m harness.reproduce table2 profile=paper launcher=slurm --rehearse   # a few steps per stage first
 
 Every input is checked before a job is submitted, and by --dry-run: config keys and values, the dataset, provided
 teacher checkpoints (loaded with weights_only=True and fitted to the recipe's teacher), and, for launcher=slurm,
@@ -171,12 +172,30 @@ class _Job:
     def __init__(self, table: str, overrides: List[str], point=None, sweep: Optional[dict] = None):
         self.table, self.overrides, self.point, self.sweep = table, overrides, point, sweep
         self.cfg = self.plan = None
+        self.rehearsal: Optional[dict] = None  # --rehearse: the full run's config and plan, and notes
 
 
-def plan_jobs(names: Sequence[str], overrides: List[str], multirun: bool) -> List[_Job]:
-    """Every run of the invocation, composed, planned and checked (preflight) before any of them runs."""
+def prepare_rehearsal(job: _Job, steps: int, batch: int) -> None:
+    """Compose the run and its rehearsal, write the inputs the rehearsal provides, check every input."""
+    from . import rehearse
+    full_cfg, full_plan, job.cfg, job.plan, todo = rehearse.compose(job.table, job.overrides, steps, batch)
+    notes = rehearse.prepare_inputs(todo, job.plan)
+    check_inputs(job.plan, job.cfg)
+    job.rehearsal = {"cfg": full_cfg, "plan": full_plan, "notes": notes}
+
+
+def plan_jobs(names: Sequence[str], overrides: List[str], multirun: bool, rehearse: Optional[Tuple[int, int]] = None
+              ) -> List[_Job]:
+    """Every run of the invocation, composed, planned and checked (preflight) before any of them runs.
+    rehearse: (steps, batch per device) for --rehearse."""
     jobs: List[_Job] = []
     for table in names:
+        if rehearse is not None:
+            if multirun:
+                from .config import ConfigError
+                raise ConfigError("--rehearse rehearses one run; drop -m (rehearse one point of the sweep)")
+            jobs.append(_Job(table, list(overrides)))
+            continue
         if not multirun:
             jobs.append(_Job(table, list(overrides)))
             continue
@@ -197,7 +216,10 @@ def plan_jobs(names: Sequence[str], overrides: List[str], multirun: bool) -> Lis
             sweep["jobs"].append(job)
             jobs.append(job)
     for job in jobs:
-        job.cfg, job.plan = prepare(job.table, job.overrides)
+        if rehearse is not None:
+            prepare_rehearsal(job, *rehearse)
+        else:
+            job.cfg, job.plan = prepare(job.table, job.overrides)
     return jobs
 
 
@@ -210,6 +232,12 @@ def run_jobs(jobs: List[_Job], dry_run: bool, command: str) -> int:
             reuse = [job.sweep["dir"] / p.name for p in (j.point for j in job.sweep["jobs"]) if p is not job.point]
             reuse.append(Path(job.sweep["results_root"]))
         code = max(code, run_plan(job.cfg, job.plan, job.overrides, dry_run, command, reuse))
+        if job.rehearsal is not None and not (dry_run or job.cfg.dry_run):
+            from .rehearse import REHEARSAL, write_report
+            r = job.rehearsal
+            out = Path(r["cfg"].reports_dir) / REHEARSAL / f"{job.table}.{r['cfg'].profile}.md"
+            path = write_report(out, r["cfg"], r["plan"], job.plan, r["notes"], command)
+            print(f"rehearsal report: {path}", flush=True)
         sweep = job.sweep
         if sweep is not None and job is sweep["jobs"][-1] and not (dry_run or job.cfg.dry_run):
             from .report import report_name
@@ -234,6 +262,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="check every input, print the plan and estimated cost; run nothing")
     p.add_argument("-m", "--multirun", action="store_true",
                    help="sweep comma-separated override values (key=a,b): a results root per point + one report")
+    p.add_argument("--rehearse", action="store_true",
+                   help="run every stage for a few steps on a few images (real models, data path, launcher; random "
+                        "official-format teachers and a small ImageFolder when none are given) and write a "
+                        "REHEARSAL report: step times, peak memory, the full run's device-hours")
+    p.add_argument("--rehearse-steps", type=int, default=4, metavar="N",
+                   help="training steps per rehearsed stage (at least two optimizer updates; default 4)")
+    p.add_argument("--rehearse-batch", type=int, default=0, metavar="B",
+                   help="per-device batch of the rehearsal (default: the profile's; e.g. 2 on a CPU)")
     args = p.parse_intermixed_args(list(argv))  # options anywhere: `table2 -m key=a,b` as in hydra
     if "=" in args.table or args.table[:1] in "+~":  # `-m key=a,b` without a table: the default table
         args.overrides.insert(0, args.table)
@@ -252,7 +288,10 @@ def main(argv: List[str] | None = None) -> int:
     # `all`: the default table first (its teacher and rows feed most other tables), then the rest by name
     names = [DEFAULT_TABLE] + [t for t in tables() if t != DEFAULT_TABLE] if args.table == "all" else [args.table]
     try:
-        jobs = plan_jobs(names, args.overrides, args.multirun)
+        if (args.rehearse_steps != 4 or args.rehearse_batch) and not args.rehearse:
+            raise ConfigError("--rehearse-steps / --rehearse-batch only apply with --rehearse")
+        jobs = plan_jobs(names, args.overrides, args.multirun,
+                         (args.rehearse_steps, args.rehearse_batch) if args.rehearse else None)
         return run_jobs(jobs, args.dry_run, command)
     except (ConfigError, PreflightError) as e:
         print(f"error: {e}\nNothing was submitted.", file=sys.stderr)

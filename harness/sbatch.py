@@ -20,13 +20,14 @@ from typing import List
 
 from omegaconf import DictConfig
 
+from .config import tasks_per_node
 from .plan import Plan
 from .stages import CONFIG_FILE, spec_hash, write_json
 
 
 def _directives(cfg: DictConfig, stage_id: str, log_dir: Path) -> List[str]:
     la = cfg.launcher
-    tasks = max(1, la.gpus_per_node)
+    tasks = tasks_per_node(la)
     lines = [f"--job-name={stage_id[:60]}", f"--output={log_dir}/%j.out", f"--error={log_dir}/%j.err",
              f"--time={la.timeout_min}", f"--nodes={la.nodes}", f"--ntasks-per-node={tasks}",
              f"--cpus-per-task={la.cpus_per_task}", "--requeue",

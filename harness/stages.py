@@ -37,7 +37,8 @@ from .data import Aug, DataSpec, build_dataset
 from .models import build_classifier, build_mae, get_arch
 from .rundir import (CONFIG_FILE, ERROR_FILE, LOCK_FILE, MODEL_FILE, RESULT_FILE, StageLocked,  # noqa: F401
                      git_commit, input_record, lock_holder, sha256_file, spec_hash, stage_lock, write_json)
-from .train import NonFiniteLoss, Runtime, Schedule, evaluate_classifier, fit, seed_all, setup_runtime
+from .train import (NonFiniteLoss, Runtime, Schedule, evaluate_classifier, fit, peak_memory_mb, reset_peak_memory,
+                    seed_all, setup_runtime)
 
 SCHEDULE_KEYS = ("epochs", "warmup_epochs", "batch_size", "accum_iter", "blr", "min_lr", "weight_decay", "betas",
                  "clip_grad")
@@ -98,7 +99,8 @@ def pretrain(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, sta
     return {"final_loss": last.get("loss"), "final_loss_pix": last.get("loss_pix"),
             "final_loss_feat": last.get("loss_feat"), "train_s": res.train_seconds,
             "images_per_s": res.images_per_s, "resumed_from_epoch": res.resumed_from_epoch,
-            "earlier_attempts_s": res.earlier_seconds, "epochs": p["epochs"], "train_images": len(train_ds)}
+            "earlier_attempts_s": res.earlier_seconds, "epochs": p["epochs"], "train_images": len(train_ds),
+            "step_s": res.step_s, "steps": res.steps, "batch_per_device": p["batch_size"]}
 
 
 def finetune(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, stage_id: str) -> dict:
@@ -138,7 +140,8 @@ def finetune(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, sta
     last = res.history[-1]
     out = {"final_loss": last["loss"], "train_s": res.train_seconds, "images_per_s": res.images_per_s,
            "resumed_from_epoch": res.resumed_from_epoch, "earlier_attempts_s": res.earlier_seconds,
-           "epochs": f["epochs"], "num_classes": num_classes, "train_images": len(train_ds)}
+           "epochs": f["epochs"], "num_classes": num_classes, "train_images": len(train_ds),
+           "step_s": res.step_s, "steps": res.steps, "batch_per_device": f["batch_size"]}
     if cache is not None:  # a resumed run counts only its own epochs
         out.update(kd_cached_views=len(cache), kd_cache_hits=cache.hits, kd_cache_misses=cache.misses)
     if val_ds is not None:  # validation split: monitoring only (the reported number is the evaluate stage's test top-1)
@@ -215,6 +218,7 @@ def _run_locked(spec: dict, run_dir: Path, inputs: Dict[str, str], runtime: dict
                     "spec_hash": spec_hash(spec)}, run_dir / CONFIG_FILE)
         (run_dir / ERROR_FILE).unlink(missing_ok=True)
     t0 = time.time()
+    reset_peak_memory(rt)
     consumed = input_record(inputs) if rt.is_main else {}  # what this result is computed from (rundir.broken_input)
     try:
         restarts = 0
@@ -237,6 +241,7 @@ def _run_locked(spec: dict, run_dir: Path, inputs: Dict[str, str], runtime: dict
                         "traceback": traceback.format_exc(), "at": time.strftime("%Y-%m-%dT%H:%M:%S")},
                        run_dir / ERROR_FILE)
         raise
+    out.update(peak_memory_mb(rt))
     # a resumed stage also counts the training time of its earlier attempts (up to their last checkpoint)
     wall = time.time() - t0 + out.pop("earlier_attempts_s", 0.0)
     result = {"stage_id": stage_id, "kind": spec["kind"], "name": spec["name"], "status": "done", **out,

@@ -196,6 +196,8 @@ class FitResult:
     train_seconds: float = 0.0  # all attempts: earlier ones up to their last checkpoint, plus this one
     images_per_s: float = 0.0
     earlier_seconds: float = 0.0  # training time of earlier attempts, from the checkpoint resumed
+    step_s: float = 0.0  # median seconds per step (one batch per device) of this attempt, its first step left out
+    steps: int = 0  # steps this attempt ran
 
 
 def resume(run_dir: Path, spec_hash: str, model: nn.Module, optimizer, scaler, rt: Runtime, seed: int,
@@ -239,8 +241,8 @@ def train_one_epoch(train_model: nn.Module, model: nn.Module, objective: Callabl
     seconds."""
     train_model.train()
     sums: Dict[str, float] = {}
-    n_steps, seen = 0, 0
-    t0 = time.perf_counter()
+    n_steps, seen, step_s = 0, 0, []
+    t0 = t_step = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     for step, (imgs, labels) in enumerate(data):
         if step % schedule.accum_iter == 0:
@@ -265,15 +267,17 @@ def train_one_epoch(train_model: nn.Module, model: nn.Module, objective: Callabl
             optimizer.zero_grad(set_to_none=True)
         n_steps += 1
         seen += imgs.shape[0]
-        sums["loss"] = sums.get("loss", 0.0) + loss.item()
+        sums["loss"] = sums.get("loss", 0.0) + loss.item()  # .item() waits for the device: the step is done
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v.item()
+        step_s.append(time.perf_counter() - t_step)  # data loading included, as a run pays it
+        t_step = time.perf_counter()
         if rt.log_every and (step + 1) % rt.log_every == 0:
             ips = seen * rt.world / (time.perf_counter() - t0)
             rt.log(f"[{name}] epoch {epoch + 1}/{schedule.epochs} step {step + 1}/{steps_per_epoch} "
                    f"loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} {ips:.0f} img/s")
     return {"means": {k: v / max(1, n_steps) for k, v in sums.items()}, "seen": seen,
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "step_s": step_s}
 
 
 def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, schedule: Schedule, run_dir: Path,
@@ -310,12 +314,13 @@ def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, s
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     t_start = time.perf_counter()
-    throughputs = []
+    throughputs, step_s = [], []
     for epoch in range(result.resumed_from_epoch, schedule.epochs):
         data = loader(dataset, schedule.batch_size, True, epoch, rt.num_workers, rt.rank, rt.world, seed=seed)
         ep = train_one_epoch(train_model, model, objective, optimizer, scaler, data, schedule, lr, epoch,
                              steps_per_epoch, rt, name)
         epoch_s = ep["seconds"]
+        step_s += ep["step_s"]
         throughputs.append(ep["seen"] * rt.world / epoch_s)
         row = {"epoch": epoch + 1, **ep["means"],
                "lr": optimizer.param_groups[0]["lr"], "epoch_s": epoch_s, "images_per_s": throughputs[-1]}
@@ -337,7 +342,41 @@ def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, s
     result.train_seconds = prior_seconds + time.perf_counter() - t_start
     result.earlier_seconds = prior_seconds
     result.images_per_s = float(np.median(throughputs)) if throughputs else 0.0
+    result.steps = len(step_s)
+    result.step_s = float(np.median(step_s[1:] if len(step_s) > 1 else step_s)) if step_s else 0.0
     return result
+
+
+def reset_peak_memory(rt: Runtime) -> None:
+    """Start a stage's peak-memory count: CUDA's allocator peak, or on CPU the process's peak resident set
+    (VmHWM, reset by writing 5 to /proc/self/clear_refs, Linux)."""
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux: the peak since the process started
+
+
+def peak_memory_mb(rt: Runtime) -> Dict[str, object]:
+    """The stage's peak memory on its busiest rank (MiB): CUDA max allocated, or the CPU process's peak resident set."""
+    if rt.device.type == "cuda":
+        value, kind = torch.cuda.max_memory_allocated(rt.device) / 2 ** 20, "cuda max allocated"
+    else:
+        value, kind = 0.0, "cpu peak resident set"
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    value = int(line.split()[1]) / 1024
+        except OSError:
+            import resource
+            value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if rt.distributed:
+        t = torch.tensor([value], dtype=torch.float64, device=rt.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        value = t.item()
+    return {"peak_mem_mb": round(value, 1), "peak_mem_kind": kind}
 
 
 @torch.no_grad()

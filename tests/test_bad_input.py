@@ -64,6 +64,9 @@ BAD_CONFIG = [
     (["data.eval_crop_pct=1.5"], r"data.eval_crop_pct=1.5 must be in \(0, 1\]"),
     (["data.train_subset=-5"], r"train_subset=-5"),
     (["run.device=cpu", "launcher.gpus_per_node=2"], r"gpus_per_node > 0 with run.device=cpu"),
+    (["run.device=cuda", "launcher.gpus_per_node=4", "launcher.tasks_per_node=2"],
+     r"launcher.tasks_per_node=2 with gpus_per_node=4: a GPU job runs one task per GPU"),
+    (["launcher.tasks_per_node=-1"], r"launcher.tasks_per_node=-1 must be >= 0"),
 ]
 
 TRIED = []  # (overrides, first line of the error): printed after the module (list_of_bad_inputs_tried)

@@ -122,7 +122,8 @@ def test_unknown_table():
 def test_world_size_is_what_each_launcher_starts():
     """One stage's process count, as the planner (effective batch -> accum_iter) and the estimator see it: debug
     runs in the driver's process, local starts one task per GPU of this machine (nodes do not apply), slurm runs
-    nodes x GPUs per node; a CPU job counts as one."""
+    nodes x tasks per node (one per GPU, or launcher.tasks_per_node); a CPU job is one task unless it asks for
+    more."""
     from omegaconf import OmegaConf
 
     from harness.config import world_size
@@ -130,3 +131,7 @@ def test_world_size_is_what_each_launcher_starts():
                   world_size(OmegaConf.create(dict(name=name, nodes=1, gpus_per_node=0))))
            for name in ("debug", "local", "slurm")}
     assert got == {"debug": (1, 1), "local": (2, 1), "slurm": (6, 1)}
+    # CPU tasks (gloo DDP, e.g. a rehearsal of a multi-GPU run): launcher.tasks_per_node
+    cpu = {name: world_size(OmegaConf.create(dict(name=name, nodes=3, gpus_per_node=0, tasks_per_node=2)))
+           for name in ("debug", "local", "slurm")}
+    assert cpu == {"debug": 1, "local": 2, "slurm": 6}
