@@ -36,6 +36,29 @@ LOCKED = "locked"  # a job's result when a stage of it was found running in anot
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "UNKNOWN"}
 
 
+def requeue_tolerating_its_own_sigterm(env, countdown: int) -> None:
+    """submitit's SlurmJobEnvironment._requeue, except that an `scontrol requeue` killed by a signal is not a failure.
+    Slurm answers a requeue by signalling every process of the job, and `scontrol` is one of them: when the SIGTERM
+    arrives before scontrol has exited, submitit's check_call raised and the job ended as failed although Slurm had
+    requeued it (seen once in the Slurm tests). A signal can only reach scontrol from the requeue (or a cancel, which
+    ends the job anyway); an error exit of scontrol (e.g. requeue refused) is still raised."""
+    import subprocess
+    jid = env.job_id
+    try:
+        subprocess.check_call(["scontrol", "requeue", jid], timeout=60)
+    except subprocess.CalledProcessError as e:
+        if e.returncode >= 0:
+            raise
+        print(f"[launch] scontrol requeue {jid} was ended by signal {-e.returncode}, sent by the requeue itself",
+              flush=True)
+    print(f"[launch] requeued Slurm job {jid} ({countdown} remaining timeouts)", flush=True)
+
+
+def _tolerant_requeue() -> None:
+    from submitit.slurm.slurm import SlurmJobEnvironment
+    SlurmJobEnvironment._requeue = requeue_tolerating_its_own_sigterm
+
+
 class StageJob(submitit.helpers.Checkpointable):
     """The callable a job runs: one stage, or a chain of stages run one after the other in the same process (a
     row's pre-train -> fine-tune -> evaluate: one Python start-up and one queue wait instead of three, and no
@@ -50,6 +73,7 @@ class StageJob(submitit.helpers.Checkpointable):
         self.then = list(then or [])  # (stage_id, spec, run_dir, inputs) of the stages chained after this one
 
     def __call__(self) -> dict:
+        _tolerant_requeue()  # in the job's process, before any signal can ask for a requeue
         if self.distributed:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         try:
