@@ -31,10 +31,24 @@ def finetune_objective(num_classes: int, f: dict, kd: Optional[dict] = None, tea
     classifier (the baseline in baselines/kd.py)."""
     mix = dict(mixup=f["mixup"], cutmix=f["cutmix"], smoothing=f["smoothing"])
     if kd:
-        from baselines.kd import KDObjective  # the baseline lives beside the harness, not in it
-        return KDObjective(teacher, num_classes, kind=kd["kind"], weight=kd["weight"], temperature=kd["temperature"],
-                           **mix)
+        return registered_objective("kd")(teacher, num_classes, kind=kd["kind"], weight=kd["weight"],
+                                          temperature=kd["temperature"], **mix)
     return ClassifyObjective(num_classes, **mix)
+
+
+OBJECTIVES_GROUP = "dmae_harness.finetune_objectives"
+
+
+def registered_objective(name: str):
+    """A fine-tuning objective registered under `name` in the entry-point group dmae_harness.finetune_objectives
+    (pyproject.toml: kd = baselines.kd:KDObjective): the baselines live beside the harness, which finds them by
+    name and never imports them."""
+    from importlib.metadata import entry_points
+    found = {ep.name: ep for ep in entry_points(group=OBJECTIVES_GROUP)}
+    if name not in found:
+        raise ValueError(f"no fine-tuning objective {name!r} in the entry points {OBJECTIVES_GROUP} "
+                         f"({', '.join(sorted(found)) or 'none'}): install the project (pip install -e .)")
+    return found[name].load()
 
 
 def kd_teacher_logits_cached(spec: dict, device_type: str) -> bool:

@@ -246,6 +246,18 @@ def test_pyproject_ships_recipes_and_console_scripts():
     assert {"*.yaml", "*.csv", "launcher/*.yaml", "profile/*.yaml"} <= set(data)
 
 
+def test_the_harness_finds_the_kd_baseline_by_name_and_never_imports_baselines():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert meta["project"]["entry-points"]["dmae_harness.finetune_objectives"] == {"kd": "baselines.kd:KDObjective"}
+    for f in (ROOT / "harness").rglob("*.py"):
+        assert not re.search(r"^\s*(from|import)\s+baselines", f.read_text(), re.M), f
+    from baselines.kd import KDObjective
+    from harness.build import registered_objective
+    assert registered_objective("kd") is KDObjective
+    with pytest.raises(ValueError, match="no fine-tuning objective 'nope'"):
+        registered_objective("nope")
+
+
 @pytest.mark.slow
 def test_wheel_install_finds_its_recipes_from_another_directory(tmp_path):
     """Build the wheel from a copy of the sources, install it into a scratch venv that borrows the main venv's
