@@ -90,21 +90,12 @@ class DriverLocked(RuntimeError):
     """Another `reproduce` driver holds the results root."""
 
 
-_HELD: Dict[Path, int] = {}  # roots this process holds the driver lock of (re-entrant: run_table, then execute)
-
-
 @contextmanager
 def driver_lock(root: Path):
     """One driver per results root: a second `reproduce` on the same root stops with a clear error instead of
-    running the same stages twice at once."""
+    running the same stages twice at once. Taken once per run, by reproduce.run_plan, around the manifest and
+    execute()."""
     root = Path(root).resolve()
-    if _HELD.get(root):
-        _HELD[root] += 1
-        try:
-            yield
-        finally:
-            _HELD[root] -= 1
-        return
     root.mkdir(parents=True, exist_ok=True)
     path = root / ".driver.lock"
     f = open(path, "a+")
@@ -120,11 +111,9 @@ def driver_lock(root: Path):
     f.truncate()
     f.write(f"pid {os.getpid()} on {os.uname().nodename}")
     f.flush()
-    _HELD[root] = 1
     try:
         yield
     finally:
-        del _HELD[root]
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
 
@@ -403,19 +392,19 @@ def reuse_finished(plan: Plan) -> List[str]:
 
 
 def execute(plan: Plan, cfg: DictConfig) -> Dict[str, str]:
-    """Run every stage that is not done. Returns {stage id: done | failed | blocked}."""
+    """Run every stage that is not done; the caller holds driver_lock(plan.root). Returns {stage id: done | failed |
+    blocked}."""
     plan.check_paths()
-    with driver_lock(plan.root):
-        reuse_finished(plan)
-        plan.set_aside_stale()
-        name = cfg.launcher.name
-        if name == "debug":
-            states = _run_in_process(plan, cfg)
-        else:
-            ex = slurm_executor(plan, cfg) if name == "slurm" else local_executor(plan, cfg)
-            states = _run_jobs(plan, cfg, ex, slurm=name == "slurm")
-        print(results_table(plan), flush=True)
-        return states
+    reuse_finished(plan)
+    plan.set_aside_stale()
+    name = cfg.launcher.name
+    if name == "debug":
+        states = _run_in_process(plan, cfg)
+    else:
+        ex = slurm_executor(plan, cfg) if name == "slurm" else local_executor(plan, cfg)
+        states = _run_jobs(plan, cfg, ex, slurm=name == "slurm")
+    print(results_table(plan), flush=True)
+    return states
 
 
 def _quiet(cfg: DictConfig) -> bool:

@@ -88,12 +88,13 @@ def test_stage_lock_between_two_real_processes(tmp_path):
     assert run_stage(s, d, {}, RUNTIME, "pt")["resumed_from_epoch"] == 0
 
 
-def test_driver_lock_is_reentrant_in_one_process_and_exclusive_across(tmp_path):
+def test_driver_lock_is_taken_once_and_exclusive_across_processes(tmp_path):
     from harness.launch import DriverLocked, driver_lock
     with driver_lock(tmp_path):
-        with driver_lock(tmp_path):  # run_table holds it around write_manifest, execute takes it again
-            pass
         assert (tmp_path / ".driver.lock").read_text().startswith(f"pid {os.getpid()}")
+        with pytest.raises(DriverLocked):  # not re-entrant: run_plan takes it once, around the manifest and execute
+            with driver_lock(tmp_path):
+                pass
     # another process holds it (a bare flock, to keep this fast; the full two-driver case is the slow test below)
     code = ("import fcntl, os, sys\nf = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
             "f.truncate(0); f.write(f'pid {os.getpid()} on elsewhere'); f.flush(); print('locked', flush=True)\n"
