@@ -474,9 +474,19 @@ def write_index(reports_dir: Path) -> Path:
         lines += ["", "Reports without a claims.csv (written before claims were recorded; regenerate them with "
                   "`python -m harness.report <table>`): " + ", ".join(f"[{s}]({s}.md)" for s in without) + "."]
     lines += ["", "## Reports", ""]
+    versions = {}
     for md in reports:
         title = md.read_text().split("\n", 1)[0].lstrip("# ").strip()
-        lines.append(f"- [{md.stem}]({md.name}): {title}")
+        stages = reports_dir / md.stem / "stages.csv"
+        commits = []
+        if stages.is_file():
+            col = pd.read_csv(stages, dtype=str, keep_default_na=False).get("git_commit", pd.Series(dtype=str))
+            commits = sorted({c[:7] for c in col if c})
+        versions[md.stem] = tuple(commits)
+        lines.append(f"- [{md.stem}]({md.name}): {title}" + (f" — computed by {', '.join(commits)}" if commits else ""))
+    if len(set(v for v in versions.values() if v)) > 1:
+        lines += ["", "These reports were computed by different versions of the code (the commits above): a rerun "
+                  "of the older ones with the current recipe may differ; compare reports of one version."]
     out = reports_dir / "README.md"
     out.write_text("\n".join(lines) + "\n")
     return out
