@@ -360,6 +360,24 @@ def test_dashboard_lists_claims_of_every_report(tmp_path):
     assert "Reports without a claims.csv" in index and "[old](old.md)" in index
 
 
+def test_dashboard_names_the_code_versions_of_its_reports(tmp_path):
+    import pandas as pd
+    report(fake_tree(tmp_path / "a", table2_top1), tmp_path)
+    report(fake_tree(tmp_path / "b", lambda r, s: 50.0, table="teacher", seeds=2), tmp_path)
+    stages = tmp_path / "reports" / "teacher.smoke" / "stages.csv"
+    df = pd.read_csv(stages, dtype=str, keep_default_na=False)
+    one = "a" * 40
+    df["git_commit"] = one
+    df.to_csv(stages, index=False)
+    index = write_index(tmp_path / "reports").read_text()
+    assert "[teacher.smoke](teacher.smoke.md): " in index and f"computed by {one[:7]}" in index
+    other = tmp_path / "reports" / "table2.smoke" / "stages.csv"
+    df.assign(git_commit="b" * 40).to_csv(other, index=False)
+    assert "different versions of the code" in write_index(tmp_path / "reports").read_text()
+    df.to_csv(other, index=False)
+    assert "different versions of the code" not in write_index(tmp_path / "reports").read_text()
+
+
 # ------------------------------------------------------------------------------------------ on real smoke runs
 @pytest.mark.slow
 def test_collect_reads_every_stage_and_cell(smoke):
