@@ -31,10 +31,10 @@ PRESETS: Dict[str, Arch] = {
     "vit_w128d6_dec64d1": Arch(128, 6, 4, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2),
     "vit_w64d4_dec64d1": Arch(64, 4, 2, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2),
     "vit_w32d3_dec32d1": Arch(32, 3, 2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2),
-    "vit_micro": Arch(192, 6, 3, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
-    "vit_nano": Arch(96, 4, 3, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
-    "vit_pico": Arch(48, 3, 3, decoder_embed_dim=48, decoder_depth=1, decoder_num_heads=3),
-    "vit_femto": Arch(32, 2, 2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2),
+    "vit_w192d6_dec128d2": Arch(192, 6, 3, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+    "vit_w96d4_dec128d2": Arch(96, 4, 3, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+    "vit_w48d3_dec48d1": Arch(48, 3, 3, decoder_embed_dim=48, decoder_depth=1, decoder_num_heads=3),
+    "vit_w32d2_dec32d1": Arch(32, 2, 2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2),
 }
 
 

@@ -234,24 +234,24 @@ TEACHER_ARGS = ["teacher.train=false"]
     ("a plain list", lambda p: _save(p, [torch.zeros(2)]), r"expected a dict checkpoint, got list"),
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_unloadable_teacher_checkpoint_is_refused(capsys, tmp_path, results, name, make, message):
-    good_ft = _save(tmp_path / "ft.pth", {"model": build_classifier(PRESETS["vit_pico"], 10, 28, 4).state_dict()})
+    good_ft = _save(tmp_path / "ft.pth", {"model": build_classifier(PRESETS["vit_w48d3_dec48d1"], 10, 28, 4).state_dict()})
     bad = make(tmp_path / name)
     refused(capsys, results, TEACHER_ARGS + [f"teacher.pretrained_ckpt={bad}", f"teacher.finetuned_ckpt={good_ft}"],
             message, label=f"pretrained teacher checkpoint: {name}")
 
 
 def test_kd_teacher_with_a_head_for_another_label_set_is_refused(capsys, tmp_path, results):
-    pre = _save(tmp_path / "pre.pth", {"model": build_mae(PRESETS["vit_pico"], 28, 4).state_dict()})
-    ft5 = _save(tmp_path / "ft5.pth", {"model": build_classifier(PRESETS["vit_pico"], 5, 28, 4).state_dict()})
+    pre = _save(tmp_path / "pre.pth", {"model": build_mae(PRESETS["vit_w48d3_dec48d1"], 28, 4).state_dict()})
+    ft5 = _save(tmp_path / "ft5.pth", {"model": build_classifier(PRESETS["vit_w48d3_dec48d1"], 5, 28, 4).state_dict()})
     refused(capsys, results, TEACHER_ARGS + [f"teacher.pretrained_ckpt={pre}", f"teacher.finetuned_ckpt={ft5}"],
             r"kd_teacher checkpoint for student-finetune-kdsoft.*head.weight: checkpoint \(5, 48\) vs model \(10, 48\)",
             label="fine-tuned teacher with a 5-class head")
 
 
 def test_full_mode_teacher_without_decoder_is_refused(capsys, tmp_path, results):
-    enc = build_mae(PRESETS["vit_pico"], 28, 4, with_decoder=False).state_dict()
+    enc = build_mae(PRESETS["vit_w48d3_dec48d1"], 28, 4, with_decoder=False).state_dict()
     pre = _save(tmp_path / "mae_pretrain.pth", {"model": enc})
-    ft = _save(tmp_path / "ft.pth", {"model": build_classifier(PRESETS["vit_pico"], 10, 28, 4).state_dict()})
+    ft = _save(tmp_path / "ft.pth", {"model": build_classifier(PRESETS["vit_w48d3_dec48d1"], 10, 28, 4).state_dict()})
     refused(capsys, results, TEACHER_ARGS + [f"teacher.pretrained_ckpt={pre}", f"teacher.finetuned_ckpt={ft}",
                                              "distill.teacher_mode=full"], r"missing keys .*decoder",
             label="encoder-only teacher for teacher_mode=full")

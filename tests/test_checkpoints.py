@@ -12,7 +12,7 @@ from harness.checkpoints import (LAST, PREV, CheckpointError, atomic_save, encod
 from harness.models import PRESETS, build_classifier
 from harness.stages import load_classifier, load_teacher_encoder
 
-PRESET, PATCH, IMG = "vit_pico", 4, 16  # width 48, 3 blocks, decoder 48 x 1 block; 4 x 4 = 16 patches
+PRESET, PATCH, IMG = "vit_w48d3_dec48d1", 4, 16  # width 48, 3 blocks, decoder 48 x 1 block; 4 x 4 = 16 patches
 MODEL_CFG = {"preset": PRESET, "patch_size": PATCH}
 
 
@@ -76,7 +76,7 @@ def assert_loaded(model, sd, skip=()):
 
 def test_encoder_only_release_loads_as_teacher(tmp_path):
     sd = official_sd("pretrain")
-    path = save_official(tmp_path, "mae_pretrain_vit_pico.pth", sd)
+    path = save_official(tmp_path, "mae_pretrain_vit_w48d3_dec48d1.pth", sd)
     teacher = load_teacher_encoder(path, MODEL_CFG, IMG, with_decoder=False)
     assert not teacher.has_decoder
     assert_loaded(teacher, sd)
@@ -88,7 +88,7 @@ def test_encoder_only_release_loads_as_teacher(tmp_path):
 
 def test_visualize_release_loads_with_and_without_decoder(tmp_path):
     sd = official_sd("visualize")
-    path = save_official(tmp_path, "mae_visualize_vit_pico.pth", sd)
+    path = save_official(tmp_path, "mae_visualize_vit_w48d3_dec48d1.pth", sd)
     full = load_teacher_encoder(path, MODEL_CFG, IMG, with_decoder=True)
     assert_loaded(full, sd)
     assert set(full.state_dict()) == set(sd)
@@ -99,7 +99,7 @@ def test_visualize_release_loads_with_and_without_decoder(tmp_path):
 
 def test_finetuned_release_loads_as_classifier_and_as_teacher(tmp_path):
     sd = official_sd("finetuned")
-    path = save_official(tmp_path, "mae_finetuned_vit_pico.pth", sd)
+    path = save_official(tmp_path, "mae_finetuned_vit_w48d3_dec48d1.pth", sd)
     clf = load_classifier(path, MODEL_CFG, IMG, num_classes=10)
     assert_loaded(clf, sd)
     assert set(clf.state_dict()) == set(sd)
@@ -161,7 +161,7 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
 def test_wrong_preset_is_refused(tmp_path):
     path = save_official(tmp_path, "pico.pth", official_sd("pretrain"))
     with pytest.raises(CheckpointError, match="does not fit the model"):
-        load_teacher_encoder(path, {"preset": "vit_femto", "patch_size": PATCH}, IMG, with_decoder=False)
+        load_teacher_encoder(path, {"preset": "vit_w32d2_dec32d1", "patch_size": PATCH}, IMG, with_decoder=False)
 
 
 def test_no_weights_in_checkpoint():
@@ -189,7 +189,7 @@ def _mae_interpolate(pos, new_grid):
 @pytest.mark.parametrize("new_img", [32, 24])
 def test_pos_embed_interpolated_for_another_image_size(tmp_path, new_img):
     sd = official_sd("visualize", img=IMG)  # 4 x 4 grid
-    path = save_official(tmp_path, "mae_visualize_vit_pico.pth", sd)
+    path = save_official(tmp_path, "mae_visualize_vit_w48d3_dec48d1.pth", sd)
     teacher = load_teacher_encoder(path, MODEL_CFG, new_img, with_decoder=True)
     g = new_img // PATCH
     assert teacher.pos_embed.shape == (1, 1 + g * g, 48)

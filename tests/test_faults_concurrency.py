@@ -30,7 +30,7 @@ RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)
 def spec(epochs=1):
     pt = dict(epochs=epochs, warmup_epochs=0, batch_size=16, accum_iter=1, blr=1.5e-3, min_lr=0.0, weight_decay=0.05,
               betas=[0.9, 0.95], clip_grad=None, mask_ratio=0.75, visible_rounding="paper", norm_pix_loss=False)
-    return dict(kind="pretrain", name="pt", seed=1, data=DATA, model=dict(preset="vit_femto", patch_size=4),
+    return dict(kind="pretrain", name="pt", seed=1, data=DATA, model=dict(preset="vit_w32d2_dec32d1", patch_size=4),
                 objective="mae", pretrain=pt)
 
 

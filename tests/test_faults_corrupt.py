@@ -28,7 +28,7 @@ TIMING = ("epoch_s", "images_per_s", "train_s", "wall_s", "device_hours", "finis
 def spec(epochs=3):
     pt = dict(epochs=epochs, warmup_epochs=1, batch_size=16, accum_iter=1, blr=1.5e-3, min_lr=0.0, weight_decay=0.05,
               betas=[0.9, 0.95], clip_grad=None, mask_ratio=0.75, visible_rounding="paper", norm_pix_loss=False)
-    return dict(kind="pretrain", name="pt", seed=1, data=DATA, model=dict(preset="vit_femto", patch_size=4),
+    return dict(kind="pretrain", name="pt", seed=1, data=DATA, model=dict(preset="vit_w32d2_dec32d1", patch_size=4),
                 objective="mae", pretrain=pt)
 
 

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=64,
             test_subset=32, holdout=32, eval_crop_pct=1.0)
-MODEL = dict(preset="vit_femto", patch_size=4)
+MODEL = dict(preset="vit_w32d2_dec32d1", patch_size=4)
 RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)
 TIMING = ("epoch_s", "images_per_s", "train_s", "wall_s", "device_hours", "finished_at", "resumed_from_epoch", "host",
           "device_name", "git_commit")

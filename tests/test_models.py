@@ -88,8 +88,8 @@ def test_paper_presets_match_the_paper_sizes():
 
 
 def test_encoder_only_mae_has_no_decoder_keys():
-    mae = build_mae(PRESETS["vit_femto"], 16, 4, with_decoder=False)
-    assert set(mae.state_dict()) == encoder_keys(PRESETS["vit_femto"].depth)
+    mae = build_mae(PRESETS["vit_w32d2_dec32d1"], 16, 4, with_decoder=False)
+    assert set(mae.state_dict()) == encoder_keys(PRESETS["vit_w32d2_dec32d1"].depth)
 
 
 @pytest.mark.parametrize("ratio,rounding,expected", [
@@ -130,7 +130,7 @@ def test_random_masking_is_consistent(ratio, rounding, n_vis):
 
 def test_patchify_is_maes_channel_last_order():
     p, c, h, w = 2, 3, 4, 6
-    mae = build_mae(PRESETS["vit_femto"], 4, p, with_decoder=False)
+    mae = build_mae(PRESETS["vit_w32d2_dec32d1"], 4, p, with_decoder=False)
     imgs = torch.arange(2 * c * h * w, dtype=torch.float32).reshape(2, c, h, w)
     out = mae.patchify(imgs)
     gh, gw = h // p, w // p
@@ -168,7 +168,7 @@ def test_sincos_matches_mae_reference(dim, grid):
 
 
 def test_mae_pos_embeds_are_fixed_sincos():
-    mae = build_mae(PRESETS["vit_pico"], 28, 4)
+    mae = build_mae(PRESETS["vit_w48d3_dec48d1"], 28, 4)
     torch.testing.assert_close(mae.pos_embed[0], sincos_pos_embed_2d(48, 7), rtol=0, atol=0)
     torch.testing.assert_close(mae.decoder_pos_embed[0], sincos_pos_embed_2d(48, 7), rtol=0, atol=0)
     assert not mae.pos_embed.requires_grad and not mae.decoder_pos_embed.requires_grad
@@ -177,7 +177,7 @@ def test_mae_pos_embeds_are_fixed_sincos():
 
 def test_classifier_head_init_and_pooling():
     torch.manual_seed(0)
-    clf = build_classifier(PRESETS["vit_pico"], num_classes=10, img_size=16, patch_size=4)
+    clf = build_classifier(PRESETS["vit_w48d3_dec48d1"], num_classes=10, img_size=16, patch_size=4)
     assert 1e-5 < clf.head.weight.std().item() < 4e-5  # trunc_normal(std=2e-5), as MAE's fine-tuning
     assert torch.equal(clf.head.bias, torch.zeros(10))
     assert clf.global_pool == "avg"
@@ -192,7 +192,7 @@ def test_distill_heads_keep_pytorch_default_init():
     # pass (initialize_weights), so it keeps PyTorch's default nn.Linear init (kaiming-uniform a=sqrt(5) weight,
     # uniform(+-1/sqrt(fan_in)) bias) -- not xavier, not a zero bias.
     torch.manual_seed(0)
-    mae = build_mae(PRESETS["vit_femto"], 16, 4)
+    mae = build_mae(PRESETS["vit_w32d2_dec32d1"], 16, 4)
     assert mae.distill_proj is None
     state = torch.get_rng_state()
     mae.add_distill_heads([48, 64])
@@ -214,7 +214,7 @@ def test_distill_heads_keep_pytorch_default_init():
 def test_distill_heads_xavier_option():
     # the harness's earlier init, kept selectable: xavier-uniform weight, zero bias
     torch.manual_seed(0)
-    mae = build_mae(PRESETS["vit_femto"], 16, 4)
+    mae = build_mae(PRESETS["vit_w32d2_dec32d1"], 16, 4)
     mae.add_distill_heads([48, 64], init="xavier")
     for head, out in zip(mae.distill_proj, (48, 64)):
         assert torch.equal(head.bias, torch.zeros(out))
@@ -226,7 +226,7 @@ def test_mlp_distill_head_is_timm_mlp_with_default_init():
     # official 'mlp-1layer': timm Mlp(in=student dim, hidden=teacher dim, out=teacher dim, GELU), default init
     from timm.layers import Mlp
     torch.manual_seed(0)
-    mae = build_mae(PRESETS["vit_femto"], 16, 4)
+    mae = build_mae(PRESETS["vit_w32d2_dec32d1"], 16, 4)
     state = torch.get_rng_state()
     mae.add_distill_heads([48], kind="mlp")
     torch.set_rng_state(state)

@@ -85,8 +85,8 @@ IMG, PATCH = 16, 4  # 16 patches
 
 def tiny_pair(seed=0, teacher_decoder=True, pairs=((0, 0), (1, 2))):
     torch.manual_seed(seed)
-    teacher = build_mae(PRESETS["vit_pico"], IMG, PATCH, with_decoder=teacher_decoder)  # 3 blocks, width 48
-    student = build_mae(PRESETS["vit_femto"], IMG, PATCH)  # 2 blocks, width 32
+    teacher = build_mae(PRESETS["vit_w48d3_dec48d1"], IMG, PATCH, with_decoder=teacher_decoder)  # 3 blocks, width 48
+    student = build_mae(PRESETS["vit_w32d2_dec32d1"], IMG, PATCH)  # 2 blocks, width 32
     student.add_distill_heads([teacher.embed_dim] * len(pairs))
     imgs = torch.randn(2, 3, IMG, IMG)
     return teacher, student, imgs
@@ -312,8 +312,8 @@ def test_teacher_and_student_share_the_visible_set(monkeypatch, mode):
 def test_dmae_at_95_percent_uses_the_paper_count(rounding, n_vis):
     # 56 / 4 = 14 x 14 = 196 patches, as ViT-B/16 at 224
     torch.manual_seed(0)
-    teacher = build_mae(PRESETS["vit_femto"], 56, 4, with_decoder=False)
-    student = build_mae(PRESETS["vit_femto"], 56, 4)
+    teacher = build_mae(PRESETS["vit_w32d2_dec32d1"], 56, 4, with_decoder=False)
+    student = build_mae(PRESETS["vit_w32d2_dec32d1"], 56, 4)
     student.add_distill_heads([teacher.embed_dim])
     obj = DMAEObjective(teacher, [[1, 1]], mask_ratio=0.95, visible_rounding=rounding)
     imgs = torch.randn(1, 3, 56, 56)
@@ -402,8 +402,8 @@ def test_cached_teacher_logits_give_the_same_kd_loss_on_flip_only_batches(kind):
     ds = TensorImages(images, targets, Aug("finetune", 28, crop_min=1.0))
     assert ds.flip_only
     torch.manual_seed(0)
-    teacher = build_classifier(get_arch("vit_femto"), 10, 28, 4).eval()
-    student = build_classifier(get_arch("vit_femto"), 10, 28, 4)
+    teacher = build_classifier(get_arch("vit_w32d2_dec32d1"), 10, 28, 4).eval()
+    student = build_classifier(get_arch("vit_w32d2_dec32d1"), 10, 28, 4)
     plain = KDObjective(teacher, 10, kind=kind, weight=0.5, temperature=2.0)
     cached = KDObjective(teacher, 10, kind=kind, weight=0.5, temperature=2.0)
     cache = cached.cache_teacher_logits(ds.flip_views(batch_size=16))
@@ -426,7 +426,7 @@ def test_cached_teacher_logits_fall_back_to_the_teacher_for_other_inputs():
     cropped = TensorImages(images, targets, Aug("finetune", 28, crop_min=0.35))
     assert not cropped.flip_only and not TensorImages(images, targets, Aug("finetune", 28, reprob=0.25)).flip_only
     torch.manual_seed(0)
-    teacher = build_classifier(get_arch("vit_femto"), 10, 28, 4).eval()
+    teacher = build_classifier(get_arch("vit_w32d2_dec32d1"), 10, 28, 4).eval()
     obj = KDObjective(teacher, 10)
     flip_ds = TensorImages(images, targets, Aug("finetune", 28, crop_min=1.0))
     cache = obj.cache_teacher_logits(flip_ds.flip_views())

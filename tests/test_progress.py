@@ -115,7 +115,7 @@ DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_
             test_subset=32, eval_crop_pct=1.0)
 PT = dict(epochs=1, warmup_epochs=0, batch_size=32, accum_iter=1, blr=1.5e-3, min_lr=0.0, weight_decay=0.05,
           betas=[0.9, 0.95], clip_grad=None, mask_ratio=0.75, visible_rounding="paper", norm_pix_loss=False)
-SPEC = dict(kind="pretrain", objective="mae", model=dict(preset="vit_pico", patch_size=4), pretrain=PT, seed=0,
+SPEC = dict(kind="pretrain", objective="mae", model=dict(preset="vit_w48d3_dec48d1", patch_size=4), pretrain=PT, seed=0,
             data=DATA, name="pt")
 RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)
 

@@ -60,13 +60,13 @@ def test_missing_dataset_fails_before_anything_runs(tmp_path, capsys):
 
 def test_bad_teacher_checkpoint_fails_before_anything_runs(tmp_path):
     from harness.models import PRESETS, build_mae
-    wrong = build_mae(PRESETS["vit_femto"], 28, 4)  # not the recipe's teacher (vit_pico)
+    wrong = build_mae(PRESETS["vit_w32d2_dec32d1"], 28, 4)  # not the recipe's teacher (vit_w48d3_dec48d1)
     torch.save({"model": wrong.state_dict()}, tmp_path / "wrong.pth")
     base = ["profile=smoke", f"results_root={tmp_path}", "teacher.train=false",
             f"teacher.finetuned_ckpt={tmp_path / 'missing.pth'}"]
     with pytest.raises(PreflightError, match="shape mismatches"):
         run_table("table2", base + [f"teacher.pretrained_ckpt={tmp_path / 'wrong.pth'}"])
-    torch.save({"model": build_mae(PRESETS["vit_pico"], 28, 4).state_dict()}, tmp_path / "right.pth")
+    torch.save({"model": build_mae(PRESETS["vit_w48d3_dec48d1"], 28, 4).state_dict()}, tmp_path / "right.pth")
     with pytest.raises(PreflightError, match="missing.pth"):
         run_table("table2", base + [f"teacher.pretrained_ckpt={tmp_path / 'right.pth'}"])
     assert not list(tmp_path.glob("table2/smoke/*/"))

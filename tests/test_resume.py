@@ -12,8 +12,8 @@ from harness.stages import run_stage
 
 DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=64,
             test_subset=32, eval_crop_pct=1.0)
-MODEL = dict(preset="vit_femto", patch_size=4)
-TEACHER = dict(preset="vit_pico", patch_size=4)
+MODEL = dict(preset="vit_w32d2_dec32d1", patch_size=4)
+TEACHER = dict(preset="vit_w48d3_dec48d1", patch_size=4)
 RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)
 EPOCHS = 3
 # per-run timing, not a metric

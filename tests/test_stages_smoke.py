@@ -17,8 +17,8 @@ from harness.stages import run_stage
 
 DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=256,
             test_subset=128, holdout=96, eval_crop_pct=1.0)
-TEACHER = dict(preset="vit_pico", patch_size=4)
-STUDENT = dict(preset="vit_femto", patch_size=4)
+TEACHER = dict(preset="vit_w48d3_dec48d1", patch_size=4)
+STUDENT = dict(preset="vit_w32d2_dec32d1", patch_size=4)
 RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)
 PT = dict(epochs=2, warmup_epochs=1, batch_size=32, accum_iter=1, blr=1.5e-3, min_lr=0.0, weight_decay=0.05,
           betas=[0.9, 0.95], clip_grad=None, mask_ratio=0.75, visible_rounding="paper", norm_pix_loss=False)
@@ -78,7 +78,7 @@ def test_pretrain_weight_decay_groups_follow_mae(tmp_path, monkeypatch):
 def test_finetune_layer_decay_groups_follow_mae(tmp_path, monkeypatch):
     g = _groups_of(monkeypatch, tmp_path, dict(kind="finetune", model=STUDENT, finetune=FT, kd=None))
     g.pop("__trainable__")
-    depth, d, wd = 2, FT["layer_decay"], FT["weight_decay"]  # vit_femto: 2 blocks
+    depth, d, wd = 2, FT["layer_decay"], FT["weight_decay"]  # vit_w32d2_dec32d1: 2 blocks
     # MAE lrd.param_groups_lrd: layer 0 = cls/pos/patch_embed, block i = layer i+1, the rest = depth+1;
     # scale = decay ** (depth + 1 - layer); no decay on 1-D params, biases, pos_embed and cls_token
     for name in ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"):
