@@ -165,7 +165,7 @@ def _match(full: "Plan", rehearsal: "Plan") -> Dict[str, str]:
 
 
 def write_report(path: Path, full_cfg: "DictConfig", full: "Plan", rehearsal: "Plan", notes: List[str],
-                 command: str) -> Path:
+                 command: str, generated_data: bool = False) -> Path:
     """The REHEARSAL report: per rehearsed stage its step time and peak memory; the full run's device-hours."""
     import json
 
@@ -200,7 +200,10 @@ def write_report(path: Path, full_cfg: "DictConfig", full: "Plan", rehearsal: "P
     kinds = {r.get("peak_mem_kind") for r in results.values() if r}
     lines += ["", f"Peak memory: {', '.join(sorted(k for k in kinds if k)) or '-'}, the busiest rank."]
     # the full run's device-hours from the rehearsal's step times
-    n_train, n_holdout, n_test, size_note = _dataset_sizes(dict(full_cfg.data))
+    data = dict(full_cfg.data)
+    if generated_data:  # the full run reads the user's ImageNet, not the rehearsal's small folder
+        data["root"] = ""
+    n_train, n_holdout, n_test, size_note = _dataset_sizes(data)
     match = _match(full, rehearsal)
     total, rows = 0.0, []
     for sid, st in full.stages.items():

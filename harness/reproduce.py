@@ -181,7 +181,7 @@ def prepare_rehearsal(job: _Job, steps: int, batch: int) -> None:
     full_cfg, full_plan, job.cfg, job.plan, todo = rehearse.compose(job.table, job.overrides, steps, batch)
     notes = rehearse.prepare_inputs(todo, job.plan)
     check_inputs(job.plan, job.cfg)
-    job.rehearsal = {"cfg": full_cfg, "plan": full_plan, "notes": notes}
+    job.rehearsal = {"cfg": full_cfg, "plan": full_plan, "notes": notes, "generated_data": "imagefolder" in todo}
 
 
 def plan_jobs(names: Sequence[str], overrides: List[str], multirun: bool, rehearse: Optional[Tuple[int, int]] = None
@@ -236,7 +236,7 @@ def run_jobs(jobs: List[_Job], dry_run: bool, command: str) -> int:
             from .rehearse import REHEARSAL, write_report
             r = job.rehearsal
             out = Path(r["cfg"].reports_dir) / REHEARSAL / f"{job.table}.{r['cfg'].profile}.md"
-            path = write_report(out, r["cfg"], r["plan"], job.plan, r["notes"], command)
+            path = write_report(out, r["cfg"], r["plan"], job.plan, r["notes"], command, r["generated_data"])
             print(f"rehearsal report: {path}", flush=True)
         sweep = job.sweep
         if sweep is not None and job is sweep["jobs"][-1] and not (dry_run or job.cfg.dry_run):

@@ -234,7 +234,8 @@ TEACHER_ARGS = ["teacher.train=false"]
     ("a plain list", lambda p: _save(p, [torch.zeros(2)]), r"expected a dict checkpoint, got list"),
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_unloadable_teacher_checkpoint_is_refused(capsys, tmp_path, results, name, make, message):
-    good_ft = _save(tmp_path / "ft.pth", {"model": build_classifier(PRESETS["vit_w48d3_dec48d1"], 10, 28, 4).state_dict()})
+    good_ft = _save(tmp_path / "ft.pth",
+                    {"model": build_classifier(PRESETS["vit_w48d3_dec48d1"], 10, 28, 4).state_dict()})
     bad = make(tmp_path / name)
     refused(capsys, results, TEACHER_ARGS + [f"teacher.pretrained_ckpt={bad}", f"teacher.finetuned_ckpt={good_ft}"],
             message, label=f"pretrained teacher checkpoint: {name}")

@@ -70,7 +70,7 @@ def test_paper_rehearsal_under_slurm_with_two_rank_ddp_on_cpu(slurm_cluster, tmp
     """ViT-L -> ViT-B at 224 px through every table2 stage, 2 CPU ranks (gloo) per job under the local Slurm."""
     cmd = [sys.executable, "-m", "harness.reproduce", "table2", "profile=paper", "launcher=slurm",
            "launcher.partition=debug", "launcher.gpus_per_node=0", "launcher.tasks_per_node=2",
-           "launcher.cpus_per_task=1", "launcher.mem_gb=9", "launcher.timeout_min=30", "launcher.poll_s=2",
+           "launcher.cpus_per_task=1", "launcher.mem_gb=12", "launcher.timeout_min=30", "launcher.poll_s=2",
            "run.device=cpu", "run.amp=none", "run.threads=1", "run.num_workers=1",
            f"results_root={tmp_path / 'results'}", f"reports_dir={tmp_path / 'reports'}",
            "--rehearse", "--rehearse-batch", "2", "--rehearse-steps", "2"]

@@ -78,7 +78,8 @@ def test_planted_checkpoint_last_is_refused_at_resume_and_never_runs(tmp_path):
     d = tmp_path / "stage"
     d.mkdir()
     evil_checkpoint(d / "checkpoint-last.pth", marker, {"w": torch.zeros(1)})
-    spec = dict(kind="pretrain", name="pt", seed=0, objective="mae", model=dict(preset="vit_w32d2_dec32d1", patch_size=4),
+    spec = dict(kind="pretrain", name="pt", seed=0, objective="mae",
+                model=dict(preset="vit_w32d2_dec32d1", patch_size=4),
                 data=dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=32,
                           test_subset=16, eval_crop_pct=1.0),
                 pretrain=dict(epochs=1, warmup_epochs=0, batch_size=16, accum_iter=1, blr=1e-3, min_lr=0.0,
