@@ -32,6 +32,13 @@ MANIFEST_FILE = "manifest.json"  # <results root>/<table>/<profile>/manifest.jso
 STALE_DIR = ".stale"  # <results root>/.stale/<stage id>.<time>: stale stages moved aside, never deleted
 
 
+# result.json fields that describe the attempt which computed a stage (time, place, memory, what a resumed attempt
+# itself ran), not what it computed: two runs of one stage, interrupted or not, differ only in these
+ATTEMPT_FIELDS = ("epoch_s", "images_per_s", "train_s", "wall_s", "device_hours", "finished_at", "resumed_from_epoch",
+                  "host", "device_name", "git_commit", "step_s", "steps", "peak_mem_mb", "peak_mem_kind",
+                  "kd_cache_hits", "kd_cache_misses")
+
+
 def spec_hash(spec: dict) -> str:
     """The hash in a stage id: over the whole resolved spec, inputs' stage ids included."""
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()

@@ -17,12 +17,12 @@ import torch
 import harness.train as train_mod
 from harness.checkpoints import LAST, PREV, CheckpointError, load_last, safe_load, save_last, state_dict_of
 from harness.stages import run_stage
+from harness.rundir import ATTEMPT_FIELDS
 
 DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=64,
             test_subset=32, eval_crop_pct=1.0)
 RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)
-TIMING = ("epoch_s", "images_per_s", "train_s", "wall_s", "device_hours", "finished_at", "resumed_from_epoch", "host",
-          "device_name", "git_commit")
+TIMING = ATTEMPT_FIELDS  # the fields in which an interrupted run may differ from a clean one
 
 
 def spec(epochs=3):

@@ -31,6 +31,7 @@ import torch
 
 from harness.checkpoints import safe_load, state_dict_of
 from harness.stages import CONFIG_FILE, spec_hash, write_json
+from harness.rundir import ATTEMPT_FIELDS
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +40,7 @@ DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_
             test_subset=32, holdout=32, eval_crop_pct=1.0)
 MODEL = dict(preset="vit_w32d2_dec32d1", patch_size=4)
 RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)
-TIMING = ("epoch_s", "images_per_s", "train_s", "wall_s", "device_hours", "finished_at", "resumed_from_epoch", "host",
-          "device_name", "git_commit")
+TIMING = ATTEMPT_FIELDS  # the fields in which an interrupted run may differ from a clean one
 
 
 def pretrain_spec(epochs=4, **over):

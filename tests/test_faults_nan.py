@@ -15,12 +15,12 @@ import harness.objectives as objectives
 from harness.checkpoints import LAST, safe_load
 from harness.stages import run_stage
 from harness.train import NonFiniteLoss, Runtime, Schedule, fit
+from harness.rundir import ATTEMPT_FIELDS
 
 RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)
 DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=64,
             test_subset=32, eval_crop_pct=1.0)
-TIMING = ("epoch_s", "images_per_s", "train_s", "wall_s", "device_hours", "finished_at", "resumed_from_epoch", "host",
-          "device_name", "git_commit")
+TIMING = ATTEMPT_FIELDS  # the fields in which an interrupted run may differ from a clean one
 
 
 class BadAt:
