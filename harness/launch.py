@@ -36,27 +36,32 @@ LOCKED = "locked"  # a job's result when a stage of it was found running in anot
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "UNKNOWN"}
 
 
-def requeue_tolerating_its_own_sigterm(env, countdown: int) -> None:
-    """submitit's SlurmJobEnvironment._requeue, except that an `scontrol requeue` killed by a signal is not a failure.
-    Slurm answers a requeue by signalling every process of the job, and `scontrol` is one of them: when the SIGTERM
-    arrives before scontrol has exited, submitit's check_call raised and the job ended as failed although Slurm had
-    requeued it (seen once in the Slurm tests). A signal can only reach scontrol from the requeue (or a cancel, which
-    ends the job anyway); an error exit of scontrol (e.g. requeue refused) is still raised."""
+def _ignore_sigterm() -> None:
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # kept across exec: scontrol itself ignores SIGTERM
+
+
+def requeue_immune_to_sigterm(env, countdown: int) -> None:
+    """submitit's SlurmJobEnvironment._requeue, with `scontrol requeue` run immune to SIGTERM. A preempted job gets
+    SIGTERM as well as USR2, and Slurm answers the requeue itself by signalling every process of the job: when a
+    SIGTERM reached scontrol before its request did, the requeue never happened and the job ended as FAILED (twice
+    in the Slurm tests). scontrol is a short RPC (60 s timeout); an error exit (e.g. requeue refused) still raises,
+    and one still killed by a signal (SIGKILL after Slurm's KillWait) is reported, not raised: the job is ending."""
     import subprocess
     jid = env.job_id
     try:
-        subprocess.check_call(["scontrol", "requeue", jid], timeout=60)
+        subprocess.check_call(["scontrol", "requeue", jid], timeout=60, preexec_fn=_ignore_sigterm)
     except subprocess.CalledProcessError as e:
         if e.returncode >= 0:
             raise
-        print(f"[launch] scontrol requeue {jid} was ended by signal {-e.returncode}, sent by the requeue itself",
-              flush=True)
+        print(f"[launch] scontrol requeue {jid} was killed by signal {-e.returncode}", flush=True)
+        return
     print(f"[launch] requeued Slurm job {jid} ({countdown} remaining timeouts)", flush=True)
 
 
 def _tolerant_requeue() -> None:
     from submitit.slurm.slurm import SlurmJobEnvironment
-    SlurmJobEnvironment._requeue = requeue_tolerating_its_own_sigterm
+    SlurmJobEnvironment._requeue = requeue_immune_to_sigterm
 
 
 class StageJob(submitit.helpers.Checkpointable):

@@ -252,8 +252,11 @@ def test_interrupted_driver_ends_with_one_line_and_no_traceback(tmp_path, how):
     args = SMALL + [f"results_root={tmp_path / 'results'}", "pretrain.epochs=25"]
     out_p, err_p = tmp_path / "out", tmp_path / "err"
     with open(out_p, "w") as out, open(err_p, "w") as err:
+        # as at a terminal: SIGINT handled (a shell starting `make test &` without job control leaves it ignored,
+        # and the children would inherit that)
         a = subprocess.Popen([sys.executable, "-m", "harness.reproduce", "table2", *args], cwd=ROOT, env=env(),
-                             stdout=out, stderr=err, text=True, start_new_session=True)
+                             stdout=out, stderr=err, text=True, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         logs = lambda: list((tmp_path / "results").glob("table2/smoke/*/log.jsonl"))  # noqa: E731
         wait_for(lambda: any(p.read_text().count("\n") >= 1 for p in logs()), what="a running stage", proc=a)

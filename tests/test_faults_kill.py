@@ -461,22 +461,23 @@ def test_real_slurm_timeout_requeues_and_resumes_identically(slurm_cluster, tmp_
     assert "resumed from checkpoint-last" in out
 
 
-def test_a_requeue_whose_scontrol_is_killed_by_the_requeue_is_not_a_failure(tmp_path, monkeypatch):
-    """Slurm signals every process of a job it requeues, scontrol included: scontrol ended by a signal means the
-    requeue went through; scontrol exiting with an error (requeue refused) is still an error."""
+def test_the_requeue_request_survives_the_sigterm_of_a_preemption(tmp_path, monkeypatch):
+    """A preempted job gets SIGTERM too, and Slurm signals every process of a job it requeues: scontrol requeue runs
+    immune to SIGTERM, so the request is sent; scontrol exiting with an error (requeue refused) is still an error."""
     import subprocess
     import types
 
-    from harness.launch import requeue_tolerating_its_own_sigterm
+    from harness.launch import requeue_immune_to_sigterm
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     env = types.SimpleNamespace(job_id="42")
-    scontrol.write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/called\"\nkill -TERM $$\n")
+    # a SIGTERM arrives while scontrol is still sending its request
+    scontrol.write_text("#!/bin/sh\nkill -TERM $$\necho \"$@\" > \"$(dirname \"$0\")/sent\"\n")
     scontrol.chmod(0o755)
-    requeue_tolerating_its_own_sigterm(env, 3)
-    assert (bin_dir / "called").read_text().split() == ["requeue", "42"]
+    requeue_immune_to_sigterm(env, 3)
+    assert (bin_dir / "sent").read_text().split() == ["requeue", "42"]
     scontrol.write_text("#!/bin/sh\necho 'slurm_requeue error: Job is no longer pending execution' >&2\nexit 1\n")
     with pytest.raises(subprocess.CalledProcessError):
-        requeue_tolerating_its_own_sigterm(env, 3)
+        requeue_immune_to_sigterm(env, 3)
