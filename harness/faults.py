@@ -136,6 +136,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trials", type=int, default=12)
     p.add_argument("--launchers", default="local,slurm")
+    p.add_argument("--faults", default="", help="draw only these faults (comma-separated; default: every fault the "
+                                                  "launcher allows)")
     p.add_argument("--workdir", default="/tmp/harness-faults")
     p.add_argument("--out", default=str(ROOT / "results" / "faults"))
     args = p.parse_args(argv)
@@ -158,7 +160,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     trials = []
     for i in range(args.trials):
         la = rng.choice(launchers)
-        fault = rng.choice(FAULTS[la])
+        kinds = [f for f in FAULTS[la] if not args.faults or f in args.faults.split(",")]
+        if not kinds:
+            p.error(f"--faults {args.faults}: none applies to launcher {la}")
+        fault = rng.choice(kinds)
         at = rng.uniform(2.0, 0.9 * refs[la]["wall_s"])
         t = run_trial(la, fault, at, work / f"trial-{i}", log)
         got, ref = fingerprint(work / f"trial-{i}"), refs[la]["stages"]
@@ -169,7 +174,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         trials.append(t)
         print(f"trial {i}: {la} {fault} at {at:.1f}s -> {t['hit']}; reruns {t['reruns']}, rc {t['rc']}, "
               f"{'identical' if t['identical'] else 'DIFFERENT: ' + ', '.join(t['differ'][:3])}", flush=True)
-        shutil.rmtree(work / f"trial-{i}", ignore_errors=True)
+        if t["identical"] and not t["reruns"]:
+            shutil.rmtree(work / f"trial-{i}", ignore_errors=True)  # kept otherwise: its job logs say what happened
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%dT%H%M%S")
@@ -177,7 +183,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                             "trials": trials}, indent=2) + "\n")
     ok = sum(t["identical"] for t in trials)
     lines = [f"# Preemption campaign, seed {args.seed}: {ok} of {len(trials)} recoveries identical", "",
-             f"`python -m harness.faults --seed {args.seed} --trials {args.trials} --launchers {args.launchers}`; "
+             f"`python -m harness.faults --seed {args.seed} --trials {args.trials} --launchers {args.launchers}"
+             + (f" --faults {args.faults}" if args.faults else "") + "`; "
              f"table: `{' '.join(TABLE)}`. Each trial is compared stage by stage with the uninterrupted run of its "
              "launcher (model.pth sha256 of every training stage, top-1 of every evaluation).", "",
              "| launcher | reference stages | reference wall (s) |", "|---|---:|---:|"]
