@@ -540,6 +540,33 @@ def slurm_executor(plan: Plan, cfg: DictConfig) -> submitit.AutoExecutor:
     return ex
 
 
+ENDED = {"CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "DEADLINE", "BOOT_FAIL",
+         "COMPLETED"}
+
+
+def ended_unseen(job) -> bool:
+    """A Slurm array task cancelled (or failed) while still pending never gets a sacct record of its own: submitit
+    then reports it UNKNOWN, i.e. not done, forever, and a driver waiting for it hangs (found by harness.faults: a
+    `scancel -s KILL` of a pending array). The array's own record, `<id>` or `<id>_[...]`, says that it ended."""
+    import subprocess
+    jid = str(job.job_id)
+    if "_" not in jid or job.state.split()[0] != "UNKNOWN":
+        return False
+    parent = jid.split("_")[0]
+    try:
+        out = subprocess.run(["sacct", "-j", parent, "-X", "-n", "-P", "-o", "JobID,State"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    for line in out.splitlines():
+        ident, _, state = line.partition("|")
+        if ident == jid:
+            return False  # the task has its own record: submitit will see it
+        if (ident == parent or ident.startswith(parent + "_[")) and state.split()[0] in ENDED:
+            return True
+    return False
+
+
 def _attach(plan: Plan, sid: str):
     """The still-active Slurm job of a stage submitted by an earlier driver, if any."""
     f = plan.dir(sid) / JOB_FILE
@@ -548,7 +575,7 @@ def _attach(plan: Plan, sid: str):
     try:
         info = json.loads(f.read_text())
         job = submitit.SlurmJob(folder=info["folder"], job_id=info["job_id"])
-        return job if job.state.split()[0] in ACTIVE else None
+        return job if job.state.split()[0] in ACTIVE and not ended_unseen(job) else None
     except Exception:
         return None
 
@@ -642,7 +669,7 @@ def _drive(plan: Plan, cfg: DictConfig, ex, prog: Progress, running: Dict[str, o
             for sid in members[first]:  # stages of a chain finish one by one: their consumers may start now
                 if prog.state[sid] != "done" and plan.status(sid) == "done":
                     prog.set(sid, "done")
-            if not job.done():
+            if not job.done() and not (isinstance(job, submitit.SlurmJob) and ended_unseen(job)):
                 continue
             del running[first]
             chain_ids = members.pop(first)

@@ -114,3 +114,20 @@ def test_a_second_prefix_refuses_to_start_beside_this_cluster(slurm_cluster, tmp
     out = _script("start", HARNESS_SLURM_PREFIX=str(other))
     assert out.returncode != 0 and "Slurm daemons this script did not start are running" in out.stderr, out.stderr
     assert not other.exists()
+
+
+def test_a_pending_array_task_cancelled_before_it_starts_is_seen_as_ended(slurm_cluster, tmp_path):
+    """sacct keeps no record of an array task cancelled while pending: submitit reports it UNKNOWN (not done) for
+    ever. The driver reads the array's own record instead (a driver hung on this in the harness.faults campaign)."""
+    import submitit
+
+    from harness.launch import ended_unseen
+    ex = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="slurm")
+    ex.update_parameters(timeout_min=5, slurm_partition="debug", slurm_additional_parameters={"hold": True})
+    jobs = ex.map_array(abs, [-1, -2])  # held: they stay pending
+    assert all(not ended_unseen(j) for j in jobs)  # pending is not ended
+    subprocess.run(["scancel", "--signal=KILL", jobs[0].job_id.split("_")[0]], check=True, timeout=60)
+    deadline = time.time() + 120
+    while not all(ended_unseen(j) or j.done() for j in jobs):
+        assert time.time() < deadline, [j.state for j in jobs]
+        time.sleep(1)
