@@ -57,7 +57,7 @@ def _device_type(cfg) -> str:
     return "cuda" if dev.startswith("cuda") else dev
 
 
-def _dataset_sizes(data: dict) -> Tuple[int, int, int, str]:
+def dataset_sizes(data: dict) -> Tuple[int, int, int, str]:
     note = ""
     if data["name"] == "fashion_mnist":
         full = FASHION_MNIST_SIZES
@@ -224,7 +224,7 @@ def estimate_details(plan, cfg, bench_dir: Optional[str | Path] = None) -> dict:
                             f"measurements of {', '.join(sorted({r['device']['key'] for r in results}))}")
     idx = _Index(results)
     out["files"] = idx.files
-    n_train, n_holdout, n_test, size_note = _dataset_sizes(plan.stages[next(iter(plan.stages))].spec["data"]
+    n_train, n_holdout, n_test, size_note = dataset_sizes(plan.stages[next(iter(plan.stages))].spec["data"]
                                                if plan.stages else {"name": "fashion_mnist"})
     if size_note:
         out["notes"].append(size_note)

@@ -59,7 +59,7 @@ def requeue_immune_to_sigterm(env, countdown: int) -> None:
     print(f"[launch] requeued Slurm job {jid} ({countdown} remaining timeouts)", flush=True)
 
 
-def _tolerant_requeue() -> None:
+def _install_requeue_immune_to_sigterm() -> None:
     from submitit.slurm.slurm import SlurmJobEnvironment
     SlurmJobEnvironment._requeue = requeue_immune_to_sigterm
 
@@ -78,7 +78,7 @@ class StageJob(submitit.helpers.Checkpointable):
         self.then = list(then or [])  # (stage_id, spec, run_dir, inputs) of the stages chained after this one
 
     def __call__(self) -> dict:
-        _tolerant_requeue()  # in the job's process, before any signal can ask for a requeue
+        _install_requeue_immune_to_sigterm()  # in the job's process, before any signal can ask for a requeue
         if self.distributed:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         try:

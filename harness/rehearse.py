@@ -170,7 +170,7 @@ def write_report(path: Path, full_cfg: "DictConfig", full: "Plan", rehearsal: "P
     import json
 
     from .config import world_size
-    from .estimate import _dataset_sizes
+    from .estimate import dataset_sizes
     from .rundir import RESULT_FILE, write_text_atomic
     results = {}
     for sid in rehearsal.stages:
@@ -203,7 +203,7 @@ def write_report(path: Path, full_cfg: "DictConfig", full: "Plan", rehearsal: "P
     data = dict(full_cfg.data)
     if generated_data:  # the full run reads the user's ImageNet, not the rehearsal's small folder
         data["root"] = ""
-    n_train, n_holdout, n_test, size_note = _dataset_sizes(data)
+    n_train, n_holdout, n_test, size_note = dataset_sizes(data)
     match = _match(full, rehearsal)
     total, rows = 0.0, []
     for sid, st in full.stages.items():

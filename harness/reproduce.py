@@ -266,7 +266,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="run every stage for a few steps on a few images (real models, data path, launcher; random "
                         "official-format teachers and a small ImageFolder when none are given) and write a "
                         "REHEARSAL report: step times, peak memory, the full run's device-hours")
-    p.add_argument("--rehearse-steps", type=int, default=4, metavar="N",
+    p.add_argument("--rehearse-steps", type=int, default=None, metavar="N",
                    help="training steps per rehearsed stage (at least two optimizer updates; default 4)")
     p.add_argument("--rehearse-batch", type=int, default=0, metavar="B",
                    help="per-device batch of the rehearsal (default: the profile's; e.g. 2 on a CPU)")
@@ -288,10 +288,10 @@ def main(argv: List[str] | None = None) -> int:
     # `all`: the default table first (its teacher and rows feed most other tables), then the rest by name
     names = [DEFAULT_TABLE] + [t for t in tables() if t != DEFAULT_TABLE] if args.table == "all" else [args.table]
     try:
-        if (args.rehearse_steps != 4 or args.rehearse_batch) and not args.rehearse:
+        if (args.rehearse_steps is not None or args.rehearse_batch) and not args.rehearse:
             raise ConfigError("--rehearse-steps / --rehearse-batch only apply with --rehearse")
         jobs = plan_jobs(names, args.overrides, args.multirun,
-                         (args.rehearse_steps, args.rehearse_batch) if args.rehearse else None)
+                         (args.rehearse_steps or 4, args.rehearse_batch) if args.rehearse else None)
         return run_jobs(jobs, args.dry_run, command)
     except (ConfigError, PreflightError) as e:
         print(f"error: {e}\nNothing was submitted.", file=sys.stderr)
