@@ -1,7 +1,8 @@
 """Execute a plan's stages as submitit jobs.
 
 - debug: in this process, in graph order.
-- local: submitit's local executor; one stage at a time, in graph order.
+- local: submitit's local executor; launcher.max_parallel jobs side by side on this machine, the next ones chosen
+  by harness.dispatch when there are fewer free slots than ready jobs.
 - slurm: submitit's Slurm executor. The driver submits every stage whose inputs are done (ready stages together as
   one job array), polls, and submits the next wave. Each job is a submitit Checkpointable: on preemption or timeout
   it is requeued (at most launcher.max_requeues times) and the stage resumes from its checkpoint-last. Multi-GPU
@@ -27,6 +28,7 @@ from typing import Dict, List, Optional, Sequence
 import submitit
 from omegaconf import DictConfig, OmegaConf
 
+from . import dispatch
 from .config import tasks_per_node, world_size
 from .plan import Plan, Stage
 from .rundir import ERROR_FILE, JOB_FILE, LOG_FILE, RESULT_FILE, StageLocked, lock_holder, write_json
@@ -231,6 +233,12 @@ class Progress:
                 return None
             total += r
         return total / max(1, parallel)
+
+    def jobs_left(self, running: Dict[str, object], members: Dict[str, List[str]]) -> List[List[tuple]]:
+        """Each running job's unfinished stages with the seconds each has left (estimates, scaled by the epochs
+        already logged), for harness.dispatch; a stage without an estimate counts as 0 s."""
+        return [[(sid, self._remaining_s(sid, {}) or 0.0) for sid in members.get(first, [first])
+                 if self.state.get(sid) != "done" and sid in self.plan.stages] for first in running]
 
     def blocked_by_failure(self, stage: Stage) -> Optional[str]:
         for dep in self.plan.deps(stage):
@@ -616,6 +624,10 @@ def _job_id(plan: Plan, sid: str) -> Optional[str]:
 def _drive(plan: Plan, cfg: DictConfig, ex, prog: Progress, running: Dict[str, object],
            members: Dict[str, List[str]], limit: int, distributed: bool) -> None:
     chain = bool(cfg.launcher.get("chain", True))
+
+    def jobs_of(stage: Stage, state: Dict[str, str], busy: set) -> List[Stage]:
+        return chain_from(plan, stage, state, busy) if chain else [stage]
+
     while True:
         busy = {m for ms in members.values() for m in ms}
         ready: List[Stage] = []
@@ -639,13 +651,16 @@ def _drive(plan: Plan, cfg: DictConfig, ex, prog: Progress, running: Dict[str, o
                     f", then {', '.join(rest)} in the same job" if rest else ""))
             elif all(prog.state.get(d) == "done" for d in plan.deps(stage)):
                 ready.append(stage)
-        ready.sort(key=lambda st: not st.role.startswith("teacher"))  # teachers gate most of the graph
-        if limit:
-            ready = ready[:max(0, limit - len(running))]
+        if limit:  # fewer slots than ready jobs: the order decides how the run ends (harness.dispatch)
+            free = max(0, limit - len(running))
+            ready = dispatch.order(plan, ready, free, prog.state, prog.jobs_left(running, members), limit,
+                                   prog.estimates or None, jobs_of)[:free]
+        else:
+            ready.sort(key=dispatch.plain_key(plan))
         if ready:
             chains = []
             for stage in ready:
-                c = chain_from(plan, stage, prog.state, busy) if chain else [stage]
+                c = jobs_of(stage, prog.state, busy)
                 busy.update(st.id for st in c)
                 chains.append(c)
             with controller_stderr(ex, plan.root / ".submitit" / "controllers.err"), ex.batch():
