@@ -20,7 +20,8 @@ A cell's status is its evaluation's when that is done, else the worst status amo
 A cell's number is its evaluation stage's `top1` (the test split). Fine-tuning logs VALIDATION top-1 per epoch
 (`val_top1` in log.jsonl; `best_val_top1` / `last_val_top1` / `best_epoch` in its result.json), from a split carved
 out of the training images; results written before that split existed (`top1`, `best_top1`, `last_top1`) are read
-the same way. A fine-tune whose validation top-1 rose by >= 0.5 pp over its last epoch is flagged `still_rising`.
+the same way. A fine-tune whose validation top-1 rose by >= 0.5 pp over its last epoch is flagged `still_rising`;
+so is a row (summarize) whose finished seeds rose by >= 0.5 pp on average, i.e. whose mean curve did.
 
     python -m harness.collect results/table2/tiny [--csv out/]      # print the per-cell frame, export CSVs
 """
@@ -309,7 +310,8 @@ def delta_text(mean: Optional[float], paper: Optional[dict], profile: str) -> st
 
 
 def summarize(c: Collected, papers: Optional[Dict[str, dict]] = None) -> pd.DataFrame:
-    """Per table row (manifest order): n finished, mean and std (ddof=1) of top-1 over seeds, paper number, delta."""
+    """Per table row (manifest order): n finished, mean and std (ddof=1) of top-1 over seeds, paper number, delta,
+    and the finished seeds' mean last-epoch change of validation top-1 (`still_rising` when >= RISING_PP)."""
     papers = load_paper_numbers() if papers is None else papers
     recs = []
     for row, g in c.cells.groupby("row", sort=False):
@@ -320,6 +322,7 @@ def summarize(c: Collected, papers: Optional[Dict[str, dict]] = None) -> pd.Data
         key = g["paper"].iloc[0]
         key = key if isinstance(key, str) else None
         p = paper_number(key, papers)
+        gains = g.loc[g["status"] == "done", "val_last_gain"].dropna()  # the finished seeds' last-epoch changes
         counts = g["status"].value_counts()
         status = "; ".join(f"{counts[s]}/{len(g)} {s}" for s in SEVERITY[::-1] if s in counts)
         recs.append({"row": row, "label": g["label"].iloc[0], "method": g["method"].iloc[0],
@@ -327,7 +330,9 @@ def summarize(c: Collected, papers: Optional[Dict[str, dict]] = None) -> pd.Data
                      "seeds_top1": list(vals), "paper_key": key, "paper_value": p["value"] if p else None,
                      "paper_text": p["text"] if p else NOT_AVAILABLE, "paper_source": p["source"] if p else None,
                      "delta": (mean - p["value"]) if (p and mean is not None and c.profile == "paper") else None,
-                     "delta_text": delta_text(mean, p, c.profile), "status": status})
+                     "delta_text": delta_text(mean, p, c.profile), "status": status,
+                     "val_last_gain_mean": float(gains.mean()) if len(gains) else None, "n_gain": len(gains),
+                     "still_rising": bool(len(gains) and gains.mean() >= RISING_PP)})
     return pd.DataFrame(recs)
 
 
@@ -354,7 +359,7 @@ def export(c: Collected, out_dir: Path, summary: Optional[pd.DataFrame] = None) 
     summary = summarize(c) if summary is None else summary
     frames = {"cells": c.cells, "stages": c.stages, "rows": summary.drop(columns=["seeds_top1"])}
     try:
-        import pyarrow  # noqa: F401
+        import pyarrow  # noqa: F401  (local: optional dependency, probed for the .parquet exports)
         parquet = True
     except ImportError:
         parquet = False

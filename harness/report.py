@@ -304,21 +304,38 @@ def _teacher(c: Collected) -> List[str]:
     return [x + "  " for x in out]
 
 
-def _convergence(c: Collected) -> List[str]:
+def _convergence(summary: pd.DataFrame, c: Collected) -> List[str]:
+    """Per row: the finished seeds' mean last-epoch change of validation top-1 (the change of the row's mean curve),
+    flagged at >= RISING_PP; single fine-tunes at or above it and the spread of those changes, for scale."""
+    head = (f"Convergence check, per row (as the claims compare rows): a row whose finished fine-tunes rose by ≥ "
+            f"{RISING_PP:g} pp of validation top-1 over their last epoch, on average over its seeds, is **still rising "
+            "at its last fine-tune epoch**: its number would likely move with a longer schedule.")
     cells = c.cells
-    flagged = [f"- `{r['row']}` seed {r['seed']}: validation top-1 {r['val_last_gain']:+.2f} pp over its last "
-               f"fine-tune epoch (stage `{r['finetune_id']}`)" for r in cells[cells["still_rising"]].to_dict("records")]
-    flagged += [f"- teacher: validation top-1 {r['val_last_gain']:+.2f} pp over its last fine-tune epoch (stage "
-                f"`{r['stage_id']}`)" for r in teacher_results(c) if r["still_rising"]]
-    checked = cells["val_last_gain"].notna().sum()
-    head = (f"Convergence check: a finished fine-tune whose validation top-1 rose by ≥ {RISING_PP:g} pp over its last "
-            "epoch is **still rising at its last fine-tune epoch**: its number would likely move with a longer "
-            "schedule.")
-    if flagged:
-        return [head, ""] + flagged
-    if not checked:
-        return [head + " Not checked: no fine-tune logged validation top-1 for two or more epochs."]
-    return [head + f" None flagged ({checked} fine-tune(s) checked)."]
+    checked = summary[summary["n_gain"] > 0]
+    teacher = [f"- teacher: validation top-1 {r['val_last_gain']:+.2f} pp over its last fine-tune epoch (stage "
+               f"`{r['stage_id']}`): **still rising**" for r in teacher_results(c) if r["still_rising"]]
+    if checked.empty:
+        return [head + " Not checked: no finished fine-tune logged validation top-1 for two or more epochs."] + teacher
+    rows = []
+    for r in checked.to_dict("records"):
+        seeds = cells[(cells["row"] == r["row"]) & (cells["status"] == "done")].dropna(subset=["val_last_gain"])
+        rows.append([f"`{r['row']}`", r["n_gain"], f"{r['val_last_gain_mean']:+.2f}",
+                     ", ".join(f"{g:+.2f}" for g in seeds["val_last_gain"]),
+                     "**still rising**" if r["still_rising"] else "flat"])
+    out = [head, "", md_table(["row", "seeds", "mean Δ last epoch (pp)", "per seed", "verdict"], rows)]
+    flagged = summary["still_rising"].sum()
+    out += ["", f"{flagged} of {len(checked)} row(s) still rising." if flagged else
+            f"No row still rising ({len(checked)} checked)."] + teacher
+    gains = cells.loc[cells["status"] == "done", "val_last_gain"].dropna()
+    single = cells[cells["still_rising"]]
+    if len(single):
+        spread = (f"; the sd of all {len(gains)} last-epoch changes is {gains.std(ddof=1):.2f} pp"
+                  if len(gains) > 1 else "")
+        each = ", ".join(f"`{x['row']}` seed {x['seed']} ({x['val_last_gain']:+.2f}, stage `{x['finetune_id']}`)"
+                         for x in single.to_dict("records"))
+        out += ["", f"Single fine-tunes that rose by ≥ {RISING_PP:g} pp over their last epoch (one seed's change on "
+                f"the validation split{spread}): {each}."]
+    return out
 
 
 def _results(summary: pd.DataFrame, c: Collected) -> List[str]:
@@ -344,7 +361,7 @@ def _results(summary: pd.DataFrame, c: Collected) -> List[str]:
          fmt(r["val_top1_last"]), "—" if missing(r["val_last_gain"]) else f"{r['val_last_gain']:+.2f}"
          + (" (still rising)" if r["still_rising"] else ""), fmt(r["top5"]),
          r["status"] + (f": {r['reason'][:160]}" if r["reason"] else "")] for r in c.cells.to_dict("records")]))
-    out += [""] + _convergence(c)
+    out += [""] + _convergence(summary, c)
     return out
 
 

@@ -224,16 +224,32 @@ def test_too_few_seeds_is_not_enough_data(tmp_path):
     assert set(claim_lines(text).values()) == {"not enough data"} and "**not enough data**" not in text
 
 
-def test_still_rising_fine_tunes_are_listed(tmp_path):
-    def val(row, seed):
+def test_a_row_whose_seeds_still_rise_on_average_is_flagged(tmp_path):
+    def val(row, seed):  # dmae_95: +0.3, +1.0, +0.3 over the last epoch: mean +0.53 >= 0.5
         return [40.0, 44.0, 45.0] if (row, seed) == ("dmae_95", 1) else [40.0, 44.0, 44.3]
     text = report(fake_tree(tmp_path, table2_top1, val=val), tmp_path)
     results = text.split("## Results", 1)[1].split("## Claims", 1)[0]
     assert "still rising at its last fine-tune epoch" in results
-    assert "- `dmae_95` seed 1: validation top-1 +1.00 pp over its last fine-tune epoch" in results
-    assert results.count("(still rising)") == 1 and "- `dmae_95` seed 0" not in results
+    assert "| `dmae_95` | 3 | +0.53 | +0.30, +1.00, +0.30 | **still rising** |" in results
+    assert "| `dmae_75` | 3 | +0.30 | +0.30, +0.30, +0.30 | flat |" in results
+    assert "1 of 5 row(s) still rising." in results
+    assert "`dmae_95` seed 1 (+1.00, stage `" in results and "`dmae_95` seed 0 (" not in results
+    assert results.count("(still rising)") == 1  # the per-seed table marks the single fine-tune
     c = collect(fake_tree(tmp_path / "again", table2_top1, val=val))
     assert c.cells["still_rising"].sum() == 1
+    s = summarize(c).set_index("row")
+    assert s["still_rising"].tolist() == [False, False, False, True, False]
+    assert s.at["dmae_95", "val_last_gain_mean"] == pytest.approx(1.6 / 3)
+
+
+def test_one_rising_seed_does_not_flag_its_row(tmp_path):
+    def val(row, seed):  # dmae_98: +0.6 for seed 2, -0.1 for the others: mean +0.13
+        return [40.0, 44.0, 44.6] if (row, seed) == ("dmae_98", 2) else [40.0, 44.0, 43.9]
+    text = report(fake_tree(tmp_path, table2_top1, val=val), tmp_path)
+    results = text.split("## Results", 1)[1].split("## Claims", 1)[0]
+    assert "| `dmae_98` | 3 | +0.13 | -0.10, -0.10, +0.60 | flat |" in results
+    assert "No row still rising (5 checked)." in results and "**still rising**" not in results
+    assert re.search(r"the sd of all 15 last-epoch changes is 0\.\d\d pp\): `dmae_98` seed 2 \(\+0\.60", results)
 
 
 def test_teacher_test_top1_is_shown(tmp_path):
