@@ -39,12 +39,11 @@ import pandas as pd
 
 import recipes
 
-from .rundir import (CONFIG_FILE, ERROR_FILE, JOB_FILE, LAST_CHECKPOINT, LOG_FILE, MANIFEST_FILE, RESULT_FILE,
-                     FileHashes, broken_input, read_result)
+from .rundir import (CONFIG_FILE, DONE, ERROR_FILE, FAILED, JOB_FILE, LAST_CHECKPOINT, MANIFEST_FILE, PARTIAL,
+                     RESULT_FILE, FileHashes, broken_input, read_log, read_result, stage_status)
 from .stats import RISING_PP, last_epoch_gain, metric_curve
 
 PAPER_NUMBERS = recipes.path("paper-numbers.csv")
-RESULT, ERROR, CONFIG, LOG, LAST, JOB = RESULT_FILE, ERROR_FILE, CONFIG_FILE, LOG_FILE, LAST_CHECKPOINT, JOB_FILE
 NOT_AVAILABLE = "not available"
 NOT_IMAGENET = "n/a (not ImageNet)"
 # worst first: a cell is as bad as the worst stage it needs
@@ -73,26 +72,6 @@ class Collected:
         return self.manifest.get("table", self.root.parent.name)
 
 
-def read_log(path: Path, warnings: Optional[List[str]] = None) -> List[dict]:
-    """The per-epoch records of a log.jsonl; unparsable lines are skipped (and named in `warnings`)."""
-    if not path.exists():
-        return []
-    out = []
-    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            if isinstance(rec, dict):
-                out.append(rec)
-                continue
-        except ValueError:
-            pass
-        if warnings is not None:
-            warnings.append(f"{path}: line {i} is not a JSON record; skipped")
-    return out
-
-
 def _read_json(path: Path):
     obj = json.loads(path.read_text())
     if not isinstance(obj, dict):
@@ -106,35 +85,35 @@ def val_curve(records: List[dict]) -> List[tuple]:
 
 
 def read_stage(d: Path, warnings: List[str]) -> dict:
-    """Status, reason and result fields of one stage directory (+ the validation top-1 change over its last logged
-    epoch, from log.jsonl)."""
-    log = read_log(d / LOG, warnings)
-    rec: Dict[str, object] = {"status": "not started", "reason": "", "config_path": str(d / CONFIG),
+    """Status (rundir.stage_status, "todo" shown as "not started"), reason and result fields of one stage directory
+    (+ the validation top-1 change over its last logged epoch, from log.jsonl)."""
+    log = read_log(d, warnings)
+    status = stage_status(d)
+    rec: Dict[str, object] = {"status": "not started", "reason": "", "config_path": str(d / CONFIG_FILE),
                               "epochs_logged": len(log), "val_last_gain": last_epoch_gain(log)}
-    if (d / RESULT).exists():
+    if status == DONE:
         try:
-            res = _read_json(d / RESULT)
+            res = _read_json(d / RESULT_FILE)
         except (OSError, ValueError) as e:
-            warnings.append(f"{d / RESULT}: unreadable result file ({type(e).__name__}: {e}); stage skipped")
-            rec.update(status="unreadable", reason=f"unreadable {RESULT}")
+            warnings.append(f"{d / RESULT_FILE}: unreadable result file ({type(e).__name__}: {e}); stage skipped")
+            rec.update(status="unreadable", reason=f"unreadable {RESULT_FILE}")
             return rec
         rec.update({k: v for k, v in res.items() if not isinstance(v, (dict, list))})
         for new, keys in RESULT_ALIASES.items():
             rec[new] = next((res[k] for k in keys if res.get(k) is not None), None)
         rec["status"] = res.get("status", "done")
-        return rec
-    if (d / ERROR).exists():
+    elif status == FAILED:
         try:
-            reason = str(_read_json(d / ERROR).get("error", "unknown error"))
+            reason = str(_read_json(d / ERROR_FILE).get("error", "unknown error"))
         except (OSError, ValueError) as e:
-            warnings.append(f"{d / ERROR}: unreadable error file ({type(e).__name__}: {e})")
-            reason = f"unreadable {ERROR}"
+            warnings.append(f"{d / ERROR_FILE}: unreadable error file ({type(e).__name__}: {e})")
+            reason = f"unreadable {ERROR_FILE}"
         rec.update(status="failed", reason=reason)
-    elif (d / LAST).exists() or rec["epochs_logged"] or (d / JOB).exists():
+    elif status == PARTIAL:
         bits = [f"{rec['epochs_logged']} epoch(s) logged"]
-        if (d / LAST).exists():
+        if (d / LAST_CHECKPOINT).exists():
             bits.append("checkpoint-last exists")
-        if (d / JOB).exists():
+        if (d / JOB_FILE).exists():
             bits.append("a job was submitted")
         rec.update(status="partial", reason="running or interrupted: " + ", ".join(bits))
     return rec
@@ -174,8 +153,8 @@ def collect(root: Path) -> Collected:
     cells = _cells(manifest, stages.set_index("stage_id", drop=False))
     bad = (cells["status"] == "done") & cells["top1"].isna()
     for ev in cells.loc[bad, "evaluate_id"]:
-        warnings.append(f"{root / ev / RESULT}: no numeric top1; cell skipped")
-    cells.loc[bad, ["status", "reason"]] = ["unreadable", f"{RESULT} has no numeric top1"]
+        warnings.append(f"{root / ev / RESULT_FILE}: no numeric top1; cell skipped")
+    cells.loc[bad, ["status", "reason"]] = ["unreadable", f"{RESULT_FILE} has no numeric top1"]
     return Collected(root, manifest, stages, cells, warnings)
 
 

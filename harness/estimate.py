@@ -30,8 +30,10 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from .bench.results import current_device_key, load_results
+from .bench.spec import StepSpec
 from .config import world_size
-from .rundir import CONFIG_FILE, LOG_FILE, RESULT_FILE
+from .rundir import CONFIG_FILE, RESULT_FILE, epochs_logged
 
 REPO_BENCH = Path(__file__).resolve().parent.parent / "results" / "bench"
 # Sizes of the datasets the profiles use, when no subset is set.
@@ -82,7 +84,6 @@ class _Index:
     """The newest measured entry per (step key, batch) and per data pipeline, on one device type."""
 
     def __init__(self, results: List[dict]):
-        from .bench import StepSpec
         self.steps: Dict[tuple, Dict[Tuple[int, int], dict]] = {}
         self.all: List[dict] = []
         self.data: Dict[tuple, dict] = {}
@@ -108,7 +109,6 @@ class _Index:
 
     def step(self, spec, threads: int = 0) -> Tuple[Optional[float], str]:
         """(seconds per image, where it comes from); threads: the stage's CPU threads (0: any)."""
-        from .bench import meta_flops_per_image
         found = self.steps.get(spec.match_key())
         if found:
             b, t = min(found, key=lambda bt: (bool(threads) and bt[1] != threads, abs(math.log(bt[0] / spec.batch)),
@@ -123,6 +123,7 @@ class _Index:
         cands = [e for e in self.all if e["trains"] == spec.trains and e.get("achieved_flops_per_s")]
         if not cands:
             return None, "no measured step to scale from"
+        from .bench.flops import meta_flops_per_image  # torch: only for shapes never benchmarked
         flops = meta_flops_per_image(spec)
         e = min(cands, key=lambda e: (e["_spec"].kind != spec.kind, abs(math.log(flops / e["flops_per_image"]))))
         return flops / e["achieved_flops_per_s"], (f"FLOP-scaled from {e['id']} ({flops / 1e9:.3g} vs "
@@ -144,7 +145,6 @@ def _combine(step_spi: float, data_spi: float, workers: int) -> float:
 
 
 def _step_spec(stage_spec: dict, kind: str, batch: int, num_classes: int):
-    from .bench import StepSpec
     m = stage_spec["model"]
     base = dict(model=m["preset"], patch_size=int(m["patch_size"]), img_size=int(stage_spec["data"]["img_size"]),
                 batch=int(batch), num_classes=num_classes)
@@ -190,17 +190,9 @@ def _finished(root: Path) -> Dict[str, dict]:
     return out
 
 
-def _epochs_logged(run_dir: Path) -> int:
-    try:
-        return sum(1 for line in (run_dir / LOG_FILE).read_text().splitlines() if line.strip())
-    except OSError:
-        return 0
-
-
 def estimate_details(plan, cfg, bench_dir: Optional[str | Path] = None) -> dict:
     """Per stage: seconds, the measured step it maps to, images, epochs; plus notes. The report's cost section
     reads this."""
-    from .bench import current_device_key, load_results
     dev_type = _device_type(cfg)
     world = world_size(cfg.launcher)
     out = {"device_type": dev_type, "world": world, "files": [], "stages": {}, "notes": []}
@@ -289,7 +281,7 @@ def estimate_details(plan, cfg, bench_dir: Optional[str | Path] = None) -> dict:
             counts["none"] += 1
             continue
         if stage.kind in ("pretrain", "finetune") and plan.status(sid) == "partial":
-            done = _epochs_logged(Path(plan.dir(sid)))  # resumes after its last finished epoch
+            done = epochs_logged(plan.dir(sid))  # resumes after its last finished epoch
             if 0 < done < epochs:
                 total *= (epochs - done) / epochs
                 sources.append(f"{done}/{epochs} epochs already done")

@@ -18,8 +18,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .collect import Collected, read_log, val_curve
-from .rundir import LOG_FILE
+from .collect import Collected, val_curve
+from .rundir import read_log
 
 # top1_vs_mask.png: written by earlier versions (removed when figures are redrawn)
 OUR_FIGURES = ("claims_forest.png", "top1_by_row.png", "val_curves.png", "curves-*.png", "top1_vs_mask.png")
@@ -54,7 +54,7 @@ def _fig_bars(c: Collected, summary: pd.DataFrame, path: Path) -> bool:
 
 def _fig_curves(c: Collected, title: str, pre: Dict[str, str], fin: Dict[str, str], path: Path) -> bool:
     """pre / fin: {legend label: stage id}; left panel pre-training loss, right panel fine-tune validation top-1."""
-    logs = [{k: read_log(c.root / sid / LOG_FILE) for k, sid in d.items()} for d in (pre, fin)]
+    logs = [{k: read_log(c.root / sid) for k, sid in d.items()} for d in (pre, fin)]
     if not any(any(v) for part in logs for v in part.values()):
         return False
     fig = Figure(figsize=(9, 3.4))
@@ -89,14 +89,14 @@ def _fig_val_curves(c: Collected, path: Path) -> bool:
     for row, g in c.cells.groupby("row", sort=False):
         per_epoch: Dict[int, List[float]] = {}
         for sid in dict.fromkeys(g["finetune_id"]):
-            for e, v in val_curve(read_log(c.root / sid / LOG_FILE)):
+            for e, v in val_curve(read_log(c.root / sid)):
                 per_epoch.setdefault(e, []).append(v)
         if per_epoch:
             eps = sorted(per_epoch)
             series.append((row, eps, [float(np.mean(per_epoch[e])) for e in eps],
                            max(len(v) for v in per_epoch.values())))
     teacher = c.stages.loc[c.stages["role"] == "teacher-finetune", "stage_id"].tolist()
-    t_curves = [(sid, val_curve(read_log(c.root / sid / LOG_FILE))) for sid in teacher]
+    t_curves = [(sid, val_curve(read_log(c.root / sid))) for sid in teacher]
     t_curves = [(sid, pts) for sid, pts in t_curves if pts]
     if not series and not t_curves:
         return False

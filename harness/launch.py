@@ -31,7 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 from . import dispatch
 from .config import tasks_per_node, world_size
 from .plan import Plan, Stage
-from .rundir import ERROR_FILE, JOB_FILE, LOG_FILE, RESULT_FILE, StageLocked, lock_holder, write_json
+from .rundir import (ERROR_FILE, JOB_FILE, RESULT_FILE, StageLocked, epochs_logged, lock_holder, read_log,
+                     write_json)
 from .stages import run_stage
 
 LOCKED = "locked"  # a job's result when a stage of it was found running in another process
@@ -252,27 +253,8 @@ def _human(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def _log_lines(run_dir: Path) -> List[dict]:
-    out = []
-    try:
-        text = (Path(run_dir) / LOG_FILE).read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:  # a line being written right now
-            continue
-    return out
-
-
-def epochs_logged(run_dir: Path) -> int:
-    """Epochs a stage has finished: complete lines of its log.jsonl."""
-    return len(_log_lines(run_dir))
-
-
 def epoch_times(run_dir: Path) -> List[float]:
-    return [float(r["epoch_s"]) for r in _log_lines(run_dir) if isinstance(r.get("epoch_s"), (int, float))]
+    return [float(r["epoch_s"]) for r in read_log(run_dir) if isinstance(r.get("epoch_s"), (int, float))]
 
 
 def stage_epochs(spec: dict) -> Optional[int]:

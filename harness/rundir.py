@@ -18,7 +18,7 @@ import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 MODEL_FILE = "model.pth"
 RESULT_FILE = "result.json"
@@ -153,6 +153,53 @@ class FileHashes:
 def input_record(inputs: Dict[str, str]) -> Dict[str, dict]:
     """What a stage writes into its result about the files it read: {role: {path, sha256}}."""
     return {role: {"path": str(p), "sha256": sha256_file(p)} for role, p in inputs.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- stage status
+# What a stage directory's files say, the one definition the planner, launcher, estimator and collector read (the
+# driver's own states, "submitted", "blocked", ..., are its view of the jobs, not of the files).
+DONE, FAILED, PARTIAL, TODO = "done", "failed", "partial", "todo"
+
+
+def stage_status(run_dir: str | Path) -> str:
+    """done: result.json written; failed: error.json; partial: started and unfinished (checkpoint-last, a logged
+    epoch or a submitted job); todo: nothing yet."""
+    d = Path(run_dir)
+    if (d / RESULT_FILE).exists():
+        return DONE
+    if (d / ERROR_FILE).exists():
+        return FAILED
+    if (d / LAST_CHECKPOINT).exists() or (d / JOB_FILE).exists() or epochs_logged(d):
+        return PARTIAL
+    return TODO
+
+
+def read_log(run_dir: str | Path, warnings: Optional[List[str]] = None) -> List[dict]:
+    """The per-epoch records of a stage's log.jsonl, in order; a line that is not a JSON record (one being written
+    right now, or damaged) is skipped and, when `warnings` is given, named there."""
+    path = Path(run_dir) / LOG_FILE
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict):
+            out.append(rec)
+        elif warnings is not None:
+            warnings.append(f"{path}: line {i} is not a JSON record; skipped")
+    return out
+
+
+def epochs_logged(run_dir: str | Path) -> int:
+    """Epochs a stage has finished: the complete records of its log.jsonl."""
+    return len(read_log(run_dir))
 
 
 def read_result(run_dir: str | Path) -> Optional[dict]:

@@ -3,10 +3,15 @@
 Timings are never asserted (machines are shared and noisy); FLOP counts are, because they are counts."""
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
-from harness import bench
+from harness.bench.cli import main
+from harness.bench.flops import meta_flops_per_image
+from harness.bench.results import SCHEMA
+from harness.bench.spec import StepSpec, profile_cfg, profile_steps
+from harness.bench.steps import Pool, build_step
 from harness.config import load_config
 from harness.estimate import estimate_details, estimate_plan
 from harness.plan import build_plan
@@ -19,7 +24,7 @@ STEP_FIELDS = ("id", "shape", "label", "spec", "batch", "flops_per_image", "step
 def smoke_bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     # one thread: the test machines are shared, and two OpenMP threads on a busy 2-core machine crawl
-    assert bench.main(["--shapes", "smoke", "--steps", "2", "--warmup", "1", "--data-images", "32", "--threads", "1",
+    assert main(["--shapes", "smoke", "--steps", "2", "--warmup", "1", "--data-images", "32", "--threads", "1",
                        "--out", str(out)]) == 0
     files = list(out.glob("*.json"))
     assert len(files) == 1 and files[0].with_suffix(".md").is_file()
@@ -32,7 +37,7 @@ def finite_pos(x) -> bool:
 
 def test_bench_json_fields_and_sane_values(smoke_bench):
     _, r = smoke_bench
-    assert r["schema"] == bench.SCHEMA and r["device"]["type"] == "cpu" and r["device"]["dtype"] == "fp32"
+    assert r["schema"] == SCHEMA and r["device"]["type"] == "cpu" and r["device"]["dtype"] == "fp32"
     sh = r["shapes"]["smoke"]
     assert finite_pos(sh["peak"]["flops_per_s"]["median"])
     labels = {e["label"] for e in sh["steps"]}
@@ -69,8 +74,8 @@ def test_meta_flop_count_equals_measured_count(smoke_bench):
     """The estimator's meta-device count (for shapes never benchmarked) agrees with the count of the real step."""
     _, r = smoke_bench
     for e in r["shapes"]["smoke"]["steps"]:
-        spec = bench.StepSpec.from_dict(e["spec"])
-        assert bench.meta_flops_per_image(spec) == pytest.approx(e["flops_per_image"], rel=1e-6), e["label"]
+        spec = StepSpec.from_dict(e["spec"])
+        assert meta_flops_per_image(spec) == pytest.approx(e["flops_per_image"], rel=1e-6), e["label"]
 
 
 def smoke_plan(tmp_path, profile="smoke"):
@@ -126,18 +131,19 @@ def test_benchmarked_steps_train_with_the_stages_settings_and_builders():
     import torch
 
     from harness import build
-    c = bench._profile_cfg("tiny")
-    steps = dict(bench.profile_steps("tiny"))
+    c = profile_cfg("tiny")
+    steps = dict(profile_steps("tiny"))
     mae, dmae, ft, kd = steps["mae_m75"], steps["dmae_partial_m75"], steps["finetune"], steps["finetune_kd"]
     pre, fin = c["pretrain"], c["finetune"]
     assert (mae.weight_decay, mae.betas) == (pre["weight_decay"], tuple(pre["betas"]))
     assert (ft.weight_decay, ft.layer_decay, ft.betas) == (fin["weight_decay"], fin["layer_decay"], tuple(fin["betas"]))
     assert kd.kd == (c["kd"]["kind"], c["kd"]["weight"], c["kd"]["temperature"])
+    assert mae.norm_pix_loss == dmae.norm_pix_loss == pre["norm_pix_loss"]
     assert {k: v for k, v in dmae.distill} == {k: c["distill"][k] for k, _ in dmae.distill}
 
-    pool = bench.Pool(torch.device("cpu"))
+    pool = Pool(torch.device("cpu"))
     for spec, param_groups in ((mae, build.pretrain_param_groups), (ft, None)):
-        step = bench.build_step(pool, spec, "none")
+        step = build_step(pool, spec, "none")
         model = step.models[0]
         opt = next(v for k, v in pool.items.items() if k[0] == "opt" and k[1] == id(model))
         ref = build.pretrain_param_groups(model, pre["weight_decay"]) if param_groups else \
@@ -146,3 +152,8 @@ def test_benchmarked_steps_train_with_the_stages_settings_and_builders():
         assert opt.param_groups[0]["betas"] == (tuple(pre["betas"]) if param_groups else tuple(fin["betas"]))
     objective = next(v for k, v in pool.items.items() if k[0] == "objective" and k[1] == ft)
     assert type(objective) is type(build.finetune_objective(10, fin))
+    # the pixel loss as the stages build it (pretrain.norm_pix_loss), also when the profile turns it on
+    pix = replace(mae, norm_pix_loss=not pre["norm_pix_loss"])
+    build_step(pool, pix, "none")
+    objective = next(v for k, v in pool.items.items() if k[0] == "objective" and k[1] == pix)
+    assert objective.norm_pix == pix.norm_pix_loss

@@ -5,7 +5,8 @@ from types import SimpleNamespace
 
 import torch
 
-from harness.launch import Progress, epochs_logged, results_table, stage_epochs
+from harness.launch import Progress, results_table, stage_epochs
+from harness.rundir import epochs_logged
 from harness.plan import Cell, Plan, Stage
 from harness.stages import run_stage
 

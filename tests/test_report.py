@@ -57,9 +57,10 @@ def tree(smoke, tmp_path) -> Path:
 
 def has_val_curves(root: Path) -> bool:
     """Whether any fine-tune of the tree logged validation top-1 (the smoke profile may hold out no images)."""
-    from harness.collect import read_log, val_curve
+    from harness.collect import val_curve
+    from harness.rundir import read_log
     c = collect(root)
-    return any(val_curve(read_log(root / s / "log.jsonl")) for s in c.stages.loc[c.stages["kind"] == "finetune",
+    return any(val_curve(read_log(root / s)) for s in c.stages.loc[c.stages["kind"] == "finetune",
                                                                                  "stage_id"])
 
 

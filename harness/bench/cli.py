@@ -1,0 +1,97 @@
+"""`python -m harness.bench` -- the measured cost of every step the harness runs, against the FLOP model, the official
+full-teacher step and the hardware's matmul peak.
+
+    python -m harness.bench --quick                 # tiny + smoke shapes, a few steps (CI, well under a minute)
+    python -m harness.bench                         # + paper shapes (ViT-B/16 student, ViT-L/16 teacher, 224x224;
+                                                    #   batch 4 on a CPU): minutes
+    python -m harness.bench --shapes paper --steps 5 --batch 8 --threads 1
+    python -m harness.bench --device cuda           # bf16 autocast, the profiles' batch sizes (paper: 128)
+    python -m harness.bench --shapes paper --only mae_m75,dmae_partial_m75 --ablate fused_off,compile,adamw_fused
+
+Steps (real objectives, forward + backward + AdamW step where they train; evaluation is forward only):
+
+    mae_m75            MAE pre-training of the student (75% masking)
+    dmae_partial_m75   DMAE pre-training, teacher run up to its deepest aligned block on the visible patches
+    dmae_full_m75      DMAE with the official code's teacher cost: every block + its decoder (output unused)
+    dmae_partial_m95/98  DMAE at 95% / 98% masking
+    finetune           fine-tuning (Mixup/CutMix, drop path as in the profile)
+    finetune_kd        fine-tuning with KD from the fine-tuned teacher (teacher forward on the full image)
+    eval               evaluation forward
+    teacher_*          the teacher's own MAE pre-training / fine-tuning / evaluation (profiles that train it)
+
+For each: images/s (median of the timed repetitions after warm-up, with min-max), FLOPs per image (one step,
+forward + backward, counted by torch.utils.flop_counter.FlopCounterMode), the achieved FLOP/s and its fraction of a
+square-matmul peak timed in the same loop (fp32 on CPU, bf16 on GPU). All steps of a shape (and the matmul) are
+timed interleaved -- repetition r runs every variant once, in a rotated order -- so machine noise hits them alike,
+and ratios are medians of per-repetition ratios. The input pipeline (pretrain / finetune / eval transforms on
+Fashion-MNIST) is timed separately. On a CPU each profile's steps run with its run.threads (--threads overrides).
+Results: <out>/<device>-<date>.json and .md (default results/bench/, or $DMAE_BENCH_DIR); harness.estimate turns
+the latest of them into --dry-run cost estimates. Timings are only as quiet as the machine: the files record the
+load average; on a shared 2-core machine, 2 OpenMP threads per process collapse (use --threads 1 there).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .results import DEFAULT_DIR, markdown, targets
+from .run import run
+from .spec import ALL_SHAPES, QUICK_SHAPES
+from .steps import ABLATIONS
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--quick", action="store_true", help="tiny + smoke shapes, 3 repetitions, 1 warm-up, batch at "
+                                                        "most 32 (CI)")
+    p.add_argument("--shapes", help=f"comma-separated, of {', '.join(ALL_SHAPES)} (default: all; --quick: tiny,smoke)")
+    p.add_argument("--steps", type=int, help="timed repetitions per step (default 10; paper on CPU 3; --quick 3)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (>= 1): the first FLOP-counted, the last "
+                                              "sizing the repetitions (default 2; paper on CPU 1; GPU 5; --quick 1)")
+    p.add_argument("--batch", type=int, help="one batch size for every step (default: the profiles'; paper on CPU 4)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (cuda: bf16 autocast)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: each profile's run.threads, "
+                                                         "else torch's default)")
+    p.add_argument("--out", help=f"output directory (default ${{DMAE_BENCH_DIR}} or {DEFAULT_DIR})")
+    p.add_argument("--only", help="comma-separated step labels to measure (e.g. mae_m75,dmae_partial_m75)")
+    p.add_argument("--ablate", default="", help=f"extra variants of the --ablate-on steps: {', '.join(ABLATIONS)}")
+    p.add_argument("--ablate-on", default="mae_m75,finetune", help="steps the ablations apply to")
+    p.add_argument("--breakdown", action="store_true", help="profile one step of each: forward/backward/optimizer "
+                                                            "times and op-category shares")
+    p.add_argument("--no-data", action="store_true", help="skip the input-pipeline measurement")
+    p.add_argument("--data-images", type=int, help="images per input-pipeline measurement (default 512; quick 256)")
+    p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--render", metavar="JSON", help="rewrite the Markdown summary of a benchmark JSON and exit")
+    args = p.parse_args(argv)
+    if args.render:
+        path = Path(args.render)
+        result = json.loads(path.read_text())
+        result["targets"] = targets(result)
+        path.with_suffix(".md").write_text(markdown(result))
+        print(markdown(result))
+        return 0
+    shapes = args.shapes.split(",") if args.shapes else list(QUICK_SHAPES if args.quick else ALL_SHAPES)
+    bad = [s for s in shapes if s not in ALL_SHAPES]
+    ablate = [a for a in args.ablate.split(",") if a]
+    bad += [a for a in ablate if a not in ABLATIONS]
+    if bad:
+        p.error(f"unknown shape or ablation: {', '.join(bad)}")
+    steps = args.steps or (3 if args.quick else None)
+    batch_cap = 32 if args.quick and not args.batch else None  # quick: tiny's 128-image batches take too long
+    result, path = run(shapes, device=args.device, steps=steps, warmup=args.warmup if args.warmup is not None
+                       else (1 if args.quick else None), batch=args.batch, batch_cap=batch_cap, out_dir=args.out,
+                       data=not args.no_data, data_images=args.data_images or (256 if args.quick else 512),
+                       only=args.only.split(",") if args.only else None, ablate=ablate,
+                       ablate_on=args.ablate_on.split(","), breakdown=args.breakdown, threads=args.threads,
+                       command="python -m harness.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+                       write=not args.no_write)
+    print()
+    print(markdown(result))
+    if path:
+        print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0
+
