@@ -12,10 +12,17 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError
 
 import recipes
+
+from .arch import PRESETS
 
 RECIPES_DIR = recipes.path()
 
@@ -244,12 +251,6 @@ def tables() -> List[str]:
 def load_config(table: str, overrides: Optional[List[str]] = None, check: bool = True) -> DictConfig:
     """Compose recipes/<table>.yaml with command-line style overrides (hydra's compose API); check=False skips the
     semantic checks (validate), for a caller that completes the config first (--rehearse)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-    from yaml import YAMLError
-
     if table not in tables():
         raise ConfigError(f"unknown table {table!r}; recipes: {', '.join(tables())}")
     overrides = list(overrides or [])
@@ -279,7 +280,6 @@ def load_config(table: str, overrides: Optional[List[str]] = None, check: bool =
 
 def merged(section: DictConfig, overrides: Dict[str, Any], schema, where: str) -> dict:
     """Apply a row's overrides to a table-level section, type-checked against its dataclass."""
-    from omegaconf.errors import OmegaConfBaseException
     base = OmegaConf.merge(OmegaConf.structured(schema), section)
     try:
         if isinstance(overrides, DictConfig):  # resolve ${models.base} etc. against the whole config first
@@ -371,6 +371,44 @@ def resolve_accum(sec: dict, world: int, where: str) -> dict:
     return out
 
 
+@dataclass
+class Row:
+    """One table row merged with the table's sections and resolved: epoch_scale applied, effective_batch turned into
+    accum_iter, the aligned block pairs derived (distill.pairs; `align` dropped). The one place a row's settings are
+    computed: validate() checks them, the planner turns them into stages."""
+    key: str
+    method: str
+    label: str
+    paper: Optional[str]
+    student: dict
+    teacher: dict  # TeacherConfig, its pretrain and finetune sections resolved
+    pretrain: dict
+    distill: dict
+    finetune: dict
+    kd: dict
+
+
+def resolve_row(cfg: DictConfig, key: str) -> Row:
+    """Merge and resolve row `key` (ConfigError on a bad override, preset, schedule, batch or align fraction)."""
+    row, where, world = cfg.rows[key], f"rows.{key}", world_size(cfg.launcher)
+    student = merged(cfg.student, row.student, ModelConfig, f"{where}.student")
+    teacher = merged(cfg.teacher, row.teacher, TeacherConfig, f"{where}.teacher")
+    teacher["pretrain"] = resolve_accum(resolve_schedule(teacher["pretrain"]), world, f"{where}.teacher.pretrain")
+    teacher["finetune"] = resolve_accum(teacher["finetune"], world, f"{where}.teacher.finetune")
+    pre = resolve_accum(resolve_schedule(merged(cfg.pretrain, row.pretrain, PretrainConfig, f"{where}.pretrain")),
+                        world, f"{where}.pretrain")
+    fin = resolve_accum(merged(cfg.finetune, row.finetune, FinetuneConfig, f"{where}.finetune"), world,
+                        f"{where}.finetune")
+    dis = merged(cfg.distill, row.distill, DistillConfig, f"{where}.distill")
+    for who, m in (("student", student), ("teacher", teacher["model"])):
+        if m["preset"] not in PRESETS:
+            raise ConfigError(f"{where}.{who}.preset={m['preset']!r}: unknown; known: {', '.join(sorted(PRESETS))}")
+    dis["pairs"] = resolve_pairs(dis, PRESETS[student["preset"]].depth, PRESETS[teacher["model"]["preset"]].depth)
+    dis.pop("align")
+    return Row(key, row.method, row.label, row.paper, student, teacher, pre, dis, fin,
+               merged(cfg.kd, row.kd, KDConfig, f"{where}.kd"))
+
+
 def _check_range(where: str, sec: dict, key: str, lo=None, hi=None, lo_open=False, hi_open=False) -> None:
     v = sec.get(key)
     if v is None:
@@ -421,9 +459,6 @@ def _check_section(where: str, sec: dict, kind: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Semantic checks the schema cannot express (impossible values, unknown presets, block indices)."""
-    from omegaconf.errors import OmegaConfBaseException
-    from .arch import PRESETS
-
     try:  # hydra lets `+section.key=...` add keys to a structured config: re-check the whole tree against the schema
         OmegaConf.merge(OmegaConf.structured(TableConfig), OmegaConf.to_container(cfg, resolve=False))
     except OmegaConfBaseException as e:
@@ -458,7 +493,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data: img_size={d.img_size} must be >= 1, train_subset={d.train_subset}, "
                           f"test_subset={d.test_subset} and holdout={d.holdout} >= 0")
     _check_range("data", d, "eval_crop_pct", 0, 1, lo_open=True)
-    world = world_size(la)
     for n in ("pretrained_ckpt", "finetuned_ckpt"):
         if cfg.teacher.train and cfg.teacher[n]:
             raise ConfigError(f"teacher.{n}={cfg.teacher[n]!r} is given but teacher.train=true (profile "
@@ -471,24 +505,14 @@ def validate(cfg: DictConfig) -> None:
         check_name("row key", rkey)
         if row.method not in ("mae", "dmae", "kd"):
             raise ConfigError(f"{where}.method={row.method!r}: must be mae, dmae or kd")
-        student = merged(cfg.student, row.student, ModelConfig, f"{where}.student")
-        teacher = merged(cfg.teacher, row.teacher, TeacherConfig, f"{where}.teacher")
-        pre = merged(cfg.pretrain, row.pretrain, PretrainConfig, f"{where}.pretrain")
-        dis = merged(cfg.distill, row.distill, DistillConfig, f"{where}.distill")
-        fin = merged(cfg.finetune, row.finetune, FinetuneConfig, f"{where}.finetune")
-        kd = merged(cfg.kd, row.kd, KDConfig, f"{where}.kd")
-        pre = resolve_accum(pre, world, f"{where}.pretrain")
-        fin = resolve_accum(fin, world, f"{where}.finetune")
-        teacher["pretrain"] = resolve_accum(teacher["pretrain"], world, f"{where}.teacher.pretrain")
-        teacher["finetune"] = resolve_accum(teacher["finetune"], world, f"{where}.teacher.finetune")
-        for name, sec, kind in ((f"{where}.pretrain", pre, "pretrain"), (f"{where}.distill", dis, "distill"),
-                                (f"{where}.finetune", fin, "finetune"), (f"{where}.kd", kd, "kd"),
+        r = resolve_row(cfg, rkey)
+        student, teacher, dis = r.student, r.teacher, r.distill
+        for name, sec, kind in ((f"{where}.pretrain", r.pretrain, "pretrain"), (f"{where}.distill", dis, "distill"),
+                                (f"{where}.finetune", r.finetune, "finetune"), (f"{where}.kd", r.kd, "kd"),
                                 (f"{where}.teacher.pretrain", teacher["pretrain"], "pretrain"),
                                 (f"{where}.teacher.finetune", teacher["finetune"], "finetune")):
             _check_section(name, sec, kind)
         for who, m in (("student", student), ("teacher", teacher["model"])):
-            if m["preset"] not in PRESETS:
-                raise ConfigError(f"{where}.{who}.preset={m['preset']!r}: unknown; known: {', '.join(sorted(PRESETS))}")
             if cfg.data.img_size % m["patch_size"]:
                 raise ConfigError(f"{where}.{who}: data.img_size={cfg.data.img_size} is not a multiple of "
                                   f"patch_size={m['patch_size']}")
@@ -507,7 +531,7 @@ def validate(cfg: DictConfig) -> None:
                                       f"{cfg.profile}); give the official MAE checkpoint's path")
         if row.method == "dmae":
             s_depth, t_depth = PRESETS[student["preset"]].depth, PRESETS[teacher["model"]["preset"]].depth
-            for pair in resolve_pairs(dis, s_depth, t_depth):
+            for pair in dis["pairs"]:
                 if len(pair) != 2:
                     raise ConfigError(f"{where}.distill.pairs: {pair} is not a (student block, teacher block) pair")
                 s, t = pair

@@ -19,11 +19,9 @@ from typing import Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import (ConfigError, DistillConfig, FinetuneConfig, KDConfig, ModelConfig, PretrainConfig, TeacherConfig,
-                     check_name, merged, resolve_accum, resolve_pairs, resolve_schedule, world_size)
-from .arch import get_arch
-from .rundir import (ERROR_FILE, LAST_CHECKPOINT, MANIFEST_FILE, MODEL_FILE, RESULT_FILE, STALE_DIR, FileHashes,
-                     broken_input, git_commit, read_result, spec_hash, write_json)
+from .config import ConfigError, Row, check_name, resolve_row
+from .rundir import (MANIFEST_FILE, MODEL_FILE, STALE_DIR, FileHashes, broken_input, git_commit, read_result,
+                     spec_hash, stage_status, write_json)
 
 MANIFEST = MANIFEST_FILE
 
@@ -112,14 +110,7 @@ class Plan:
         return stale
 
     def status(self, stage_id: str) -> str:
-        d = self.dir(stage_id)
-        if (d / RESULT_FILE).exists():
-            return "done"
-        if (d / ERROR_FILE).exists():
-            return "failed"
-        if (d / LAST_CHECKPOINT).exists():
-            return "partial"
-        return "todo"
+        return stage_status(self.dir(stage_id))
 
 
 def _model_tag(m: dict) -> str:
@@ -133,7 +124,6 @@ class _Builder:
         self.stages: Dict[str, Stage] = {}
         self.data = OmegaConf.to_container(cfg.data, resolve=True)
         self.amp = cfg.run.amp
-        self.world = world_size(cfg.launcher)
 
     def add(self, kind: str, role: str, desc: str, spec: dict, inputs: Dict[str, str], cell) -> str:
         spec = {"kind": kind, **spec, "data": self.data, "amp": self.amp, "inputs": dict(inputs)}
@@ -152,9 +142,7 @@ class _Builder:
             if not t[need + "_ckpt"]:
                 raise ConfigError(f"rows.{cell[0]}: needs the {need} teacher: set teacher.{need}_ckpt")
             return f"file:{os.path.abspath(t[need + '_ckpt'])}"
-        tag = _model_tag(t["model"])
-        pre = resolve_accum(resolve_schedule(t["pretrain"]), self.world, "teacher.pretrain")
-        fin = resolve_accum(t["finetune"], self.world, "teacher.finetune")
+        tag, pre, fin = _model_tag(t["model"]), t["pretrain"], t["finetune"]
         pt = self.add("pretrain", "teacher-pretrain", f"teacher-pretrain-mae-{tag}-e{pre['epochs']}",
                       {"objective": "mae", "model": t["model"], "pretrain": pre, "seed": self.cfg.seed},
                       {}, cell)
@@ -168,24 +156,15 @@ class _Builder:
                  {"model": ft}, cell)
         return ft
 
-    def cell(self, key: str, row: DictConfig, seed: int) -> Cell:
-        cfg, where, c = self.cfg, f"rows.{key}", (key, seed)
-        student = merged(cfg.student, row.student, ModelConfig, f"{where}.student")
-        teacher_cfg = merged(cfg.teacher, row.teacher, TeacherConfig, f"{where}.teacher")
-        pre = resolve_accum(resolve_schedule(merged(cfg.pretrain, row.pretrain, PretrainConfig, f"{where}.pretrain")),
-                            self.world, f"{where}.pretrain")
-        dis = merged(cfg.distill, row.distill, DistillConfig, f"{where}.distill")
-        dis["pairs"] = resolve_pairs(dis, get_arch(student["preset"]).depth,
-                                     get_arch(teacher_cfg["model"]["preset"]).depth)
-        dis.pop("align")
-        fin = resolve_accum(merged(cfg.finetune, row.finetune, FinetuneConfig, f"{where}.finetune"), self.world,
-                            f"{where}.finetune")
-        kd = merged(cfg.kd, row.kd, KDConfig, f"{where}.kd")
+    def cell(self, row: Row, seed: int) -> Cell:
+        c = (row.key, seed)
+        student, teacher_cfg, pre, fin, kd = row.student, row.teacher, row.pretrain, row.finetune, row.kd
+        dis = {k: v for k, v in row.distill.items() if k != "teacher_source"}  # the stage spec's distill section
         teacher: Dict[str, str] = {}
         tag = _model_tag(student)
         mask = f"m{round(pre['mask_ratio'] * 100)}"
         if row.method == "dmae":
-            source = dis.pop("teacher_source")
+            source = row.distill["teacher_source"]
             ref = teacher[source] = self.teacher(teacher_cfg, c, source)
             pt = self.add("pretrain", "student-pretrain",
                           f"student-pretrain-dmae-{tag}-from-{_model_tag(teacher_cfg['model'])}-{mask}-e{pre['epochs']}"
@@ -211,7 +190,7 @@ class _Builder:
                 "mask_ratio": pre["mask_ratio"], "pretrain_epochs": pre["epochs"], "finetune_epochs": fin["epochs"],
                 "kd": kd["kind"] if row.method == "kd" else None,
                 "distill": dis if row.method == "dmae" else None}
-        return Cell(key, seed, row.label, row.method, row.paper, pt, ft, ev, teacher, info)
+        return Cell(row.key, seed, row.label, row.method, row.paper, pt, ft, ev, teacher, info)
 
 
 def check_name_ok(name: str) -> bool:
@@ -230,7 +209,8 @@ def build_plan(cfg: DictConfig) -> Plan:
     if Path(os.path.normpath(root)).parent.parent != results_root:  # lexical: a symlinked results tree is fine
         raise ConfigError(f"results directory {root} is not <results_root>/<table>/<profile> under {results_root}")
     b = _Builder(cfg, root)
-    cells = [b.cell(key, row, cfg.seed + s) for key, row in cfg.rows.items() for s in range(cfg.seeds)]
+    rows = [resolve_row(cfg, key) for key in cfg.rows]
+    cells = [b.cell(row, cfg.seed + s) for row in rows for s in range(cfg.seeds)]
     order = _toposort(b.stages)
     plan = Plan(cfg.table, cfg.profile, root, {sid: b.stages[sid] for sid in order}, cells)
     plan.check_paths()
