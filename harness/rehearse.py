@@ -17,14 +17,19 @@ device-hours: each real stage's steps x the step time its rehearsal measured, sc
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Tuple
+from typing import Dict, List, Tuple
 
-if TYPE_CHECKING:
-    from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 
-    from .plan import Plan
+from .arch import get_arch
+from .config import load_config, world_size
+from .estimate import dataset_sizes
+from .plan import Plan, build_plan
+from .rundir import RESULT_FILE, write_text_atomic
 
 REHEARSAL = "rehearsal"
 TEST_IMAGES = 8  # per rank: the evaluation stages and the per-epoch validation read this many images each
@@ -33,10 +38,6 @@ TEST_IMAGES = 8  # per rank: the evaluation stages and the per-epoch validation 
 def compose(table: str, user: List[str], steps: int, batch: int):
     """(full_cfg, full_plan, cfg, plan, todo): the run as asked (with the rehearsal's data and checkpoints, for the
     device-hour estimate) and its rehearsal, both planned; todo: what prepare_inputs must write."""
-    from omegaconf import OmegaConf
-
-    from .config import load_config
-    from .plan import build_plan
     first = load_config(table, user, check=False)  # may lack data.root and teacher checkpoints: the rehearsal's
     generated_root = first.data.name == "imagefolder" and OmegaConf.is_missing(first.data, "root")
     inputs, sizes, todo = overrides(first, steps, batch, generated_root)
@@ -48,7 +49,6 @@ def compose(table: str, user: List[str], steps: int, batch: int):
 def overrides(cfg: "DictConfig", steps: int, batch: int, write_data: bool) -> Tuple[List[str], List[str], dict]:
     """(input overrides: data root and teacher checkpoints the rehearsal provides; size overrides: epochs, batch,
     image counts, results root; todo) for the composed run `cfg`."""
-    from .config import world_size
     world = world_size(cfg.launcher)
     root = Path(str(cfg.results_root)).absolute() / REHEARSAL
     b = int(batch or 0)
@@ -114,9 +114,7 @@ def write_imagefolder(folder: Path, n_train: int, n_test: int, size: int) -> str
     marker = folder / ".complete"
     if marker.exists():
         return f"ImageFolder {folder} (written by an earlier rehearsal)"
-    from PIL import Image
-
-    from .data import FASHION_MNIST_DIR, FashionMNIST
+    from .data import FASHION_MNIST_DIR, FashionMNIST  # local: torch; composing, reporting a rehearsal stay torch-free
     for split, n, source in (("train", n_train, "train"), ("val", n_test, "val")):
         ds = FashionMNIST(FASHION_MNIST_DIR, source)
         per_class = max(1, math.ceil(n / len(ds.classes)))
@@ -138,11 +136,12 @@ def write_imagefolder(folder: Path, n_train: int, n_test: int, size: int) -> str
 
 def write_random_checkpoint(path: Path, arch_cfg: dict, img_size: int, finetuned: bool, data: dict) -> str:
     """An official-format checkpoint of the architecture with random weights (timm's initialisation)."""
+    # local: torch; composing and reporting a rehearsal stay torch-free
     import torch
 
     from .checkpoints import atomic_save
     from .data import DataSpec, num_classes_of
-    from .models import build_classifier, build_mae, get_arch
+    from .models import build_classifier, build_mae
     arch = get_arch(arch_cfg["preset"])
     torch.manual_seed(0)
     if finetuned:
@@ -167,11 +166,6 @@ def _match(full: "Plan", rehearsal: "Plan") -> Dict[str, str]:
 def write_report(path: Path, full_cfg: "DictConfig", full: "Plan", rehearsal: "Plan", notes: List[str],
                  command: str, generated_data: bool = False) -> Path:
     """The REHEARSAL report: per rehearsed stage its step time and peak memory; the full run's device-hours."""
-    import json
-
-    from .config import world_size
-    from .estimate import dataset_sizes
-    from .rundir import RESULT_FILE, write_text_atomic
     results = {}
     for sid in rehearsal.stages:
         f = rehearsal.dir(sid) / RESULT_FILE

@@ -22,7 +22,9 @@ Exit codes: 0 done, 1 a stage failed, 2 bad input (nothing submitted), 3 another
 """
 from __future__ import annotations
 
-# Standard library only at import time: `--help` must answer without loading hydra, torch or timm.
+# Standard library only at import time: `--help` must answer without loading hydra, torch or timm
+# (tests/test_cli.py). The harness modules are therefore imported where they are used, each block marked `# local:`,
+# so a bad config is also reported before torch is loaded.
 import argparse
 import shlex
 import shutil
@@ -31,6 +33,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+
+import recipes  # standard library only
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -45,8 +49,9 @@ class PreflightError(RuntimeError):
 
 
 def check_inputs(plan: Plan, cfg: DictConfig) -> None:
+    # local: torch (data, checkpoints); --help stays standard-library only
     from .checkpoints import CheckpointError
-    from .data import DataError, DataSpec, check_data
+    from .data import DataError, DataSpec, check_data, num_classes_of
     from .stages import load_classifier, load_teacher_encoder
 
     try:
@@ -64,7 +69,6 @@ def check_inputs(plan: Plan, cfg: DictConfig) -> None:
             path = ref[len("file:"):]
             try:
                 if role == "kd_teacher":
-                    from .data import num_classes_of
                     load_classifier(path, stage.spec["teacher_model"], cfg.data.img_size,
                                     num_classes_of(DataSpec(**cfg.data)))
                 else:
@@ -81,8 +85,9 @@ def check_inputs(plan: Plan, cfg: DictConfig) -> None:
 def check_imagefolder_classes(root: str) -> None:
     """Every class folder of both splits holds at least one image (torchvision's ImageFolder would otherwise fail
     inside the job, after submission). Stops at each folder's first image, so it stays cheap on ImageNet."""
-    from pathlib import Path
+    # local: torchvision, torch; --help stays standard-library only
     from torchvision.datasets.folder import IMG_EXTENSIONS
+
     from .data import DataError
     for split in ("train", "val"):
         d = Path(root) / split
@@ -110,6 +115,7 @@ def check_slurm(partition) -> None:
 
 def prepare(table: str, overrides: Sequence[str]) -> Tuple["DictConfig", "Plan"]:
     """Compose, plan and check every input: what a real run and --dry-run both do before anything else."""
+    # local: hydra; --help stays standard-library only
     from .config import load_config
     from .plan import build_plan
     cfg = load_config(table, list(overrides))
@@ -127,31 +133,32 @@ def run_plan(cfg: "DictConfig", plan: "Plan", overrides: Sequence[str], dry_run:
              reuse_from: Sequence[Path] = ()) -> int:
     """Run a prepared (checked) plan; reuse_from: results roots whose finished stages of the same id are linked in
     first (a sweep's other points)."""
-    from .plan import describe, write_manifest
+    from .plan import describe, write_manifest  # local: hydra; --help stays standard-library only
     table = cfg.table
     if dry_run or cfg.dry_run:
-        from .estimate import estimate_plan
+        from .estimate import estimate_plan  # local: only for a dry run; --help stays standard-library only
         print(describe(plan, estimate_plan(plan, cfg)))
         print("inputs checked: a real run would start now")
         return 0
+    # local: submitit, torch; looked up per call (tests replace harness.launch.execute)
     from .launch import _runtime, driver_lock, execute
     with driver_lock(plan.root):  # before the manifest: a second driver on this root changes nothing
         write_manifest(plan, cfg, command, list(overrides))
         print(f"{table} ({cfg.profile}): {len(plan.stages)} stages, launcher={cfg.launcher.name}, results in "
               f"{plan.root}", flush=True)
         if cfg.launcher.write_sbatch:
-            from .sbatch import write_sbatch
+            from .sbatch import write_sbatch  # local: torch; only with launcher.write_sbatch
             path = write_sbatch(plan, cfg, _runtime(cfg))
             print(f"wrote sbatch scripts; submit them with: bash {path}\n"
                   f"then, when the jobs are done: python -m harness.report {table} --profile {cfg.profile}")
             return 0
         if reuse_from:
-            from .sweep import link_finished
+            from .sweep import link_finished  # local: hydra, pandas; only for a sweep's points
             link_finished(plan, reuse_from)
         states = execute(plan, cfg)
     failed = [sid for sid, st in states.items() if st != "done"]
     if cfg.report:
-        from .report import write_report
+        from .report import write_report  # local: pandas, matplotlib; only when a run reports
         path = write_report(plan.root, cfg.reports_dir)
         print(f"report: {path}")
     if failed:
@@ -162,7 +169,7 @@ def run_plan(cfg: "DictConfig", plan: "Plan", overrides: Sequence[str], dry_run:
 
 def expand_sweep(overrides: List[str]) -> List[List[str]]:
     """Hydra's override grammar: `key=a,b` and `key=range(0,3)` sweeps become the cartesian product of runs."""
-    from .sweep import expand_sweep as expand
+    from .sweep import expand_sweep as expand  # local: hydra, pandas; --help stays standard-library only
     return expand(overrides)
 
 
@@ -177,7 +184,7 @@ class _Job:
 
 def prepare_rehearsal(job: _Job, steps: int, batch: int) -> None:
     """Compose the run and its rehearsal, write the inputs the rehearsal provides, check every input."""
-    from . import rehearse
+    from . import rehearse  # local: hydra; --help stays standard-library only
     full_cfg, full_plan, job.cfg, job.plan, todo = rehearse.compose(job.table, job.overrides, steps, batch)
     notes = rehearse.prepare_inputs(todo, job.plan)
     check_inputs(job.plan, job.cfg)
@@ -192,13 +199,14 @@ def plan_jobs(names: Sequence[str], overrides: List[str], multirun: bool, rehear
     for table in names:
         if rehearse is not None:
             if multirun:
-                from .config import ConfigError
+                from .config import ConfigError  # local: hydra; --help stays standard-library only
                 raise ConfigError("--rehearse rehearses one run; drop -m (rehearse one point of the sweep)")
             jobs.append(_Job(table, list(overrides)))
             continue
         if not multirun:
             jobs.append(_Job(table, list(overrides)))
             continue
+        # local: hydra, pandas; only with -m
         from .config import load_config
         from .sweep import point_overrides, sweep_name, sweep_points
         keys, points = sweep_points(overrides)
@@ -233,13 +241,14 @@ def run_jobs(jobs: List[_Job], dry_run: bool, command: str) -> int:
             reuse.append(Path(job.sweep["results_root"]))
         code = max(code, run_plan(job.cfg, job.plan, job.overrides, dry_run, command, reuse))
         if job.rehearsal is not None and not (dry_run or job.cfg.dry_run):
-            from .rehearse import REHEARSAL, write_report
+            from .rehearse import REHEARSAL, write_report  # local: hydra; only after --rehearse
             r = job.rehearsal
             out = Path(r["cfg"].reports_dir) / REHEARSAL / f"{job.table}.{r['cfg'].profile}.md"
             path = write_report(out, r["cfg"], r["plan"], job.plan, r["notes"], command, r["generated_data"])
             print(f"rehearsal report: {path}", flush=True)
         sweep = job.sweep
         if sweep is not None and job is sweep["jobs"][-1] and not (dry_run or job.cfg.dry_run):
+            # local: pandas, matplotlib; only when a sweep's last point has run
             from .report import report_name
             from .sweep import write_sweep_report
             points = []
@@ -252,7 +261,6 @@ def run_jobs(jobs: List[_Job], dry_run: bool, command: str) -> int:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    import recipes
     prog = "dmae-reproduce" if Path(sys.argv[0]).name == "dmae-reproduce" else "python -m harness.reproduce"
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -282,8 +290,7 @@ def main(argv: List[str] | None = None) -> int:
     args = parse_args(argv)
     # SIGTERM (kill, a scheduler ending the driver) unwinds like Ctrl-C, so local jobs are cancelled with it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    from .config import ConfigError, tables
-    from .launch import DriverLocked
+    from .config import ConfigError, tables  # local: hydra; --help stays standard-library only
     command = "python -m harness.reproduce " + " ".join(shlex.quote(a) for a in argv)
     # `all`: the default table first (its teacher and rows feed most other tables), then the rest by name
     names = [DEFAULT_TABLE] + [t for t in tables() if t != DEFAULT_TABLE] if args.table == "all" else [args.table]
@@ -296,7 +303,10 @@ def main(argv: List[str] | None = None) -> int:
     except (ConfigError, PreflightError) as e:
         print(f"error: {e}\nNothing was submitted.", file=sys.stderr)
         return 2
-    except DriverLocked as e:
+    except RuntimeError as e:
+        from .launch import DriverLocked  # local: torch; a bad config is reported without loading it
+        if not isinstance(e, DriverLocked):
+            raise
         print(f"error: {e}\nNothing was submitted by this invocation.", file=sys.stderr)
         return 3
     except (KeyboardInterrupt, SystemExit) as e:

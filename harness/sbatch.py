@@ -21,6 +21,7 @@ from typing import List
 from omegaconf import DictConfig
 
 from .config import tasks_per_node
+from .launch import code_snapshot, snapshot_wanted
 from .plan import Plan
 from .stages import CONFIG_FILE, spec_hash, write_json
 
@@ -50,7 +51,6 @@ def write_sbatch(plan: Plan, cfg: DictConfig, runtime: dict) -> Path:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     python = shlex.quote(sys.executable)
-    from .launch import code_snapshot, snapshot_wanted
     setup = [str(x) for x in (cfg.launcher.get("setup") or [])]
     if snapshot_wanted(cfg):
         snap = code_snapshot(out / "code")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +29,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Dict
 
+import submitit
 import torch
+import torch.distributed as dist
 
 from .build import (finetune_objective, finetune_param_groups, kd_teacher_logits_cached, pretrain_objective,
                     pretrain_param_groups)
@@ -196,7 +199,6 @@ def run_stage(spec: dict, run_dir: str | Path, inputs: Dict[str, str], runtime: 
             except StageLocked as e:
                 locked = e
         if rt.distributed:  # every rank stops when rank 0 could not take the lock
-            import torch.distributed as dist
             flag = torch.tensor([0 if locked else 1], device=rt.device)
             dist.broadcast(flag, 0)
             if not flag.item() and locked is None:
@@ -276,7 +278,6 @@ def _requeue_on_usr2() -> None:
     for USR2 is to die, which would end the job as failed; here task 0 asks Slurm to requeue the job instead (the
     scripts carry --requeue) and the process is left to Slurm, which stops it: the requeued job resumes from
     checkpoint-last (written every epoch), losing at most the epoch it was in."""
-    import signal
 
     def handler(signum, frame):
         job = os.environ.get("SLURM_ARRAY_JOB_ID") and \
@@ -296,7 +297,6 @@ def main() -> None:
     cfg = json.loads((run_dir / CONFIG_FILE).read_text())
     _requeue_on_usr2()
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:  # srun of a multi-GPU sbatch job
-        import submitit
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     print(json.dumps(run_stage(cfg["spec"], run_dir, cfg["inputs"], cfg["runtime"], cfg["stage_id"]), indent=2))
 

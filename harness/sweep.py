@@ -25,6 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+
+from .collect import collect, load_paper_numbers, summarize
+from .config import ConfigError
+from .rundir import RESULT_FILE, lock_holder
+
 SWEEP_DIR = "sweeps"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.,=+-]")
 _ROOT_KEYS = ("results_root", "reports_dir")  # rewritten per point; cannot be swept
@@ -38,9 +45,6 @@ class Point:
 
 
 def _parse(overrides: Sequence[str]):
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from .config import ConfigError
     try:
         return OverridesParser.create().parse_overrides(list(overrides))
     except HydraException as e:
@@ -58,7 +62,6 @@ def expand_sweep(overrides: Sequence[str]) -> List[List[str]]:
 
 def sweep_points(overrides: Sequence[str]) -> Tuple[List[str], List[Point]]:
     """(the swept keys, the points). No swept key: one point named '' with the overrides as given."""
-    from .config import ConfigError
     axes, keys = [], []
     for o in _parse(overrides):
         if o.is_sweep_override():
@@ -89,7 +92,6 @@ def sweep_name(table: str, keys: Sequence[str], profile: str) -> str:
 
 def _quote(path: str) -> str:
     """A path as a quoted hydra override value (point names hold ',' and '=')."""
-    from .config import ConfigError
     if "'" in path or "\\" in path or "${" in path:
         raise ConfigError(f"-m: cannot place a sweep under {path!r} (quote, backslash or '${{' in the path)")
     return f"'{path}'"
@@ -105,7 +107,6 @@ def point_overrides(point: Point, sweep: str, results_root: str, reports_dir: st
 def link_finished(plan, search: Sequence[Path]) -> List[str]:
     """Link in finished stages of this plan found as <search root>/<table>/<plan's profile>/<stage id>/ (hard links:
     no copy of large checkpoints). Stages done, or being run right now, are left alone."""
-    from .stages import RESULT_FILE, lock_holder
     linked = []
     for sid in plan.stages:
         dst = plan.dir(sid)
@@ -139,7 +140,6 @@ def write_sweep_report(path: Path, table: str, keys: Sequence[str], points: Sequ
     """One Markdown table: a row per (point, table row) with top-1 mean ± std over seeds and n, read from each
     point's results tree with harness.collect. points: (point, its results tree <...>/<table>/<profile>, its report
     or None)."""
-    from .collect import collect, load_paper_numbers, summarize
     papers = load_paper_numbers()
     path = Path(path)
     notes, lines, profiles = [], [], []

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import resource
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from torch import nn
 
 from .build import optimizer as build_optimizer
 from .checkpoints import CheckpointError, load_last, save_last
+from .data import loader
 from .rundir import LOG_FILE
 
 
@@ -285,8 +287,6 @@ def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, s
         eval_fn: Optional[Callable[[nn.Module], Dict[str, float]]] = None) -> FitResult:
     """Train `model` with `objective` for schedule.epochs epochs, resuming from run_dir/checkpoint-last.pth: set-up,
     resume(), then per epoch train_one_epoch(), the validation eval_fn, the log line and checkpoint-last."""
-    from .data import loader
-
     run_dir = Path(run_dir)
     model.to(rt.device)
     if getattr(objective, "teacher", None) is not None:
@@ -370,7 +370,6 @@ def peak_memory_mb(rt: Runtime) -> Dict[str, object]:
                 if line.startswith("VmHWM:"):
                     value = int(line.split()[1]) / 1024
         except OSError:
-            import resource
             value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if rt.distributed:
         t = torch.tensor([value], dtype=torch.float64, device=rt.device)
@@ -382,7 +381,6 @@ def peak_memory_mb(rt: Runtime) -> Dict[str, object]:
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, dataset, batch_size: int, rt: Runtime) -> Dict[str, float]:
     """Top-1/top-5 (%) over a whole split; each rank takes every world-th image, counts are summed."""
-    from .data import loader
     model.eval()
     dl = loader(dataset, batch_size, False, None, rt.num_workers, rt.rank, rt.world)
     counts = torch.zeros(3, dtype=torch.float64)

@@ -19,6 +19,11 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from .config import load_config
+from .plan import build_plan
+from .rundir import LOG_FILE, RESULT_FILE, git_commit
+from .stats import last_epoch_gain
+
 RECORD_COLUMNS = ["when", "trial", "overrides", "stage", "role", "row_seed", "epochs", "train_images",
                   "last_val_top1", "best_val_top1", "last_epoch_gain", "val_curve", "train_s", "git_commit"]
 
@@ -32,13 +37,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--only", choices=["teacher"],
                    help="run only the teacher's pre-training and fine-tuning (the teacher is tuned once, alone)")
     args = p.parse_intermixed_args(argv)
-
-    from .config import load_config
+    # local: torch, submitit; --help and argument errors answer without loading them
     from .launch import _runtime
-    from .plan import build_plan
-    from .rundir import LOG_FILE, RESULT_FILE, git_commit
     from .stages import run_stage
-    from .stats import last_epoch_gain
 
     overrides = list(args.overrides)
     if not any(o.startswith("results_root=") for o in overrides):

@@ -23,6 +23,7 @@ not timm 0.3.2's attention arithmetic.
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import contextlib
 import importlib
 import io
@@ -31,16 +32,22 @@ import subprocess
 import sys
 import tempfile
 import types
+import warnings
 import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
+import timm.models.vision_transformer as tvit
 import torch
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
 from .models import PRESETS, Arch, build_classifier, build_mae, num_visible, sincos_pos_embed_2d
+from .objectives import DMAEObjective, MAEObjective
+from .train import Runtime, Schedule, fit
 
 OFFICIAL_MODULES = ("models_mae_distill", "models_vit", "engine_distill", "util", "util.misc", "util.lr_sched",
                     "util.pos_embed", "util.lr_decay")
@@ -118,9 +125,6 @@ def _import_official(path: Path, notes: List[str]):
 def official_code(path: Path):
     """Import the official modules from `path` with the shims in place; yields a namespace of them. The shims stay
     while the block runs (np.float is read when the official models are built) and are removed afterwards."""
-    import numpy as np
-    import timm.models.vision_transformer as tvit
-
     path = Path(path).resolve()
     check_checkout(path)
     notes: List[str] = []
@@ -148,7 +152,6 @@ def official_code(path: Path):
             six.inf, six.nan = math.inf, math.nan
             six.string_classes = (str, bytes)
             six.int_classes = int
-            import collections.abc
             six.container_abcs = collections.abc
             sys.modules["torch._six"] = six
             added_six = True
@@ -317,7 +320,6 @@ def official_losses(off_teacher, off_student, imgs, ratio):
 
 
 def harness_losses(h_teacher, h_student, pairs, imgs, ratio):
-    from .objectives import DMAEObjective, MAEObjective
     kw = dict(mask_ratio=ratio, visible_rounding="official", norm_pix_loss=False)
     obj = DMAEObjective(h_teacher, pairs, alpha=1.0, pixel_weight=1.0, distance="l1", normalize=True,
                         include_cls=True, teacher_mode="partial", **kw)
@@ -390,7 +392,6 @@ def official_lr_trace(off, lr: float, sched=LR_SCHEDULE) -> List[float]:
 
 def harness_lr_trace(sched=LR_SCHEDULE):
     """The lr in effect at every iteration of harness.train.fit (same schedule), recorded by the objective."""
-    from .train import Runtime, Schedule, fit
     n = sched["steps_per_epoch"] * sched["batch_size"]
     ds = torch.utils.data.TensorDataset(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long))
     model = nn.Linear(1, 1)
@@ -412,7 +413,6 @@ def harness_lr_trace(sched=LR_SCHEDULE):
 
 @contextlib.contextmanager
 def _quiet():
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
@@ -512,7 +512,6 @@ def run(path: Path, shapes: Shapes, golden: bool = False) -> bool:
                 for k, d in pos.items():
                     rep.row(k, "", "", d <= 1e-6, d)
                 groups_o = group_table(o_student, off.add_weight_decay(o_student, 0.05), _to_harness_name)
-                from timm.optim import param_groups_weight_decay
                 groups_h = group_table(h_student, param_groups_weight_decay(h_student, 0.05))
                 compare_groups(rep, "pre-training (main_distill: add_weight_decay; harness/stages.py)", groups_o,
                                groups_h)
@@ -545,7 +544,6 @@ def run(path: Path, shapes: Shapes, golden: bool = False) -> bool:
         torch.manual_seed(0)
         h_clf = harness_classifier(shapes)
         o_clf = official_classifier(off, shapes, h_clf)
-        from timm.optim import param_groups_layer_decay
         groups_o = group_table(o_clf, off.lr_decay.param_groups_lrd(o_clf, 0.05, o_clf.no_weight_decay(), 0.75))
         groups_h = group_table(h_clf, param_groups_layer_decay(
             h_clf, 0.05, no_weight_decay_list=h_clf.no_weight_decay(), layer_decay=0.75))
