@@ -38,7 +38,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="run only the teacher's pre-training and fine-tuning (the teacher is tuned once, alone)")
     args = p.parse_intermixed_args(argv)
     # local: torch, submitit; --help and argument errors answer without loading them
-    from .launch import _runtime
+    from .run.launch import _runtime
     from .stages import run_stage
 
     overrides = list(args.overrides)

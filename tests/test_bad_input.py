@@ -19,7 +19,8 @@ from PIL import Image
 from harness.config import load_config
 from harness.models import PRESETS, build_classifier, build_mae
 from harness.plan import build_plan
-from harness.reproduce import check_inputs, check_slurm, main
+from harness.run.cli import main
+from harness.run.preflight import check_inputs, check_slurm
 
 BAD_CONFIG = [
     # effective batch (new): accum_iter = effective_batch / (batch_size x nodes x max(1, gpus_per_node))
@@ -76,8 +77,8 @@ TRIED = []  # (overrides, first line of the error): printed after the module (li
 def _never_execute(monkeypatch):
     """Should a check let a bad input through, fail at once instead of running the table."""
     def execute(*a, **k):
-        raise AssertionError("a bad input reached harness.launch.execute")
-    monkeypatch.setattr("harness.launch.execute", execute)
+        raise AssertionError("a bad input reached harness.run.launch.execute")
+    monkeypatch.setattr("harness.run.launch.execute", execute)
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.reproduce import main, parse_args
-from harness.sweep import point_overrides, sweep_name, sweep_points
+from harness.run.cli import main, parse_args
+from harness.run.sweep import point_overrides, sweep_name, sweep_points
 
 ROOT = Path(__file__).resolve().parents[1]
 README_SWEEP = "python -m harness.reproduce table2 -m rows.dmae_95.pretrain.mask_ratio=0.9,0.95"
@@ -28,8 +28,8 @@ def env():
 def never_execute(monkeypatch):
     """A check that lets bad input through fails the test instead of running the table."""
     def execute(*a, **k):
-        raise AssertionError("bad input reached harness.launch.execute")
-    monkeypatch.setattr("harness.launch.execute", execute)
+        raise AssertionError("bad input reached harness.run.launch.execute")
+    monkeypatch.setattr("harness.run.launch.execute", execute)
 
 
 def run_main(capsys, *argv):
@@ -214,7 +214,7 @@ def test_bad_value_shows_hydras_reason(capsys, tmp_path):
 
 def test_help_needs_only_the_standard_library():
     code = ("import sys\n"
-            "from harness.reproduce import main\n"
+            "from harness.run.cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
             "heavy = ('torch', 'timm', 'hydra', 'omegaconf', 'pandas', 'submitit', 'numpy', 'matplotlib')\n"
             "print('IMPORTED', sorted(m for m in heavy if m in sys.modules))\n")

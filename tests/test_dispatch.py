@@ -1,8 +1,8 @@
-"""harness.dispatch: with fewer slots than ready jobs, the driver starts first the job that lets the whole run end
+"""harness.run.dispatch: with fewer slots than ready jobs, the driver starts first the job that lets the whole run end
 soonest in a simulation from the stage estimates; the plain order (teachers first, graph order) otherwise."""
-from harness import dispatch
+from harness.run import dispatch
 from harness.config import load_config
-from harness.launch import chain_from
+from harness.run.launch import chain_from
 from harness.plan import Plan, Stage, build_plan
 
 

@@ -89,7 +89,7 @@ def test_stage_lock_between_two_real_processes(tmp_path):
 
 
 def test_driver_lock_is_taken_once_and_exclusive_across_processes(tmp_path):
-    from harness.launch import DriverLocked, driver_lock
+    from harness.run.launch import DriverLocked, driver_lock
     with driver_lock(tmp_path):
         assert (tmp_path / ".driver.lock").read_text().startswith(f"pid {os.getpid()}")
         with pytest.raises(DriverLocked):  # not re-entrant: run_plan takes it once, around the manifest and execute
@@ -128,7 +128,7 @@ def test_second_driver_refused_and_killed_driver_rerun_waits_then_submits_only_t
     it again, and ends with every stage done."""
     from harness.config import load_config
     from harness.plan import build_plan
-    from harness.reproduce import main, run_table
+    from harness.run.cli import main, run_table
     args = SMALL + [f"results_root={tmp_path / 'results'}", "pretrain.epochs=25"]
     plan = build_plan(load_config("table2", args))
     pre, fin, ev = plan.cells[0].pretrain, plan.cells[0].finetune, plan.cells[0].evaluate
@@ -215,7 +215,7 @@ def test_driver_killed_in_the_submit_window_one_rerun_finishes_identically(tmp_p
     with rc 0 and the same weights and top-1 as an uninterrupted run."""
     from harness.config import load_config
     from harness.plan import build_plan
-    from harness.reproduce import run_table
+    from harness.run.cli import run_table
     args = SMALL + [f"results_root={tmp_path / 'killed'}"]
     plan = build_plan(load_config("table2", args))
     pre = plan.cells[0].pretrain

@@ -400,7 +400,7 @@ def test_timeout_requeues_and_resumes_identically(tmp_path):
 
     from omegaconf import OmegaConf
 
-    from harness.launch import StageJob, local_executor
+    from harness.run.launch import StageJob, local_executor
     from harness.stages import run_stage
     spec = pretrain_spec(epochs=30)
     spec["data"] = dict(DATA, train_subset=512)
@@ -437,7 +437,7 @@ def test_real_slurm_timeout_requeues_and_resumes_identically(slurm_cluster, tmp_
     import time
 
     from harness.config import load_config
-    from harness.launch import _job, _runtime, slurm_executor
+    from harness.run.launch import _job, _runtime, slurm_executor
     from harness.plan import build_plan
     from harness.stages import run_stage
     args = ["profile=smoke", "launcher=slurm", "launcher.partition=debug", "launcher.mem_gb=3", "launcher.poll_s=1",
@@ -467,7 +467,7 @@ def test_the_requeue_request_survives_the_sigterm_of_a_preemption(tmp_path, monk
     import subprocess
     import types
 
-    from harness.launch import requeue_immune_to_sigterm
+    from harness.run.launch import requeue_immune_to_sigterm
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"

@@ -107,7 +107,7 @@ def test_nan_that_persists_fails_after_the_restarts(tmp_path, monkeypatch, capsy
 
 def test_nan_restarts_is_a_validated_config_key():
     from harness.config import ConfigError, load_config
-    from harness.launch import _runtime
+    from harness.run.launch import _runtime
     cfg = load_config("table2", ["profile=smoke", "run.nan_restarts=1"])
     assert _runtime(cfg)["nan_restarts"] == 1
     assert "nan_restarts" not in _runtime(load_config("table2", ["profile=smoke"]))  # default: as before
@@ -122,7 +122,7 @@ def test_nan_stage_is_failed_in_the_report_with_its_reason(tmp_path):
     from harness.config import load_config
     from harness.plan import build_plan
     from harness.report import write_report
-    from harness.reproduce import run_table
+    from harness.run.cli import run_table
     args = ["profile=smoke", "launcher=debug", "report=false", f"results_root={tmp_path / 'results'}",
             "+rows.dmae_98.distill.alpha=nan", "~rows.mae", "~rows.kd_finetuned_teacher", "~rows.dmae_75",
             "~rows.dmae_95", "data.train_subset=128", "data.test_subset=64"]

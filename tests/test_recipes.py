@@ -5,7 +5,7 @@ import pytest
 
 from harness.config import load_config, tables
 from harness.plan import build_plan
-from harness.reproduce import run_table
+from harness.run.cli import run_table
 
 RECIPES = ["aligned_layer", "distance", "masking", "projection", "schedule", "student_size", "table2", "target",
            "teacher"]

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from harness.config import load_config
-from harness.rehearse import overrides
-from harness.reproduce import main
+from harness.run.rehearse import overrides
+from harness.run.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

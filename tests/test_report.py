@@ -32,7 +32,7 @@ def smoke(tmp_path_factory) -> Path:
     given = os.environ.get("DMAE_SMOKE_TREE")
     if given:
         return Path(given)
-    from harness.reproduce import run_table
+    from harness.run.cli import run_table
     results = tmp_path_factory.mktemp("smoke") / "results"
     code = run_table("table2", ["profile=smoke", "launcher=debug", "report=false", f"results_root={results}",
                                 "seeds=2"])

@@ -6,7 +6,8 @@ import torch
 
 from harness.config import load_config
 from harness.plan import build_plan
-from harness.reproduce import PreflightError, main, run_table
+from harness.run.cli import main, run_table
+from harness.run.preflight import PreflightError
 
 
 def _results(root):
@@ -78,6 +79,6 @@ def test_config_error_exit_code(capsys):
 
 
 def test_multirun_expands_sweeps():
-    from harness.reproduce import expand_sweep
+    from harness.run.cli import expand_sweep
     runs = expand_sweep(["profile=smoke", "seed=0,1", "rows.dmae_95.pretrain.mask_ratio=0.9,0.95"])
     assert len(runs) == 4 and ["profile=smoke", "seed=1", "rows.dmae_95.pretrain.mask_ratio=0.9"] in runs

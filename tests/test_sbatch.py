@@ -7,7 +7,7 @@ import pytest
 
 from harness.config import load_config
 from harness.plan import build_plan
-from harness.reproduce import run_table
+from harness.run.cli import run_table
 
 
 def _args(tmp_path, *extra):
@@ -16,7 +16,7 @@ def _args(tmp_path, *extra):
 
 
 def test_scripts_chain_stages_with_dependencies(tmp_path, monkeypatch):
-    monkeypatch.setattr("harness.reproduce.check_slurm", lambda partition: None)  # no cluster needed to write
+    monkeypatch.setattr("harness.run.preflight.check_slurm", lambda partition: None)  # no cluster needed to write
     assert run_table("schedule", _args(tmp_path, "+launcher.additional_parameters.constraint=a100")) == 0
     plan = build_plan(load_config("schedule", _args(tmp_path)))
     submit = (plan.root / "sbatch" / "submit_all.sh").read_text()
@@ -49,7 +49,7 @@ def test_submit_all_runs_the_table_on_slurm(slurm_cluster, tmp_path):
 
 
 def test_scripts_carry_signal_setup_and_code_snapshot(tmp_path, monkeypatch):
-    monkeypatch.setattr("harness.reproduce.check_slurm", lambda partition: None)
+    monkeypatch.setattr("harness.run.preflight.check_slurm", lambda partition: None)
     args = _args(tmp_path, "launcher.signal_delay_s=120", "launcher.setup=[module load cuda,source activate dmae]")
     assert run_table("schedule", args) == 0
     plan = build_plan(load_config("schedule", _args(tmp_path)))
@@ -64,7 +64,7 @@ def test_scripts_carry_signal_setup_and_code_snapshot(tmp_path, monkeypatch):
 
 
 def test_default_signal_and_no_snapshot(tmp_path, monkeypatch):
-    monkeypatch.setattr("harness.reproduce.check_slurm", lambda partition: None)
+    monkeypatch.setattr("harness.run.preflight.check_slurm", lambda partition: None)
     assert run_table("schedule", _args(tmp_path, "launcher.snapshot=false")) == 0
     plan = build_plan(load_config("schedule", _args(tmp_path)))
     script = (plan.root / "sbatch" / f"{next(iter(plan.stages))}.sbatch").read_text()

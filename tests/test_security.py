@@ -19,10 +19,10 @@ import torch
 
 from harness.checkpoints import CheckpointError
 from harness.config import ConfigError, load_config
-from harness.launch import execute as real_execute  # before the autouse fixture replaces it
+from harness.run.launch import execute as real_execute  # before the autouse fixture replaces it
 from harness.models import PRESETS, build_classifier, build_mae
 from harness.plan import build_plan
-from harness.reproduce import main
+from harness.run.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,8 +45,8 @@ def evil_checkpoint(path: Path, marker: Path, like: dict) -> Path:
 @pytest.fixture(autouse=True)
 def _never_execute(monkeypatch):
     def execute(*a, **k):
-        raise AssertionError("an untrusted input reached harness.launch.execute")
-    monkeypatch.setattr("harness.launch.execute", execute)
+        raise AssertionError("an untrusted input reached harness.run.launch.execute")
+    monkeypatch.setattr("harness.run.launch.execute", execute)
 
 
 @pytest.mark.parametrize("role", ["pretrained", "finetuned"])

@@ -13,9 +13,10 @@ import torch
 
 from harness.checkpoints import safe_load, state_dict_of
 from harness.config import load_config
-from harness.launch import _job, _runtime, slurm_executor
+from harness.run.launch import _job, _runtime, slurm_executor
 from harness.plan import build_plan
-from harness.reproduce import PreflightError, run_table
+from harness.run.cli import run_table
+from harness.run.preflight import PreflightError
 from harness.stages import run_stage
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -121,7 +122,7 @@ def test_a_pending_array_task_cancelled_before_it_starts_is_seen_as_ended(slurm_
     ever. The driver reads the array's own record instead (a driver hung on this in the harness.faults campaign)."""
     import submitit
 
-    from harness.launch import ended_unseen
+    from harness.run.launch import ended_unseen
     ex = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="slurm")
     ex.update_parameters(timeout_min=5, slurm_partition="debug", slurm_additional_parameters={"hold": True})
     jobs = ex.map_array(abs, [-1, -2])  # held: they stay pending

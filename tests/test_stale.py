@@ -11,7 +11,7 @@ import torch
 from harness.collect import collect
 from harness.config import load_config
 from harness.plan import build_plan, describe
-from harness.reproduce import run_table
+from harness.run.cli import run_table
 from harness.rundir import STALE_DIR, sha256_file
 
 pytestmark = pytest.mark.slow

@@ -28,9 +28,9 @@ from typing import Dict, List, Sequence, Tuple
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
-from .collect import collect, load_paper_numbers, summarize
-from .config import ConfigError
-from .rundir import RESULT_FILE, lock_holder
+from ..collect import collect, load_paper_numbers, summarize
+from ..config import ConfigError
+from ..rundir import RESULT_FILE, lock_holder
 
 SWEEP_DIR = "sweeps"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.,=+-]")

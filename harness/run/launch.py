@@ -19,6 +19,8 @@ import json
 import os
 import shlex
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -29,18 +31,18 @@ import submitit
 from omegaconf import DictConfig, OmegaConf
 
 from . import dispatch
-from .config import tasks_per_node, world_size
-from .plan import Plan, Stage
-from .rundir import (ERROR_FILE, JOB_FILE, RESULT_FILE, StageLocked, epochs_logged, lock_holder, read_log,
+from ..config import tasks_per_node, world_size
+from ..estimate import estimate_plan
+from ..plan import Plan, Stage
+from ..rundir import (ERROR_FILE, JOB_FILE, RESULT_FILE, StageLocked, epochs_logged, lock_holder, read_log,
                      write_json)
-from .stages import run_stage
+from ..stages import run_stage
 
 LOCKED = "locked"  # a job's result when a stage of it was found running in another process
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "UNKNOWN"}
 
 
 def _ignore_sigterm() -> None:
-    import signal
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # kept across exec: scontrol itself ignores SIGTERM
 
 
@@ -50,7 +52,6 @@ def requeue_immune_to_sigterm(env, countdown: int) -> None:
     SIGTERM reached scontrol before its request did, the requeue never happened and the job ended as FAILED (twice
     in the Slurm tests). scontrol is a short RPC (60 s timeout); an error exit (e.g. requeue refused) still raises,
     and one still killed by a signal (SIGKILL after Slurm's KillWait) is reported, not raised: the job is ending."""
-    import subprocess
     jid = env.job_id
     try:
         subprocess.check_call(["scontrol", "requeue", jid], timeout=60, preexec_fn=_ignore_sigterm)
@@ -73,7 +74,6 @@ class StageJob(submitit.helpers.Checkpointable):
     evaluation queued as its own multi-GPU job). checkpoint() (inherited) resubmits the same callable; a finished
     stage returns its stored result at once and an unfinished one resumes from its checkpoint-last, so a requeued job
     loses at most the epoch it was in."""
-
     def __init__(self, stage_id: str, spec: dict, run_dir: str, inputs: Dict[str, str], runtime: dict,
                  distributed: bool = False, then: Optional[List[tuple]] = None):
         self.stage_id, self.spec, self.run_dir = stage_id, spec, run_dir
@@ -97,11 +97,10 @@ class StageJob(submitit.helpers.Checkpointable):
 class DriverLocked(RuntimeError):
     """Another `reproduce` driver holds the results root."""
 
-
 @contextmanager
 def driver_lock(root: Path):
     """One driver per results root: a second `reproduce` on the same root stops with a clear error instead of
-    running the same stages twice at once. Taken once per run, by reproduce.run_plan, around the manifest and
+    running the same stages twice at once. Taken once per run, by cli.run_plan, around the manifest and
     execute()."""
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -163,7 +162,6 @@ class Progress:
     """The driver's console: one line per state change; while jobs run, one line per new epoch of a running stage
     ("epoch k/N" from its log.jsonl) with an ETA for the whole run (harness.estimate's figures, else the epoch times
     seen so far). quiet (run.quiet): only submissions, failures and the final table."""
-
     LOUD = ("submitted", "re-attached", "failed", "blocked")  # what quiet mode still prints
 
     def __init__(self, plan: Plan, quiet: bool = False, estimates: Optional[Dict[str, float]] = None):
@@ -327,7 +325,6 @@ class Elsewhere:
     def cancel(self, check: bool = False) -> None:
         """Not ours to stop."""
 
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -407,9 +404,9 @@ def _quiet(cfg: DictConfig) -> bool:
 
 
 def _estimates(plan: Plan, cfg: DictConfig) -> Dict[str, float]:
-    """--dry-run's per-stage estimates, for the ETA ({} when none: the ETA then comes from observed epoch times)."""
+    """--dry-run's per-stage estimates, for the ETA and harness.run.dispatch ({} when none: the ETA then comes from
+    observed epoch times, the dispatch keeps the plain order)."""
     try:
-        from .estimate import estimate_plan
         return estimate_plan(plan, cfg, verbose=False)
     except Exception:
         return {}
@@ -478,8 +475,7 @@ def code_snapshot(parent: Path) -> Path:
     tracked files as they are in the working tree, plus untracked files git does not ignore), or, without rsync or
     git, a plain copy of the Python packages. Jobs import it first via PYTHONSAFEPATH=1 and PYTHONPATH=<copy> (the
     job's working directory, the submission one, is then not put before it)."""
-    import subprocess
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]  # harness/run/launch.py -> the repository
     dest = Path(parent) / time.strftime("%Y%m%d-%H%M%S")
     n = 0
     while dest.exists():
@@ -538,7 +534,6 @@ def ended_unseen(job) -> bool:
     """A Slurm array task cancelled (or failed) while still pending never gets a sacct record of its own: submitit
     then reports it UNKNOWN, i.e. not done, forever, and a driver waiting for it hangs (found by harness.faults: a
     `scancel -s KILL` of a pending array). The array's own record, `<id>` or `<id>_[...]`, says that it ended."""
-    import subprocess
     jid = str(job.job_id)
     if "_" not in jid or job.state.split()[0] != "UNKNOWN":
         return False

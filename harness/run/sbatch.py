@@ -20,10 +20,10 @@ from typing import List
 
 from omegaconf import DictConfig
 
-from .config import tasks_per_node
+from ..config import tasks_per_node
 from .launch import code_snapshot, snapshot_wanted
-from .plan import Plan
-from .stages import CONFIG_FILE, spec_hash, write_json
+from ..plan import Plan
+from ..stages import CONFIG_FILE, spec_hash, write_json
 
 
 def _directives(cfg: DictConfig, stage_id: str, log_dir: Path) -> List[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .plan import Plan, Stage
+from ..plan import Plan, Stage
 
 MAX_CANDIDATES = 24  # the first ones in the plain order; a simulation costs O(stages^2), so large plans stay cheap
 MAX_STAGES = 400  # beyond this the plain order is used (a Slurm plan has no slot limit anyway)
