@@ -7,8 +7,10 @@
   this machine has one). Files from this very machine are preferred; for each step the newest measurement wins,
   with the stage's CPU threads (run.threads) preferred.
 - A stage maps to a measured step of the same kind (mae | dmae | finetune | finetune_kd | eval), model, patch,
-  image size, visible-patch count and teacher depth run. The benchmark's batch may differ (the paper shapes run at
-  batch 8 on a CPU): the per-image cost is used as measured, and the stage's source says so. A shape that was not
+  image size, visible-patch count, teacher depth run and (DMAE) projection heads: StepSpec.match_key of the step
+  built from the stage's spec as the benchmark builds its own (bench.spec.step_spec), so a DMAE stage with MLP
+  heads never takes a linear-head measurement. The benchmark's batch may differ (the paper shapes run at batch 8
+  on a CPU): the per-image cost is used as measured, and the stage's source says so. A shape that was not
   benchmarked is FLOP-scaled: its FLOPs per image (counted on the meta device) divided by the achieved FLOP/s of the
   nearest measured step (same kind first, then nearest FLOPs).
 - The input pipeline (measured separately) adds to the step time with num_workers=0 (the CPU profiles) and overlaps
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from .bench.results import current_device_key, load_results
-from .bench.spec import StepSpec
+from .bench.spec import StepSpec, step_spec
 from .config import world_size
 from .rundir import CONFIG_FILE, RESULT_FILE, epochs_logged
 
@@ -120,12 +122,15 @@ class _Index:
             if threads and t and t != threads:
                 src += f" with {t} thread(s) (stage: {threads})"
             return e["s_per_image"], src
-        cands = [e for e in self.all if e["trains"] == spec.trains and e.get("achieved_flops_per_s")]
+        # the newest measurement of each step (as above), not an older one of the same shape
+        cands = [e for found in self.steps.values() for e in found.values()
+                 if e["trains"] == spec.trains and e.get("achieved_flops_per_s")]
         if not cands:
             return None, "no measured step to scale from"
         from .bench.flops import meta_flops_per_image  # torch: only for shapes never benchmarked
         flops = meta_flops_per_image(spec)
-        e = min(cands, key=lambda e: (e["_spec"].kind != spec.kind, abs(math.log(flops / e["flops_per_image"]))))
+        e = min(cands, key=lambda e: (e["_spec"].kind != spec.kind, abs(math.log(flops / e["flops_per_image"])),
+                                      bool(threads) and int(e.get("threads", 0)) != threads, -e["_order"]))
         return flops / e["achieved_flops_per_s"], (f"FLOP-scaled from {e['id']} ({flops / 1e9:.3g} vs "
                                                    f"{e['flops_per_image'] / 1e9:.3g} GFLOP/image)")
 
@@ -144,28 +149,13 @@ def _combine(step_spi: float, data_spi: float, workers: int) -> float:
     return step_spi + data_spi if workers <= 0 else max(step_spi, data_spi / workers)
 
 
-def _step_spec(stage_spec: dict, kind: str, batch: int, num_classes: int):
-    m = stage_spec["model"]
-    base = dict(model=m["preset"], patch_size=int(m["patch_size"]), img_size=int(stage_spec["data"]["img_size"]),
-                batch=int(batch), num_classes=num_classes)
-    if kind in ("mae", "dmae"):
-        p = stage_spec["pretrain"]
-        extra = dict(mask_ratio=float(p["mask_ratio"]), visible_rounding=p.get("visible_rounding", "paper"))
-        if kind == "dmae":
-            d, t = stage_spec["distill"], stage_spec["teacher_model"]
-            extra.update(teacher=t["preset"], teacher_patch=int(t["patch_size"]),
-                         teacher_mode=d.get("teacher_mode", "partial"),
-                         pairs=tuple(tuple(int(x) for x in pr) for pr in d["pairs"]))
-        return StepSpec(kind, **base, **extra)
-    if kind in ("finetune", "finetune_kd"):
-        f = stage_spec["finetune"]
-        extra = dict(drop_path=float(f["drop_path"]), mixup=float(f["mixup"]), cutmix=float(f["cutmix"]),
-                     smoothing=float(f["smoothing"]))
-        if kind == "finetune_kd":
-            t = stage_spec["teacher_model"]
-            extra.update(teacher=t["preset"], teacher_patch=int(t["patch_size"]))
-        return StepSpec(kind, **base, **extra)
-    return StepSpec("eval", **base)
+def _step_spec(stage_spec: dict, kind: str, batch: int, num_classes: int) -> StepSpec:
+    """The step a stage runs, with every setting of its spec the step depends on (distillation, KD, pixel loss,
+    optimizer), built as the benchmark builds its steps (harness.bench.spec.step_spec)."""
+    return step_spec(kind, stage_spec["model"], int(stage_spec["data"]["img_size"]), batch, num_classes,
+                     pretrain=stage_spec.get("pretrain"), finetune=stage_spec.get("finetune"),
+                     distill=stage_spec.get("distill"), kd=stage_spec.get("kd"),
+                     teacher=stage_spec.get("teacher_model"))
 
 
 def _twin_key(spec: dict) -> str:

@@ -101,6 +101,23 @@ def test_estimate_plan_flop_scales_unbenchmarked_shapes(smoke_bench, tmp_path):
     assert all(finite_pos(d["seconds"]) and "FLOP-scaled" in d["source"] for d in details["stages"].values())
 
 
+def test_estimate_costs_an_mlp_projection_by_its_flops(smoke_bench, tmp_path):
+    """recipes/projection.yaml: the linear row's DMAE pre-trains take the benchmark's (linear-head) DMAE step as
+    measured; the MLP row's are not that step, so they are FLOP-scaled from it, at their own (larger) FLOPs."""
+    out, _ = smoke_bench
+    cfg = load_config("projection", ["profile=smoke", f"results_root={tmp_path / 'results'}"])
+    plan = build_plan(cfg)
+    details = estimate_details(plan, cfg, bench_dir=out)["stages"]
+    by_proj = {}
+    for sid, stage in plan.stages.items():
+        if stage.role == "student-pretrain" and stage.spec["objective"] == "dmae":
+            by_proj.setdefault(stage.spec["distill"]["projection"], []).append(details[sid])
+    assert set(by_proj) == {"linear", "mlp"}
+    assert all(d["source"].startswith("measured smoke/dmae_partial_m75") for d in by_proj["linear"]), by_proj
+    assert all(d["source"].startswith("FLOP-scaled from smoke/dmae_partial_m75") for d in by_proj["mlp"]), by_proj
+    assert min(d["seconds"] for d in by_proj["mlp"]) > max(d["seconds"] for d in by_proj["linear"])
+
+
 def test_estimate_plan_prefers_a_finished_twin(smoke_bench, tmp_path):
     out, _ = smoke_bench
     plan, cfg = smoke_plan(tmp_path)

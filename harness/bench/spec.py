@@ -9,7 +9,8 @@ from typing import List, Optional, Tuple
 from omegaconf import OmegaConf
 
 from ..arch import get_arch
-from ..config import ConfigError, FinetuneConfig, KDConfig, PretrainConfig, load_config, resolve_pairs
+from ..config import (ConfigError, DistillConfig, FinetuneConfig, KDConfig, PretrainConfig, load_config,
+                      resolve_pairs)
 
 TRAIN_KINDS = ("mae", "dmae", "finetune", "finetune_kd")
 QUICK_SHAPES = ("tiny", "smoke")
@@ -62,10 +63,20 @@ class StepSpec:
             return get_arch(self.teacher).depth
         return 0
 
+    @property
+    def projection(self) -> str:
+        """dmae: the student-to-teacher projection heads (linear | mlp); '' for the other kinds."""
+        return str(dict(self.distill).get("projection", DistillConfig.projection)) if self.kind == "dmae" else ""
+
     def match_key(self) -> tuple:
-        """What must agree for a measured per-image cost to apply as it is (batch and regularisers aside)."""
+        """What must agree for a measured per-image cost to apply as it is (batch and regularisers aside): the
+        models and shapes, and for DMAE the teacher blocks run and the projection heads (one per aligned pair; an
+        MLP head costs more than a linear one). The loss settings (distance, alpha, norm_pix_loss, KD kind, ...)
+        change elementwise terms only."""
+        dmae = self.kind == "dmae"
         return (self.kind, self.model, self.patch_size, self.img_size, self.visible(), self.teacher,
-                self.teacher_patch, self.teacher_mode if self.kind == "dmae" else "", self.teacher_blocks_run())
+                self.teacher_patch, self.teacher_mode if dmae else "", self.teacher_blocks_run(),
+                self.projection, len(self.pairs) if dmae else 0)
 
     @classmethod
     def from_dict(cls, d: dict) -> "StepSpec":
@@ -75,6 +86,46 @@ class StepSpec:
         d["distill"] = tuple(tuple(kv) for kv in d.get("distill", ()))
         d["kd"] = tuple(d.get("kd", cls.kd))
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+# the distill settings a DMAE step carries (StepSpec.distill), as harness.build and the stages read them
+DISTILL_FIELDS = {"alpha": float, "pixel_weight": float, "distance": str, "normalize": bool, "include_cls": bool,
+                  "projection": str}
+
+
+def step_spec(kind: str, model: dict, img_size: int, batch: int, num_classes: int, *,
+              pretrain: Optional[dict] = None, finetune: Optional[dict] = None, distill: Optional[dict] = None,
+              kd: Optional[dict] = None, teacher: Optional[dict] = None) -> StepSpec:
+    """The step of `kind` that a stage with these spec sections runs, with every setting of them the step depends
+    on (what harness.build and the stages make its models, objective and optimizer from). The benchmark's profile
+    steps and harness.estimate's stage steps both come from here, so the two cannot drift apart.
+
+    model, teacher: {preset, patch_size}; pretrain (mae, dmae), distill (dmae: pairs resolved, as in a stage spec),
+    finetune (finetune, finetune_kd) and kd (finetune_kd): the stage spec's sections of those names."""
+    base = dict(model=str(model["preset"]), patch_size=int(model["patch_size"]), img_size=int(img_size),
+                batch=int(batch), num_classes=int(num_classes))
+    if kind in ("mae", "dmae"):
+        p = pretrain
+        base.update(mask_ratio=float(p["mask_ratio"]),
+                    visible_rounding=str(p.get("visible_rounding", PretrainConfig.visible_rounding)),
+                    weight_decay=float(p["weight_decay"]), betas=tuple(float(b) for b in p["betas"]),
+                    norm_pix_loss=bool(p.get("norm_pix_loss", PretrainConfig.norm_pix_loss)))
+        if kind == "dmae":
+            base.update(teacher=str(teacher["preset"]), teacher_patch=int(teacher["patch_size"]),
+                        teacher_mode=str(distill["teacher_mode"]),
+                        pairs=tuple(tuple(int(x) for x in pr) for pr in distill["pairs"]),
+                        distill=tuple((k, conv(distill[k])) for k, conv in DISTILL_FIELDS.items()))
+    elif kind in ("finetune", "finetune_kd"):
+        f = finetune
+        base.update(drop_path=float(f["drop_path"]), mixup=float(f["mixup"]), cutmix=float(f["cutmix"]),
+                    smoothing=float(f["smoothing"]), weight_decay=float(f["weight_decay"]),
+                    layer_decay=float(f["layer_decay"]), betas=tuple(float(b) for b in f["betas"]))
+        if kind == "finetune_kd":
+            base.update(teacher=str(teacher["preset"]), teacher_patch=int(teacher["patch_size"]),
+                        kd=(str(kd["kind"]), float(kd["weight"]), float(kd["temperature"])))
+    elif kind != "eval":
+        raise ValueError(f"step kind must be one of {TRAIN_KINDS + ('eval',)}, got {kind!r}")
+    return StepSpec(kind, **base)
 
 
 def _mask_tag(r: float) -> str:
@@ -108,49 +159,30 @@ def profile_steps(profile: str, batch: Optional[int] = None, device_type: str = 
     def bs(profile_batch) -> int:
         return batch or min(int(profile_batch), batch_cap or int(profile_batch))
     st, te = c["student"], c["teacher"]
-    pre, fin, dis = c["pretrain"], c["finetune"], c["distill"]
-    pairs = tuple(tuple(int(x) for x in p)
-                  for p in resolve_pairs(dis, get_arch(st["preset"]).depth, get_arch(te["model"]["preset"]).depth))
+    tm = te["model"]
+    pre, fin, kd = c["pretrain"], c["finetune"], c["kd"]
+    dis = dict(c["distill"], teacher_mode="partial",
+               pairs=resolve_pairs(c["distill"], get_arch(st["preset"]).depth, get_arch(tm["preset"]).depth))
     masks = sorted({float(pre["mask_ratio"])} | {float(r.get("pretrain", {}).get("mask_ratio", pre["mask_ratio"]))
                                                  for r in c["rows"].values() if r.get("method") == "dmae"})
-    base = dict(patch_size=int(st["patch_size"]), img_size=img, num_classes=n_cls)
-    distill = tuple((k, dis[k]) for k in ("alpha", "pixel_weight", "distance", "normalize", "include_cls",
-                                          "projection"))
-    mae = StepSpec("mae", st["preset"], batch=bs(pre["batch_size"]), mask_ratio=float(pre["mask_ratio"]),
-                   visible_rounding=pre.get("visible_rounding", "paper"), weight_decay=float(pre["weight_decay"]),
-                   betas=tuple(float(b) for b in pre["betas"]), norm_pix_loss=bool(pre["norm_pix_loss"]), **base)
-    dmae = replace(mae, kind="dmae", teacher=te["model"]["preset"], teacher_patch=int(te["model"]["patch_size"]),
-                   teacher_mode="partial", pairs=pairs, distill=distill)
-    kd = c["kd"]
-    ft = StepSpec("finetune", st["preset"], batch=bs(fin["batch_size"]), drop_path=float(fin["drop_path"]),
-                  mixup=float(fin["mixup"]), cutmix=float(fin["cutmix"]), smoothing=float(fin["smoothing"]),
-                  weight_decay=float(fin["weight_decay"]), layer_decay=float(fin["layer_decay"]),
-                  betas=tuple(float(b) for b in fin["betas"]),
-                  kd=(kd["kind"], float(kd["weight"]), float(kd["temperature"])), **base)
+
+    def step(kind: str, model: dict, profile_batch, **sections) -> StepSpec:
+        return step_spec(kind, model, img, bs(profile_batch), n_cls, **sections)
+    mae = step("mae", st, pre["batch_size"], pretrain=pre)
+    dmae = step("dmae", st, pre["batch_size"], pretrain=pre, distill=dis, teacher=tm)
     steps = [(f"mae_{_mask_tag(mae.mask_ratio)}", mae),
              (f"dmae_partial_{_mask_tag(mae.mask_ratio)}", dmae),
              (f"dmae_full_{_mask_tag(mae.mask_ratio)}", replace(dmae, teacher_mode="full"))]
     steps += [(f"dmae_partial_{_mask_tag(m)}", replace(dmae, mask_ratio=m)) for m in masks if m != mae.mask_ratio]
-    steps += [("finetune", ft),
-              ("finetune_kd", replace(ft, kind="finetune_kd", teacher=te["model"]["preset"],
-                                      teacher_patch=int(te["model"]["patch_size"]))),
-              ("eval", StepSpec("eval", st["preset"], batch=bs(fin["eval_batch_size"]), **base))]
+    steps += [("finetune", step("finetune", st, fin["batch_size"], finetune=fin)),
+              ("finetune_kd", step("finetune_kd", st, fin["batch_size"], finetune=fin, kd=kd, teacher=tm)),
+              ("eval", step("eval", st, fin["eval_batch_size"]))]
     if te.get("train", True):  # the profile pre-trains and fine-tunes its teacher: measure those steps too
         tp, tf = te["pretrain"], te["finetune"]
-        tbase = dict(base, patch_size=int(te["model"]["patch_size"]))
-        steps += [(f"teacher_mae_{_mask_tag(float(tp['mask_ratio']))}",
-                   StepSpec("mae", te["model"]["preset"], batch=bs(tp["batch_size"]),
-                            mask_ratio=float(tp["mask_ratio"]), visible_rounding=tp.get("visible_rounding", "paper"),
-                            weight_decay=float(tp["weight_decay"]), betas=tuple(float(b) for b in tp["betas"]),
-                            norm_pix_loss=bool(tp["norm_pix_loss"]), **tbase)),
-                  ("teacher_finetune",
-                   StepSpec("finetune", te["model"]["preset"], batch=bs(tf["batch_size"]),
-                            drop_path=float(tf["drop_path"]), mixup=float(tf["mixup"]), cutmix=float(tf["cutmix"]),
-                            smoothing=float(tf["smoothing"]), weight_decay=float(tf["weight_decay"]),
-                            layer_decay=float(tf["layer_decay"]), betas=tuple(float(b) for b in tf["betas"]),
-                            **tbase)),
-                  ("teacher_eval", StepSpec("eval", te["model"]["preset"], batch=bs(tf["eval_batch_size"]),
-                                            **tbase))]
+        tmae = step("mae", tm, tp["batch_size"], pretrain=tp)
+        steps += [(f"teacher_mae_{_mask_tag(tmae.mask_ratio)}", tmae),
+                  ("teacher_finetune", step("finetune", tm, tf["batch_size"], finetune=tf)),
+                  ("teacher_eval", step("eval", tm, tf["eval_batch_size"]))]
     return steps
 
 

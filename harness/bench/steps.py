@@ -44,7 +44,8 @@ def _student_mae(pool: Pool, s: StepSpec, distill_dims: Sequence[int]):
         if distill_dims:
             m.add_distill_heads(list(distill_dims), projection)
         return m.to(pool.device).train()
-    return pool.get(("mae", s.model, s.patch_size, s.img_size, tuple(distill_dims)), make)
+    key = ("mae", s.model, s.patch_size, s.img_size, tuple(distill_dims), projection if distill_dims else None)
+    return pool.get(key, make)  # a linear- and an MLP-headed student are different models
 
 
 def _teacher_mae(pool: Pool, s: StepSpec):
