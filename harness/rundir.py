@@ -48,6 +48,14 @@ def write_json(obj, path: Path) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def write_stage_config(run_dir: str | Path, stage_id: str, spec: dict, inputs: Dict[str, str], runtime: dict) -> None:
+    """config.json: everything a stage runs from (its spec, input paths, runtime settings) and the spec's hash. The
+    stage writes it when it starts; an sbatch script's stage, before submission (`python -m harness.stages <dir>`
+    reads it back)."""
+    write_json({"stage_id": stage_id, "spec": spec, "inputs": inputs, "runtime": runtime,
+                "spec_hash": spec_hash(spec)}, Path(run_dir) / CONFIG_FILE)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename it: a reader sees the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

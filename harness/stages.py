@@ -38,8 +38,8 @@ from .build import (finetune_objective, finetune_param_groups, kd_teacher_logits
 from .checkpoints import atomic_save, encoder_to_classifier, load_weights, safe_load, state_dict_of, DECODER_KEYS
 from .data import Aug, DataSpec, build_dataset
 from .models import build_classifier, build_mae, get_arch
-from .rundir import (CONFIG_FILE, ERROR_FILE, LOCK_FILE, MODEL_FILE, RESULT_FILE, StageLocked,  # noqa: F401
-                     git_commit, input_record, lock_holder, sha256_file, spec_hash, stage_lock, write_json)
+from .rundir import (CONFIG_FILE, ERROR_FILE, MODEL_FILE, RESULT_FILE, StageLocked, git_commit,
+                     input_record, sha256_file, spec_hash, stage_lock, write_json, write_stage_config)
 from .train import (NonFiniteLoss, Runtime, Schedule, evaluate_classifier, fit, peak_memory_mb, reset_peak_memory,
                     seed_all, setup_runtime)
 
@@ -216,8 +216,7 @@ def _run_locked(spec: dict, run_dir: Path, inputs: Dict[str, str], runtime: dict
     done = run_dir / RESULT_FILE
     if rt.is_main:
         _remove_stale_tmp(run_dir, rt.log)
-        write_json({"stage_id": stage_id, "spec": spec, "inputs": inputs, "runtime": runtime,
-                    "spec_hash": spec_hash(spec)}, run_dir / CONFIG_FILE)
+        write_stage_config(run_dir, stage_id, spec, inputs, runtime)
         (run_dir / ERROR_FILE).unlink(missing_ok=True)
     t0 = time.time()
     reset_peak_memory(rt)

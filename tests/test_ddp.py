@@ -9,7 +9,7 @@ import pytest
 
 from harness.config import load_config
 from harness.plan import build_plan
-from harness.stages import spec_hash, write_json
+from harness.rundir import spec_hash, write_json
 
 pytestmark = pytest.mark.slow
 RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.stages import CONFIG_FILE, LOCK_FILE, StageLocked, lock_holder, run_stage, spec_hash, stage_lock, \
-    write_json
+from harness.rundir import CONFIG_FILE, LOCK_FILE, StageLocked, lock_holder, spec_hash, stage_lock, write_json
+from harness.stages import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=64,

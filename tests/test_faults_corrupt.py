@@ -161,7 +161,7 @@ def tree(tmp_path):
     """A results tree of the smoke plan with made-up results (no training): every stage done."""
     from harness.config import load_config
     from harness.plan import build_plan, write_manifest
-    from harness.stages import write_json
+    from harness.rundir import write_json
     cfg = load_config("table2", ["profile=smoke", f"results_root={tmp_path / 'results'}"])
     plan = build_plan(cfg)
     write_manifest(plan, cfg, "test", [])

@@ -30,8 +30,7 @@ import pytest
 import torch
 
 from harness.checkpoints import safe_load, state_dict_of
-from harness.stages import CONFIG_FILE, spec_hash, write_json
-from harness.rundir import ATTEMPT_FIELDS
+from harness.rundir import ATTEMPT_FIELDS, CONFIG_FILE, spec_hash, write_json
 
 pytestmark = pytest.mark.slow
 

@@ -100,7 +100,7 @@ def fake_tree(tmp_path: Path, top1, table: str = "table2", seeds: int = 3, val=N
     the manifest when the plan has none) with test top-1 `teacher_top1`."""
     from harness.config import load_config
     from harness.plan import build_plan, write_manifest
-    from harness.stages import write_json
+    from harness.rundir import write_json
     cfg = load_config(table, ["profile=smoke", f"results_root={tmp_path / 'results'}", f"seeds={seeds}",
                               *overrides])
     plan = build_plan(cfg)

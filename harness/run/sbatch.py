@@ -21,9 +21,9 @@ from typing import List
 from omegaconf import DictConfig
 
 from ..config import tasks_per_node
-from .launch import code_snapshot, snapshot_wanted
 from ..plan import Plan
-from ..stages import CONFIG_FILE, spec_hash, write_json
+from ..rundir import write_stage_config
+from .launch import code_snapshot, snapshot_wanted
 
 
 def _directives(cfg: DictConfig, stage_id: str, log_dir: Path) -> List[str]:
@@ -63,8 +63,7 @@ def write_sbatch(plan: Plan, cfg: DictConfig, runtime: dict) -> Path:
             continue
         run_dir = plan.dir(sid)
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json({"stage_id": sid, "spec": stage.spec, "inputs": plan.input_paths(stage), "runtime": runtime,
-                    "spec_hash": spec_hash(stage.spec)}, run_dir / CONFIG_FILE)
+        write_stage_config(run_dir, sid, stage.spec, plan.input_paths(stage), runtime)
         script = out / f"{sid}.sbatch"
         script.write_text("\n".join(["#!/usr/bin/env bash", *_directives(cfg, sid, logs), *setup,
                                      "set -euo pipefail",
