@@ -28,6 +28,7 @@ LOG_FILE = "log.jsonl"  # one JSON line per epoch
 JOB_FILE = "job.json"  # the job that runs the stage (Slurm job id / local controller pid, its chain)
 LAST_CHECKPOINT, PREV_CHECKPOINT = "checkpoint-last.pth", "checkpoint-prev.pth"
 LOCK_FILE = ".stage.lock"
+DRIVER_LOCK_FILE = ".driver.lock"  # <results root>/<table>/<profile>/.driver.lock
 MANIFEST_FILE = "manifest.json"  # <results root>/<table>/<profile>/manifest.json: the plan
 STALE_DIR = ".stale"  # <results root>/.stale/<stage id>.<time>: stale stages moved aside, never deleted
 
@@ -81,17 +82,20 @@ class StageLocked(RuntimeError):
         self.stage_id, self.holder = stage_id, holder
 
 
+class DriverLocked(RuntimeError):
+    """Another `reproduce` driver holds the results root."""
+
+
 def _read_holder(f) -> str:
     f.seek(0)
     return f.read().strip()
 
 
 @contextmanager
-def stage_lock(run_dir: Path, stage_id: str, wait_s: float = 1.0):
-    """Exclusive, non-blocking flock on <run_dir>/.stage.lock for as long as the stage runs; released by the kernel
-    when the process dies, so a killed run never leaves a stale lock. A brief retry (wait_s) absorbs a driver's
-    probe (lock_holder); then StageLocked names the holder."""
-    path = Path(run_dir) / LOCK_FILE
+def _held(path: Path, wait_s: float, busy: Callable[[str], Exception]):
+    """Exclusive flock on `path` while the block runs, the holder ("pid N on host since T") written into it;
+    released by the kernel when the process dies, so a killed run never leaves a stale lock. Retries for wait_s,
+    then raises busy(holder)."""
     f = open(path, "a+")
     deadline = time.monotonic() + wait_s
     while True:
@@ -102,9 +106,7 @@ def stage_lock(run_dir: Path, stage_id: str, wait_s: float = 1.0):
             if time.monotonic() >= deadline:
                 holder = _read_holder(f)
                 f.close()
-                raise StageLocked(f"stage {stage_id} is already being run by {holder or 'another process'} (it holds "
-                                  f"{path}); refusing to run it twice at once. Wait for that run to end, or stop "
-                                  "it first.", stage_id, holder or "another process") from None
+                raise busy(holder) from None
             time.sleep(0.05)
     f.seek(0)
     f.truncate()
@@ -115,6 +117,25 @@ def stage_lock(run_dir: Path, stage_id: str, wait_s: float = 1.0):
     finally:
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
+
+
+def stage_lock(run_dir: Path, stage_id: str, wait_s: float = 1.0):
+    """Held on <run_dir>/.stage.lock for as long as the stage runs. A brief retry (wait_s) absorbs a driver's probe
+    (lock_holder); then StageLocked names the holder."""
+    path = Path(run_dir) / LOCK_FILE
+    return _held(path, wait_s, lambda holder: StageLocked(
+        f"stage {stage_id} is already being run by {holder or 'another process'} (it holds {path}); refusing to run "
+        "it twice at once. Wait for that run to end, or stop it first.", stage_id, holder or "another process"))
+
+
+def driver_lock(root: Path):
+    """One driver per results root (<root>/.driver.lock): a second `reproduce` on the same root stops with a clear
+    error instead of running the same stages twice at once. Taken once per run, by run.cli.run_plan, around the
+    manifest and execute()."""
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return _held(root / DRIVER_LOCK_FILE, 0.0, lambda holder: DriverLocked(
+        f"another reproduce driver ({holder or 'unknown pid'}) is running on {root}; wait for it or stop it first"))
 
 
 def lock_holder(run_dir: str | Path) -> Optional[str]:

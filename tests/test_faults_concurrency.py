@@ -89,7 +89,7 @@ def test_stage_lock_between_two_real_processes(tmp_path):
 
 
 def test_driver_lock_is_taken_once_and_exclusive_across_processes(tmp_path):
-    from harness.run.launch import DriverLocked, driver_lock
+    from harness.rundir import DriverLocked, driver_lock
     with driver_lock(tmp_path):
         assert (tmp_path / ".driver.lock").read_text().startswith(f"pid {os.getpid()}")
         with pytest.raises(DriverLocked):  # not re-entrant: run_plan takes it once, around the manifest and execute

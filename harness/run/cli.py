@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import recipes  # standard library only
 
+from ..rundir import DriverLocked, driver_lock  # standard library only
 from .preflight import PreflightError, check_inputs  # standard library at import time
 
 if TYPE_CHECKING:
@@ -72,8 +73,8 @@ def run_plan(cfg: "DictConfig", plan: "Plan", overrides: Sequence[str], dry_run:
         print(describe(plan, estimate_plan(plan, cfg)))
         print("inputs checked: a real run would start now")
         return 0
-    # local: submitit, torch; looked up per call (tests replace harness.launch.execute)
-    from .launch import _runtime, driver_lock, execute
+    # local: submitit, torch; looked up per call (tests replace harness.run.launch.execute)
+    from .launch import _runtime, execute
     with driver_lock(plan.root):  # before the manifest: a second driver on this root changes nothing
         write_manifest(plan, cfg, command, list(overrides))
         print(f"{table} ({cfg.profile}): {len(plan.stages)} stages, launcher={cfg.launcher.name}, results in "
@@ -235,10 +236,7 @@ def main(argv: List[str] | None = None) -> int:
     except (ConfigError, PreflightError) as e:
         print(f"error: {e}\nNothing was submitted.", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        from .launch import DriverLocked  # local: torch; a bad config is reported without loading it
-        if not isinstance(e, DriverLocked):
-            raise
+    except DriverLocked as e:
         print(f"error: {e}\nNothing was submitted by this invocation.", file=sys.stderr)
         return 3
     except (KeyboardInterrupt, SystemExit) as e:

@@ -14,7 +14,6 @@ A failed stage is reported with its log paths; stages that do not depend on it g
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shlex
@@ -92,37 +91,6 @@ class StageJob(submitit.helpers.Checkpointable):
             # job.json): not a failure; the driver waits for that run instead
             return {"status": LOCKED, "stage_id": e.stage_id, "holder": e.holder}
         return result
-
-
-class DriverLocked(RuntimeError):
-    """Another `reproduce` driver holds the results root."""
-
-@contextmanager
-def driver_lock(root: Path):
-    """One driver per results root: a second `reproduce` on the same root stops with a clear error instead of
-    running the same stages twice at once. Taken once per run, by cli.run_plan, around the manifest and
-    execute()."""
-    root = Path(root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / ".driver.lock"
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip()
-        f.close()
-        raise DriverLocked(f"another reproduce driver ({holder or 'unknown pid'}) is running on {root}; "
-                           "wait for it or stop it first") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {os.uname().nodename}")
-    f.flush()
-    try:
-        yield
-    finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
 
 
 def _runtime(cfg: DictConfig) -> dict:
@@ -384,8 +352,8 @@ def reuse_finished(plan: Plan) -> List[str]:
 
 
 def execute(plan: Plan, cfg: DictConfig) -> Dict[str, str]:
-    """Run every stage that is not done; the caller holds driver_lock(plan.root). Returns {stage id: done | failed |
-    blocked}."""
+    """Run every stage that is not done; the caller holds rundir.driver_lock(plan.root). Returns {stage id: done |
+    failed | blocked}."""
     plan.check_paths()
     reuse_finished(plan)
     plan.set_aside_stale()
