@@ -56,7 +56,7 @@ def estimate_plan(plan, cfg, bench_dir: Optional[str | Path] = None, verbose: bo
 def _device_type(cfg) -> str:
     dev = str(cfg.run.device)
     if dev == "auto":
-        import torch
+        import torch  # local: only to resolve run.device=auto; a CPU plan is costed without torch
         return "cuda" if torch.cuda.is_available() else "cpu"
     return "cuda" if dev.startswith("cuda") else dev
 
