@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .rundir import DONE, JOB_FILE, stage_status
+
 ROOT = Path(__file__).resolve().parents[1]
 FAULTS = {"local": ["driver-sigkill", "job-sigkill"],
           "slurm": ["driver-sigkill", "job-sigkill", "slurm-requeue", "slurm-usr2"]}
@@ -74,8 +76,8 @@ def _tree(pid: int) -> List[int]:
 def running_job(root: Path) -> Optional[dict]:
     """A job.json of a stage that is not finished (its job is queued or running), if any."""
     jobs = []
-    for f in (root / "table2" / "smoke").glob("*/job.json"):
-        if not (f.parent / "result.json").exists():
+    for f in (root / "table2" / "smoke").glob(f"*/{JOB_FILE}"):
+        if stage_status(f.parent) != DONE:
             try:
                 jobs.append(json.loads(f.read_text()))
             except (OSError, ValueError):
