@@ -2,7 +2,7 @@
 
 - debug: in this process, in graph order.
 - local: submitit's local executor; launcher.max_parallel jobs side by side on this machine, the next ones chosen
-  by harness.dispatch when there are fewer free slots than ready jobs.
+  by harness.run.dispatch when there are fewer free slots than ready jobs.
 - slurm: submitit's Slurm executor. The driver submits every stage whose inputs are done (ready stages together as
   one job array), polls, and submits the next wave. Each job is a submitit Checkpointable: on preemption or timeout
   it is requeued (at most launcher.max_requeues times) and the stage resumes from its checkpoint-last. Multi-GPU
@@ -203,7 +203,7 @@ class Progress:
 
     def jobs_left(self, running: Dict[str, object], members: Dict[str, List[str]]) -> List[List[tuple]]:
         """Each running job's unfinished stages with the seconds each has left (estimates, scaled by the epochs
-        already logged), for harness.dispatch; a stage without an estimate counts as 0 s."""
+        already logged), for harness.run.dispatch; a stage without an estimate counts as 0 s."""
         return [[(sid, self._remaining_s(sid, {}) or 0.0) for sid in members.get(first, [first])
                  if self.state.get(sid) != "done" and sid in self.plan.stages] for first in running]
 
@@ -596,7 +596,7 @@ def _drive(plan: Plan, cfg: DictConfig, ex, prog: Progress, running: Dict[str, o
                     f", then {', '.join(rest)} in the same job" if rest else ""))
             elif all(prog.state.get(d) == "done" for d in plan.deps(stage)):
                 ready.append(stage)
-        if limit:  # fewer slots than ready jobs: the order decides how the run ends (harness.dispatch)
+        if limit:  # fewer slots than ready jobs: the order decides how the run ends (harness.run.dispatch)
             free = max(0, limit - len(running))
             ready = dispatch.order(plan, ready, free, prog.state, prog.jobs_left(running, members), limit,
                                    prog.estimates or None, jobs_of)[:free]
