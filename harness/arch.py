@@ -1,8 +1,10 @@
-"""Model presets by name: encoder width/depth/heads and the MAE decoder's (standard library only, so planning and
---dry-run never import torch). harness.models builds the networks from them."""
+"""Model presets by name: encoder width/depth/heads and the MAE decoder's; and how many patches a mask ratio leaves
+visible. Standard library only, so planning and --dry-run never import torch; harness.models builds the networks
+from these."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from typing import Dict
 
 
@@ -43,3 +45,18 @@ def get_arch(name: str) -> Arch:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+
+
+def num_visible(num_patches: int, mask_ratio: float, rounding: str = "paper") -> int:
+    """Visible patches per image. 'paper': round(N*(1-r)) (10 and 4 of 196 at 95%/98%, as the paper states);
+    'official': int(N*(1-r)) as the official code computes (9 and 3)."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    exact = num_patches * (1.0 - mask_ratio)
+    if rounding == "paper":
+        n = int(math.floor(exact + 0.5))
+    elif rounding == "official":
+        n = int(exact)
+    else:
+        raise ValueError(f"visible_rounding must be 'paper' or 'official', got {rounding!r}")
+    return max(1, n)

@@ -9,30 +9,31 @@ import torch
 from torch import nn
 
 from .objectives import ClassifyObjective, DMAEObjective, MAEObjective
+from .spec import DistillSpec, FinetuneSpec, KDConfig, PretrainSpec
 
 
-def pretrain_objective(objective: str, p: dict, d: Optional[dict] = None, teacher: Optional[nn.Module] = None,
-                       pairs: Sequence = ()):
+def pretrain_objective(objective: str, p: PretrainSpec, d: Optional[DistillSpec] = None,
+                       teacher: Optional[nn.Module] = None, pairs: Sequence = ()):
     """MAE (pixel loss) or DMAE (pixel loss + feature distillation from `teacher` at `pairs`); p: the pretrain
     section, d: the distill section."""
-    mae_kwargs = dict(mask_ratio=p["mask_ratio"], visible_rounding=p["visible_rounding"],
-                      norm_pix_loss=p.get("norm_pix_loss", False))
+    mae_kwargs = dict(mask_ratio=p.mask_ratio, visible_rounding=p.visible_rounding, norm_pix_loss=p.norm_pix_loss)
     if objective == "mae":
         return MAEObjective(**mae_kwargs)
     if objective == "dmae":
-        return DMAEObjective(teacher, pairs, alpha=d["alpha"], pixel_weight=d["pixel_weight"], distance=d["distance"],
-                             normalize=d["normalize"], include_cls=d["include_cls"], teacher_mode=d["teacher_mode"],
+        return DMAEObjective(teacher, pairs, alpha=d.alpha, pixel_weight=d.pixel_weight, distance=d.distance,
+                             normalize=d.normalize, include_cls=d.include_cls, teacher_mode=d.teacher_mode,
                              **mae_kwargs)
     raise ValueError(f"pre-training objective must be 'mae' or 'dmae', got {objective!r}")
 
 
-def finetune_objective(num_classes: int, f: dict, kd: Optional[dict] = None, teacher: Optional[nn.Module] = None):
+def finetune_objective(num_classes: int, f: FinetuneSpec, kd: Optional[KDConfig] = None,
+                       teacher: Optional[nn.Module] = None):
     """Cross-entropy on (Mixup/CutMix) targets; with a kd section, plus distillation from the fine-tuned teacher
     classifier (the baseline in baselines/kd.py)."""
-    mix = dict(mixup=f["mixup"], cutmix=f["cutmix"], smoothing=f["smoothing"])
+    mix = dict(mixup=f.mixup, cutmix=f.cutmix, smoothing=f.smoothing)
     if kd:
-        return registered_objective("kd")(teacher, num_classes, kind=kd["kind"], weight=kd["weight"],
-                                          temperature=kd["temperature"], **mix)
+        return registered_objective("kd")(teacher, num_classes, kind=kd.kind, weight=kd.weight,
+                                          temperature=kd.temperature, **mix)
     return ClassifyObjective(num_classes, **mix)
 
 
@@ -49,17 +50,6 @@ def registered_objective(name: str):
         raise ValueError(f"no fine-tuning objective {name!r} in the entry points {OBJECTIVES_GROUP} "
                          f"({', '.join(sorted(found)) or 'none'}): install the project (pip install -e .)")
     return found[name].load()
-
-
-def kd_teacher_logits_cached(spec: dict, device_type: str) -> bool:
-    """Whether a KD fine-tune looks its teacher's logits up (baselines.kd.CachedTeacherLogits) instead of running
-    the teacher every step: on CPU, for the in-memory dataset at its native 28 px with a flip-only augmentation (no
-    crop, RandAug, erasing, Mixup or CutMix), where every training input is an image or its mirror. The stages and
-    the cost estimate both ask this."""
-    f, data = spec["finetune"], spec["data"]
-    return bool(spec.get("kd")) and device_type == "cpu" and data["name"] == "fashion_mnist" \
-        and int(data["img_size"]) == 28 and float(f.get("crop_min", 0.08)) >= 1.0 and not f.get("randaug") \
-        and not f.get("reprob") and not f.get("mixup") and not f.get("cutmix")
 
 
 def pretrain_param_groups(model: nn.Module, weight_decay: float) -> list:

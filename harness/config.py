@@ -1,5 +1,7 @@
 """Structured configs (hydra-core / OmegaConf). A table recipe (recipes/<table>.yaml) is validated against
-`TableConfig`: unknown or mistyped keys and wrong types are errors that name the key, before anything runs.
+`TableConfig`: unknown or mistyped keys and wrong types are errors that name the key, before anything runs. Its
+sections extend the stage spec's (harness.spec) with the keys `resolve_row` resolves away, so a resolved section is
+exactly what a stage receives.
 
 Compose a table's config exactly as the command line does:
 
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 from hydra import compose, initialize_config_dir
@@ -23,44 +25,14 @@ from yaml import YAMLError
 import recipes
 
 from .arch import PRESETS
+from .spec import (DataConfig, DistillSpec, FinetuneSpec, KDConfig, ModelConfig, PretrainSpec,
+                   StageRuntime)
 
 RECIPES_DIR = recipes.path()
 
 
 @dataclass
-class ModelConfig:
-    preset: str = "vit_base"  # a key of harness.models.PRESETS
-    patch_size: int = 16
-
-
-@dataclass
-class DataConfig:
-    name: str = "fashion_mnist"  # fashion_mnist | imagefolder
-    root: str = MISSING  # set by the profile; the paper profile asks for it on the command line
-    img_size: int = 28
-    train_subset: int = 0  # 0 = every training image (after the holdout)
-    test_subset: int = 0  # 0 = every test image (the final evaluation)
-    # training images carved out (fixed, seed 0) as the validation split that tuning and per-epoch monitoring read;
-    # 0 = none (fine-tuning then logs no per-epoch accuracy; the test split is read by the evaluation stage only)
-    holdout: int = 0
-    eval_crop_pct: float = 1.0  # ImageNet: 0.875 (Resize 256 + CenterCrop 224)
-
-
-@dataclass
-class PretrainConfig:
-    epochs: int = 100
-    warmup_epochs: float = 20
-    batch_size: int = 128  # per device
-    accum_iter: int = 4
-    blr: float = 1.5e-4  # lr = blr * effective batch / 256
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    clip_grad: Optional[float] = None
-    mask_ratio: float = 0.75
-    crop_min: float = 0.2  # RandomResizedCrop scale (crop_min, 1): official 0.2
-    visible_rounding: str = "paper"  # paper: round(N(1-r)) | official: int(N(1-r))
-    norm_pix_loss: bool = False
+class PretrainConfig(PretrainSpec):
     # Optional: the total batch per optimizer update. When set, accum_iter is derived from it:
     # effective_batch / (batch_size x launcher.nodes x max(1, launcher.gpus_per_node)), which must be an integer.
     effective_batch: Optional[int] = None
@@ -68,49 +40,16 @@ class PretrainConfig:
 
 
 @dataclass
-class DistillConfig:
-    alpha: float = 1.0
-    pixel_weight: float = 1.0  # 0 = feature distillation only
-    # Aligned (student block, teacher block) pairs, 0-based. Empty: derived from `align`, fractions of depth:
-    # block ceil(f * depth) - 1 of each, so 0.75 gives the official pair (8, 17) for ViT-B (12) <- ViT-L (24).
-    pairs: List[List[int]] = field(default_factory=list)
+class DistillConfig(DistillSpec):
+    # pairs empty: derived from `align`, fractions of depth: block ceil(f * depth) - 1 of each, so 0.75 gives the
+    # official pair (8, 17) for ViT-B (12) <- ViT-L (24)
     align: List[float] = field(default_factory=lambda: [0.75])
-    projection: str = "linear"  # linear | mlp
-    distance: str = "l1"  # l1 | l2
-    normalize: bool = True
-    include_cls: bool = True
-    teacher_mode: str = "partial"  # partial: up to the deepest aligned block | full: every block + decoder
     teacher_source: str = "pretrained"  # pretrained | finetuned
 
 
 @dataclass
-class FinetuneConfig:
-    epochs: int = 100
-    warmup_epochs: float = 20
-    batch_size: int = 128
-    accum_iter: int = 1
-    blr: float = 5e-4
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    clip_grad: Optional[float] = None
-    layer_decay: float = 0.75
-    drop_path: float = 0.15
-    crop_min: float = 0.08  # RandomResizedCrop scale (crop_min, 1): timm's default, as the official fine-tuning
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    smoothing: float = 0.1
-    reprob: float = 0.25
-    randaug: str = "rand-m9-mstd0.5-inc1"
-    eval_batch_size: int = 256
+class FinetuneConfig(FinetuneSpec):
     effective_batch: Optional[int] = None  # as PretrainConfig.effective_batch: derives accum_iter when set
-
-
-@dataclass
-class KDConfig:
-    kind: str = "soft"  # soft (KL with temperature) | hard (DeiT hard label)
-    weight: float = 0.5
-    temperature: float = 1.0
 
 
 @dataclass
@@ -140,16 +79,7 @@ class RowConfig:
 
 
 @dataclass
-class RunConfig:
-    device: str = "auto"  # auto | cpu | cuda
-    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | none | bf16 | fp16
-    threads: int = 0  # torch CPU threads (0 = torch's default)
-    log_every: int = 20
-    num_workers: int = 0
-    nan_restarts: int = 0  # a non-finite loss restarts the stage from its last checkpoint this many times (logged)
-    # false: a finished stage's checkpoint-last/-prev (resume state, 2+ GB at paper scale) are deleted once its
-    # model.pth and result.json exist
-    keep_checkpoints: bool = False
+class RunConfig(StageRuntime):
     quiet: bool = False  # driver console: only submissions, failures and the final results table (batch logs)
 
 
@@ -353,6 +283,11 @@ def world_size(launcher) -> int:
     if launcher["name"] == "debug":
         return 1
     return tasks_per_node(launcher) * (int(launcher["nodes"] or 1) if launcher["name"] == "slurm" else 1)
+
+
+def runtime_of(cfg: DictConfig) -> StageRuntime:
+    """How the table's stages run (run.*, less the driver's own settings): what each stage job receives."""
+    return StageRuntime(**{f.name: cfg.run[f.name] for f in fields(StageRuntime)})
 
 
 def resolve_accum(sec: dict, world: int, where: str) -> dict:

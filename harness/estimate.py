@@ -36,6 +36,7 @@ from .bench.results import current_device_key, load_results
 from .bench.spec import StepSpec, step_spec
 from .config import world_size
 from .rundir import CONFIG_FILE, RESULT_FILE, epochs_logged
+from .spec import AnySpec, ModelConfig, kd_teacher_logits_cached, spec_dict
 
 REPO_BENCH = Path(__file__).resolve().parent.parent / "results" / "bench"
 # Sizes of the datasets the profiles use, when no subset is set.
@@ -149,16 +150,18 @@ def _combine(step_spi: float, data_spi: float, workers: int) -> float:
     return step_spi + data_spi if workers <= 0 else max(step_spi, data_spi / workers)
 
 
-def _step_spec(stage_spec: dict, kind: str, batch: int, num_classes: int) -> StepSpec:
-    """The step a stage runs, with every setting of its spec the step depends on (distillation, KD, pixel loss,
-    optimizer), built as the benchmark builds its steps (harness.bench.spec.step_spec)."""
-    return step_spec(kind, stage_spec["model"], int(stage_spec["data"]["img_size"]), batch, num_classes,
-                     pretrain=stage_spec.get("pretrain"), finetune=stage_spec.get("finetune"),
-                     distill=stage_spec.get("distill"), kd=stage_spec.get("kd"),
-                     teacher=stage_spec.get("teacher_model"))
+def _step_spec(stage_spec: AnySpec, kind: str, batch: int, num_classes: int,
+               model: Optional[ModelConfig] = None) -> StepSpec:
+    """The step a stage runs (of `model`, default the stage's), with every setting of its spec the step depends on
+    (distillation, KD, pixel loss, optimizer), built as the benchmark builds its steps (bench.spec.step_spec)."""
+    return step_spec(kind, model or stage_spec.model, stage_spec.data.img_size, batch, num_classes,
+                     pretrain=getattr(stage_spec, "pretrain", None), finetune=getattr(stage_spec, "finetune", None),
+                     distill=getattr(stage_spec, "distill", None), kd=getattr(stage_spec, "kd", None),
+                     teacher=getattr(stage_spec, "teacher_model", None))
 
 
 def _twin_key(spec: dict) -> str:
+    """A stage's spec (dict form) but for its seed, name and inputs."""
     s = {k: v for k, v in spec.items() if k not in ("seed", "name", "inputs")}
     return json.dumps(s, sort_keys=True, default=str)
 
@@ -206,8 +209,8 @@ def estimate_details(plan, cfg, bench_dir: Optional[str | Path] = None) -> dict:
                             f"measurements of {', '.join(sorted({r['device']['key'] for r in results}))}")
     idx = _Index(results)
     out["files"] = idx.files
-    n_train, n_holdout, n_test, size_note = dataset_sizes(plan.stages[next(iter(plan.stages))].spec["data"]
-                                               if plan.stages else {"name": "fashion_mnist"})
+    n_train, n_holdout, n_test, size_note = dataset_sizes(spec_dict(plan.stages[next(iter(plan.stages))].spec.data)
+                                                           if plan.stages else {"name": "fashion_mnist"})
     if size_note:
         out["notes"].append(size_note)
     workers = int(cfg.run.num_workers or 0)
@@ -218,41 +221,39 @@ def estimate_details(plan, cfg, bench_dir: Optional[str | Path] = None) -> dict:
     counts = {"measured": 0, "scaled": 0, "twin": 0, "batch": 0, "none": 0}
     for sid, stage in plan.stages.items():
         spec = stage.spec
-        twin = twins.get(_twin_key(spec))
+        twin = twins.get(_twin_key(spec_dict(spec)))
         if twin and twin["world_size"] == world:
             out["stages"][sid] = {"seconds": twin["wall_s"], "source": f"finished twin {twin['stage_id']}"}
             counts["twin"] += 1
             continue
-        n_cls = 10 if spec["data"]["name"] == "fashion_mnist" else 1000
-        img = int(spec["data"]["img_size"])
+        n_cls = 10 if spec.data.name == "fashion_mnist" else 1000
+        img = spec.data.img_size
         parts, sources = [], []
         if stage.kind == "pretrain":
-            sec = spec["pretrain"]
-            st = _step_spec(spec, spec["objective"], sec["batch_size"], n_cls)
+            sec = spec.pretrain
+            st = _step_spec(spec, spec.objective, sec.batch_size, n_cls)
             data_spi, dn = idx.pipeline("pretrain", img)
-            epochs = int(sec["epochs"])
-            per_epoch = (n_train // (int(sec["batch_size"]) * world)) * int(sec["batch_size"])
+            epochs = sec.epochs
+            per_epoch = (n_train // (sec.batch_size * world)) * sec.batch_size
             parts.append((st, per_epoch * epochs, data_spi))
         elif stage.kind == "finetune":
-            sec = spec["finetune"]
-            from .build import kd_teacher_logits_cached  # torch, as the benchmark steps
+            sec = spec.finetune
             cached = kd_teacher_logits_cached(spec, dev_type)
-            kind = "finetune_kd" if spec.get("kd") and not cached else "finetune"
-            st = _step_spec(spec, kind, sec["batch_size"], n_cls)
-            data_spi, dn = idx.pipeline("finetune", img, sec.get("randaug") or "", sec.get("reprob", 0.0))
-            epochs = int(sec["epochs"])
-            per_epoch = (n_train // (int(sec["batch_size"]) * world)) * int(sec["batch_size"])
+            kind = "finetune_kd" if spec.kd and not cached else "finetune"
+            st = _step_spec(spec, kind, sec.batch_size, n_cls)
+            data_spi, dn = idx.pipeline("finetune", img, sec.randaug or "", sec.reprob)
+            epochs = sec.epochs
+            per_epoch = (n_train // (sec.batch_size * world)) * sec.batch_size
             parts.append((st, per_epoch * epochs, data_spi))
             if cached:  # the teacher's logits once, for each training image and its mirror
-                t = spec["teacher_model"]
-                teacher_spec = {**spec, "model": {"preset": t["preset"], "patch_size": t["patch_size"]}}
-                parts.append((_step_spec(teacher_spec, "eval", sec["eval_batch_size"], n_cls), 2 * n_train, 0.0))
+                parts.append((_step_spec(spec, "eval", sec.eval_batch_size, n_cls, model=spec.teacher_model),
+                              2 * n_train, 0.0))
             ev_spi, _ = idx.pipeline("eval", img)
-            parts.append((_step_spec(spec, "eval", sec["eval_batch_size"], n_cls), per_device_val * epochs, ev_spi))
+            parts.append((_step_spec(spec, "eval", sec.eval_batch_size, n_cls), per_device_val * epochs, ev_spi))
         else:
             epochs = 1
             data_spi, dn = idx.pipeline("eval", img)
-            parts.append((_step_spec(spec, "eval", spec["eval_batch_size"], n_cls), per_device_test, data_spi))
+            parts.append((_step_spec(spec, "eval", spec.eval_batch_size, n_cls), per_device_test, data_spi))
         total, known = 0.0, True
         detail = []
         for st, images, d_spi in parts:

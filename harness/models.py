@@ -8,7 +8,6 @@ Both are built from timm components, so their state dicts use the key layout of 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Dict, Optional, Sequence, Tuple
@@ -18,7 +17,7 @@ from torch import nn
 from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .arch import PRESETS, Arch, get_arch  # noqa: F401  (re-exported: the presets' home is harness.arch)
+from .arch import PRESETS, Arch, get_arch, num_visible  # noqa: F401  (re-exported: their home is harness.arch)
 
 
 _norm = partial(nn.LayerNorm, eps=1e-6)
@@ -52,21 +51,6 @@ class Masking:
     ids_keep: torch.Tensor  # (B, n_vis)
     ids_restore: torch.Tensor  # (B, N)
     mask: torch.Tensor  # (B, N) float, 1 = masked
-
-
-def num_visible(num_patches: int, mask_ratio: float, rounding: str = "paper") -> int:
-    """Visible patches per image. 'paper': round(N*(1-r)) (10 and 4 of 196 at 95%/98%, as the paper states);
-    'official': int(N*(1-r)) as the official code computes (9 and 3)."""
-    if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    exact = num_patches * (1.0 - mask_ratio)
-    if rounding == "paper":
-        n = int(math.floor(exact + 0.5))
-    elif rounding == "official":
-        n = int(exact)
-    else:
-        raise ValueError(f"visible_rounding must be 'paper' or 'official', got {rounding!r}")
-    return max(1, n)
 
 
 def random_masking(batch: int, num_patches: int, mask_ratio: float, device, rounding: str = "paper",

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, Row, check_name, resolve_row
+from .spec import AnySpec, build_stage, spec_dict
 from .rundir import (MANIFEST_FILE, MODEL_FILE, STALE_DIR, FileHashes, broken_input, git_commit, read_result,
                      spec_hash, stage_status, write_json)
 
@@ -31,7 +32,7 @@ class Stage:
     id: str
     kind: str  # pretrain | finetune | evaluate
     role: str  # teacher-pretrain | teacher-finetune | student-pretrain | student-finetune | evaluate
-    spec: dict
+    spec: AnySpec  # harness.spec: typed; its dict form is config.json's spec
     inputs: Dict[str, str]  # input role -> stage id, or "file:<path>" for a provided checkpoint
     cells: List[Tuple[str, int]] = field(default_factory=list)  # (row, seed) pairs this stage serves
 
@@ -125,10 +126,10 @@ class _Builder:
         self.data = OmegaConf.to_container(cfg.data, resolve=True)
         self.amp = cfg.run.amp
 
-    def add(self, kind: str, role: str, desc: str, spec: dict, inputs: Dict[str, str], cell) -> str:
-        spec = {"kind": kind, **spec, "data": self.data, "amp": self.amp, "inputs": dict(inputs)}
-        sid = f"{desc}-{spec_hash(spec)[:10]}"
-        spec["name"] = desc
+    def add(self, kind: str, role: str, desc: str, sections: dict, inputs: Dict[str, str], cell) -> str:
+        """The stage of these spec sections (its id: `desc`-hash of everything but the name), added once."""
+        spec = build_stage(kind, name=desc, **sections, data=self.data, amp=self.amp, inputs=dict(inputs))
+        sid = f"{desc}-{spec_hash(spec_dict(spec, name=False))[:10]}"
         if sid not in self.stages:
             self.stages[sid] = Stage(sid, kind, role, spec, dict(inputs))
         if cell not in self.stages[sid].cells:
@@ -176,7 +177,7 @@ class _Builder:
                           {"objective": "mae", "model": student, "pretrain": pre, "seed": seed}, {}, c)
         ft_spec = {"model": student, "finetune": fin, "kd": None, "seed": seed}
         ft_inputs = {"init": pt}
-        of = self.stages[pt].spec["name"].removeprefix("student-pretrain-")
+        of = self.stages[pt].spec.name.removeprefix("student-pretrain-")
         ft_desc = f"student-finetune-e{fin['epochs']}-of-{of}"
         if row.method == "kd":
             teacher["finetuned"] = self.teacher(teacher_cfg, c, "finetuned")
@@ -184,7 +185,7 @@ class _Builder:
             ft_inputs["kd_teacher"] = teacher["finetuned"]
             ft_desc = f"student-finetune-kd{kd['kind']}-e{fin['epochs']}-of-{of}"
         ft = self.add("finetune", "student-finetune", ft_desc, ft_spec, ft_inputs, c)
-        ev = self.add("evaluate", "evaluate", "evaluate-" + self.stages[ft].spec["name"].removeprefix("student-"),
+        ev = self.add("evaluate", "evaluate", "evaluate-" + self.stages[ft].spec.name.removeprefix("student-"),
                       {"model": student, "eval_batch_size": fin["eval_batch_size"], "seed": seed}, {"model": ft}, c)
         info = {"teacher": teacher_cfg["model"]["preset"], "student": student["preset"],
                 "mask_ratio": pre["mask_ratio"], "pretrain_epochs": pre["epochs"], "finetune_epochs": fin["epochs"],
@@ -242,7 +243,7 @@ def write_manifest(plan: Plan, cfg: DictConfig, command: str, overrides: List[st
         "command": command, "overrides": list(overrides), "git_commit": git_commit(), "seeds": cfg.seeds,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "cells": [c.__dict__ for c in plan.cells],
-        "stages": {s.id: {"kind": s.kind, "role": s.role, "name": s.spec["name"], "inputs": s.inputs,
+        "stages": {s.id: {"kind": s.kind, "role": s.role, "name": s.spec.name, "inputs": s.inputs,
                           "cells": s.cells} for s in plan.stages.values()},
     }
     path = plan.root / MANIFEST

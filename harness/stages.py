@@ -1,7 +1,7 @@
-"""Stage functions: pretrain, finetune, evaluate. Each takes a resolved stage spec (a JSON-able dict, see
+"""Stage functions: pretrain, finetune, evaluate. Each takes a typed stage spec (harness.spec, built by
 harness.plan), a run directory and the paths of its inputs' model files, and leaves in the run directory:
 
-    config.json          the merged spec, inputs and runtime
+    config.json          the spec (its dict form), inputs and runtime
     log.jsonl            one line per epoch (losses, lr, img/s, top-1/top-5 when fine-tuning)
     checkpoint-last.pth  resumable state, rewritten atomically every epoch (checkpoint-prev.pth: the one before);
                          both deleted once the stage is done, unless run.keep_checkpoints=true
@@ -33,36 +33,30 @@ import submitit
 import torch
 import torch.distributed as dist
 
-from .build import (finetune_objective, finetune_param_groups, kd_teacher_logits_cached, pretrain_objective,
-                    pretrain_param_groups)
+from .build import finetune_objective, finetune_param_groups, pretrain_objective, pretrain_param_groups
 from .checkpoints import atomic_save, encoder_to_classifier, load_weights, safe_load, state_dict_of, DECODER_KEYS
 from .data import Aug, DataSpec, build_dataset
 from .models import build_classifier, build_mae, get_arch
 from .rundir import (CONFIG_FILE, ERROR_FILE, MODEL_FILE, RESULT_FILE, StageLocked, git_commit,
                      input_record, sha256_file, spec_hash, stage_lock, write_json, write_stage_config)
-from .train import (NonFiniteLoss, Runtime, Schedule, evaluate_classifier, fit, peak_memory_mb, reset_peak_memory,
-                    seed_all, setup_runtime)
-
-SCHEDULE_KEYS = ("epochs", "warmup_epochs", "batch_size", "accum_iter", "blr", "min_lr", "weight_decay", "betas",
-                 "clip_grad")
-
-
-def _schedule(section: dict) -> Schedule:
-    return Schedule(**{k: section[k] for k in SCHEDULE_KEYS})
+from .spec import (AnySpec, EvaluateStage, FinetuneStage, ModelConfig, PretrainStage, StageRuntime,
+                   kd_teacher_logits_cached, spec_dict, stage_runtime, stage_spec)
+from .train import (NonFiniteLoss, Runtime, evaluate_classifier, fit, peak_memory_mb, reset_peak_memory, seed_all,
+                    setup_runtime)
 
 
-def _data(spec: dict) -> DataSpec:
-    return DataSpec(**spec["data"])
+def _data(spec: AnySpec) -> DataSpec:
+    return DataSpec(**spec_dict(spec.data))
 
 
-def _img(spec: dict) -> dict:
-    return dict(img_size=spec["data"]["img_size"], patch_size=spec["model"]["patch_size"])
+def _img(spec: AnySpec) -> dict:
+    return dict(img_size=spec.data.img_size, patch_size=spec.model.patch_size)
 
 
-def load_teacher_encoder(path: str, model_cfg: dict, img_size: int, with_decoder: bool):
+def load_teacher_encoder(path: str, model_cfg: ModelConfig, img_size: int, with_decoder: bool):
     """A MAE encoder for feature targets from: a MAE checkpoint with decoder (official mae_visualize_*.pth or a
     harness pre-train), an encoder-only release (mae_pretrain_*.pth) or a fine-tuned classifier."""
-    model = build_mae(get_arch(model_cfg["preset"]), img_size, model_cfg["patch_size"], with_decoder=with_decoder)
+    model = build_mae(get_arch(model_cfg.preset), img_size, model_cfg.patch_size, with_decoder=with_decoder)
     sd = state_dict_of(safe_load(path))
     finetuned = "head.weight" in sd or "fc_norm.weight" in sd
     ignore = ("fc_norm.", "head.", "distill_proj.") + (() if with_decoder else DECODER_KEYS)
@@ -71,80 +65,79 @@ def load_teacher_encoder(path: str, model_cfg: dict, img_size: int, with_decoder
     return model
 
 
-def load_classifier(path: str, model_cfg: dict, img_size: int, num_classes: int):
-    model = build_classifier(get_arch(model_cfg["preset"]), num_classes, img_size, model_cfg["patch_size"])
+def load_classifier(path: str, model_cfg: ModelConfig, img_size: int, num_classes: int):
+    model = build_classifier(get_arch(model_cfg.preset), num_classes, img_size, model_cfg.patch_size)
     load_weights(model, state_dict_of(safe_load(path)), source=f"classifier checkpoint {path}")
     return model
 
 
-def _save_model(model, spec: dict, stage_id: str, run_dir: Path) -> None:
-    atomic_save({"model": model.state_dict(), "arch": dict(spec["model"]), "stage_id": stage_id},
+def _save_model(model, spec: AnySpec, stage_id: str, run_dir: Path) -> None:
+    atomic_save({"model": model.state_dict(), "arch": spec_dict(spec.model), "stage_id": stage_id},
                 run_dir / MODEL_FILE)
 
 
-def pretrain(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, stage_id: str) -> dict:
-    p, data = spec["pretrain"], _data(spec)
-    seed_all(spec["seed"])
-    model = build_mae(get_arch(spec["model"]["preset"]), **_img(spec))
-    teacher, d = None, spec.get("distill")
-    if spec["objective"] == "dmae":
-        teacher = load_teacher_encoder(inputs["teacher"], spec["teacher_model"], data.img_size,
-                                       with_decoder=d["teacher_mode"] == "full")
-        model.add_distill_heads([teacher.embed_dim] * len(d["pairs"]), d["projection"])
-    objective = pretrain_objective(spec["objective"], p, d, teacher, d["pairs"] if teacher is not None else ())
-    train_ds, _ = build_dataset(data, "train", Aug("pretrain", data.img_size, crop_min=p.get("crop_min", 0.2)))
-    groups = pretrain_param_groups(model, p["weight_decay"])
-    res = fit(model=model, objective=objective, param_groups=groups, dataset=train_ds, schedule=_schedule(p),
-              run_dir=run_dir, spec_hash=spec_hash(spec), seed=spec["seed"], rt=rt, name=spec["name"])
+def pretrain(spec: PretrainStage, run_dir: Path, inputs: Dict[str, str], rt: Runtime, stage_id: str) -> dict:
+    p, d, data = spec.pretrain, spec.distill, _data(spec)
+    seed_all(spec.seed)
+    model = build_mae(get_arch(spec.model.preset), **_img(spec))
+    teacher = None
+    if spec.objective == "dmae":
+        teacher = load_teacher_encoder(inputs["teacher"], spec.teacher_model, data.img_size,
+                                       with_decoder=d.teacher_mode == "full")
+        model.add_distill_heads([teacher.embed_dim] * len(d.pairs), d.projection)
+    objective = pretrain_objective(spec.objective, p, d, teacher, d.pairs if teacher is not None else ())
+    train_ds, _ = build_dataset(data, "train", Aug("pretrain", data.img_size, crop_min=p.crop_min))
+    groups = pretrain_param_groups(model, p.weight_decay)
+    res = fit(model=model, objective=objective, param_groups=groups, dataset=train_ds, schedule=p,
+              run_dir=run_dir, spec_hash=spec_hash(spec_dict(spec)), seed=spec.seed, rt=rt, name=spec.name)
     if rt.is_main:
         _save_model(model, spec, stage_id, run_dir)
     last = res.history[-1] if res.history else {}
     return {"final_loss": last.get("loss"), "final_loss_pix": last.get("loss_pix"),
             "final_loss_feat": last.get("loss_feat"), "train_s": res.train_seconds,
             "images_per_s": res.images_per_s, "resumed_from_epoch": res.resumed_from_epoch,
-            "earlier_attempts_s": res.earlier_seconds, "epochs": p["epochs"], "train_images": len(train_ds),
-            "step_s": res.step_s, "steps": res.steps, "batch_per_device": p["batch_size"]}
+            "earlier_attempts_s": res.earlier_seconds, "epochs": p.epochs, "train_images": len(train_ds),
+            "step_s": res.step_s, "steps": res.steps, "batch_per_device": p.batch_size}
 
 
-def finetune(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, stage_id: str) -> dict:
-    f, data = spec["finetune"], _data(spec)
-    seed_all(spec["seed"])
-    train_ds, num_classes = build_dataset(data, "train", Aug("finetune", data.img_size,
-                                                             crop_min=f.get("crop_min", 0.08),
-                                                             randaug=f["randaug"], reprob=f["reprob"]))
+def finetune(spec: FinetuneStage, run_dir: Path, inputs: Dict[str, str], rt: Runtime, stage_id: str) -> dict:
+    f, data = spec.finetune, _data(spec)
+    seed_all(spec.seed)
+    train_ds, num_classes = build_dataset(data, "train", Aug("finetune", data.img_size, crop_min=f.crop_min,
+                                                             randaug=f.randaug, reprob=f.reprob))
     # per-epoch monitoring reads the validation split carved out of the training images, never the test split
     val_ds = build_dataset(data, "val", Aug("eval", data.img_size, crop_pct=data.eval_crop_pct))[0] \
         if data.holdout else None
-    model = build_classifier(get_arch(spec["model"]["preset"]), num_classes, drop_path=f["drop_path"], **_img(spec))
+    model = build_classifier(get_arch(spec.model.preset), num_classes, drop_path=f.drop_path, **_img(spec))
     if inputs.get("init"):
         sd = encoder_to_classifier(state_dict_of(safe_load(inputs["init"])))
         load_weights(model, sd, source=f"pre-trained checkpoint {inputs['init']}", allow_missing=("head.", "fc_norm."))
     teacher = None
-    if spec.get("kd"):
-        teacher = load_classifier(inputs["kd_teacher"], spec["teacher_model"], data.img_size, num_classes)
-    objective = finetune_objective(num_classes, f, spec.get("kd"), teacher)
+    if spec.kd:
+        teacher = load_classifier(inputs["kd_teacher"], spec.teacher_model, data.img_size, num_classes)
+    objective = finetune_objective(num_classes, f, spec.kd, teacher)
     if teacher is not None and kd_teacher_logits_cached(spec, rt.device.type) and train_ds.flip_only:
         t0 = time.time()
         cache = objective.cache_teacher_logits(train_ds.flip_views())
-        rt.log(f"[{spec['name']}] teacher logits of {len(cache)} views (each image and its mirror) computed once "
+        rt.log(f"[{spec.name}] teacher logits of {len(cache)} views (each image and its mirror) computed once "
                f"({time.time() - t0:.1f} s): the augmentation is flip-only")
     else:
         cache = None
-    groups = finetune_param_groups(model, f["weight_decay"], f["layer_decay"])
+    groups = finetune_param_groups(model, f.weight_decay, f.layer_decay)
 
     def eval_fn(m) -> dict:
-        r = evaluate_classifier(m, val_ds, f["eval_batch_size"], rt)
+        r = evaluate_classifier(m, val_ds, f.eval_batch_size, rt)
         return {"val_top1": r["top1"], "val_top5": r["top5"], "n_val": r["n_eval"]}
-    res = fit(model=model, objective=objective, param_groups=groups, dataset=train_ds, schedule=_schedule(f),
-              run_dir=run_dir, spec_hash=spec_hash(spec), seed=spec["seed"], rt=rt, name=spec["name"],
+    res = fit(model=model, objective=objective, param_groups=groups, dataset=train_ds, schedule=f,
+              run_dir=run_dir, spec_hash=spec_hash(spec_dict(spec)), seed=spec.seed, rt=rt, name=spec.name,
               eval_fn=eval_fn if val_ds is not None else None)
     if rt.is_main:
         _save_model(model, spec, stage_id, run_dir)
     last = res.history[-1]
     out = {"final_loss": last["loss"], "train_s": res.train_seconds, "images_per_s": res.images_per_s,
            "resumed_from_epoch": res.resumed_from_epoch, "earlier_attempts_s": res.earlier_seconds,
-           "epochs": f["epochs"], "num_classes": num_classes, "train_images": len(train_ds),
-           "step_s": res.step_s, "steps": res.steps, "batch_per_device": f["batch_size"]}
+           "epochs": f.epochs, "num_classes": num_classes, "train_images": len(train_ds),
+           "step_s": res.step_s, "steps": res.steps, "batch_per_device": f.batch_size}
     if cache is not None:  # a resumed run counts only its own epochs
         out.update(kd_cached_views=len(cache), kd_cache_hits=cache.hits, kd_cache_misses=cache.misses)
     if val_ds is not None:  # validation split: monitoring only (the reported number is the evaluate stage's test top-1)
@@ -154,12 +147,12 @@ def finetune(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, sta
     return out
 
 
-def evaluate(spec: dict, run_dir: Path, inputs: Dict[str, str], rt: Runtime, stage_id: str) -> dict:
+def evaluate(spec: EvaluateStage, run_dir: Path, inputs: Dict[str, str], rt: Runtime, stage_id: str) -> dict:
     data = _data(spec)
     test_ds, num_classes = build_dataset(data, "test", Aug("eval", data.img_size, crop_pct=data.eval_crop_pct))
-    model = load_classifier(inputs["model"], spec["model"], data.img_size, num_classes).to(rt.device)
+    model = load_classifier(inputs["model"], spec.model, data.img_size, num_classes).to(rt.device)
     t0 = time.perf_counter()
-    metrics = evaluate_classifier(model, test_ds, spec["eval_batch_size"], rt)
+    metrics = evaluate_classifier(model, test_ds, spec.eval_batch_size, rt)
     metrics["split"] = "test"
     metrics["images_per_s"] = metrics["n_eval"] / (time.perf_counter() - t0)
     return metrics
@@ -178,19 +171,22 @@ def _remove_stale_tmp(run_dir: Path, log) -> None:
         log(f"removed {p}, left by an interrupted run")
 
 
-def run_stage(spec: dict, run_dir: str | Path, inputs: Dict[str, str], runtime: dict, stage_id: str) -> dict:
+def run_stage(spec: AnySpec | dict, run_dir: str | Path, inputs: Dict[str, str], runtime: StageRuntime | dict,
+              stage_id: str) -> dict:
     """Run (or resume) one stage; returns its result dict. A finished stage returns its stored result at once.
 
-    runtime: setup_runtime()'s arguments, plus nan_restarts (default 0): how many times a non-finite loss restarts
-    the stage from its last checkpoint (logged) before it fails, and keep_checkpoints (default false: checkpoint-*
-    files are deleted once model.pth and result.json are written)."""
+    spec, runtime: typed (harness.spec), or their dict form (config.json), which is type-checked here. Besides
+    setup_runtime()'s settings, runtime holds nan_restarts: how many times a non-finite loss restarts the stage from
+    its last checkpoint (logged) before it fails, and keep_checkpoints (false: checkpoint-* files are deleted once
+    model.pth and result.json are written)."""
+    spec, runtime = stage_spec(spec), stage_runtime(runtime)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     done = run_dir / RESULT_FILE
     if done.exists():
         return json.loads(done.read_text())
-    nan_restarts = int(runtime.get("nan_restarts") or 0)
-    rt = setup_runtime(**{k: v for k, v in runtime.items() if k not in ("nan_restarts", "keep_checkpoints")})
+    rt = setup_runtime(device=runtime.device, amp=runtime.amp, threads=runtime.threads, log_every=runtime.log_every,
+                       num_workers=runtime.num_workers)
     with ExitStack() as stack:
         locked = None
         if rt.is_main:
@@ -208,24 +204,25 @@ def run_stage(spec: dict, run_dir: str | Path, inputs: Dict[str, str], runtime: 
             raise locked
         if done.exists():  # finished by the runner that held the lock before us
             return json.loads(done.read_text())
-        return _run_locked(spec, run_dir, inputs, runtime, stage_id, rt, nan_restarts)
+        return _run_locked(spec, run_dir, inputs, runtime, stage_id, rt)
 
 
-def _run_locked(spec: dict, run_dir: Path, inputs: Dict[str, str], runtime: dict, stage_id: str, rt: Runtime,
-                nan_restarts: int) -> dict:
+def _run_locked(spec: AnySpec, run_dir: Path, inputs: Dict[str, str], runtime: StageRuntime, stage_id: str,
+                rt: Runtime) -> dict:
     done = run_dir / RESULT_FILE
     if rt.is_main:
         _remove_stale_tmp(run_dir, rt.log)
-        write_stage_config(run_dir, stage_id, spec, inputs, runtime)
+        write_stage_config(run_dir, stage_id, spec_dict(spec), inputs, spec_dict(runtime))
         (run_dir / ERROR_FILE).unlink(missing_ok=True)
     t0 = time.time()
     reset_peak_memory(rt)
     consumed = input_record(inputs) if rt.is_main else {}  # what this result is computed from (rundir.broken_input)
+    nan_restarts = runtime.nan_restarts
     try:
         restarts = 0
         while True:
             try:
-                out = STAGES[spec["kind"]](spec, run_dir, inputs, rt, stage_id)
+                out = STAGES[spec.kind](spec, run_dir, inputs, rt, stage_id)
                 break
             except NonFiniteLoss as e:
                 if restarts >= nan_restarts:
@@ -234,7 +231,7 @@ def _run_locked(spec: dict, run_dir: Path, inputs: Dict[str, str], runtime: dict
                             from None
                     raise
                 restarts += 1
-                rt.log(f"WARNING: [{spec.get('name', stage_id)}] {e}; restarting from the last checkpoint "
+                rt.log(f"WARNING: [{spec.name or stage_id}] {e}; restarting from the last checkpoint "
                        f"(run.nan_restarts: {restarts}/{nan_restarts})")
     except BaseException as e:
         if rt.is_main and not isinstance(e, (KeyboardInterrupt, SystemExit)):
@@ -245,18 +242,19 @@ def _run_locked(spec: dict, run_dir: Path, inputs: Dict[str, str], runtime: dict
     out.update(peak_memory_mb(rt))
     # a resumed stage also counts the training time of its earlier attempts (up to their last checkpoint)
     wall = time.time() - t0 + out.pop("earlier_attempts_s", 0.0)
-    result = {"stage_id": stage_id, "kind": spec["kind"], "name": spec["name"], "status": "done", **out,
+    result = {"stage_id": stage_id, "kind": spec.kind, "name": spec.name, "status": "done", **out,
               "wall_s": wall, "device": rt.device.type,
               "device_name": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor()
               or platform.machine(), "world_size": rt.world, "device_hours": wall * rt.world / 3600.0,
               "host": socket.gethostname(), "torch": torch.__version__, "python": sys.version.split()[0],
               "git_commit": git_commit(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "runtime": {k: runtime.get(k) for k in ("device", "amp", "threads", "num_workers")}, "inputs": consumed}
+              "runtime": {k: getattr(runtime, k) for k in ("device", "amp", "threads", "num_workers")},
+              "inputs": consumed}
     if rt.is_main and (run_dir / MODEL_FILE).exists():
         result["model_sha256"] = sha256_file(run_dir / MODEL_FILE)
     if rt.is_main:
         write_json(result, done)
-        if not runtime.get("keep_checkpoints") and done.exists() and (run_dir / MODEL_FILE).exists():
+        if not runtime.keep_checkpoints and done.exists() and (run_dir / MODEL_FILE).exists():
             remove_checkpoints(run_dir)
     return result
 

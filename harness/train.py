@@ -30,6 +30,7 @@ from .build import optimizer as build_optimizer
 from .checkpoints import CheckpointError, load_last, save_last
 from .data import loader
 from .rundir import LOG_FILE
+from .spec import Schedule
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -123,21 +124,8 @@ def _to_python(obj):
     return obj
 
 
-@dataclass
-class Schedule:
-    epochs: int
-    warmup_epochs: float
-    batch_size: int  # per device
-    accum_iter: int
-    blr: float
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple = (0.9, 0.95)
-    clip_grad: Optional[float] = None
-    lr_placement: str = "official"  # official | updates (see lr_at)
-
-
-def lr_at(schedule: Schedule, base_lr: float, epoch: int, step: int, steps_per_epoch: int) -> float:
+def lr_at(schedule: Schedule, base_lr: float, epoch: int, step: int, steps_per_epoch: int,
+          placement: str = "official") -> float:
     """The lr set at `step` (0-based) of `epoch`, on steps where step % accum_iter == 0.
 
     Value: MAE's util/lr_sched.adjust_learning_rate at a fractional epoch t -- linear warmup from 0 over warmup_epochs,
@@ -146,12 +134,12 @@ def lr_at(schedule: Schedule, base_lr: float, epoch: int, step: int, steps_per_e
     update k = step // accum_iter of the epoch at t = epoch + k / (steps_per_epoch // accum_iter). Both agree when
     accum_iter divides steps_per_epoch; otherwise 'official' lags (the leftover steps of an epoch are part of it).
     """
-    if schedule.lr_placement == "official":
+    if placement == "official":
         t = step / steps_per_epoch + epoch
-    elif schedule.lr_placement == "updates":
+    elif placement == "updates":
         t = epoch + (step // schedule.accum_iter) / max(1, steps_per_epoch // schedule.accum_iter)
     else:
-        raise ValueError(f"lr_placement must be 'official' or 'updates', got {schedule.lr_placement!r}")
+        raise ValueError(f"lr placement must be 'official' or 'updates', got {placement!r}")
     warmup, epochs, min_lr = schedule.warmup_epochs, schedule.epochs, schedule.min_lr
     if t < warmup:
         return base_lr * t / warmup

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .config import load_config
+from .config import load_config, runtime_of
 from .plan import build_plan
 from .rundir import LOG_FILE, RESULT_FILE, git_commit
 from .stats import last_epoch_gain
@@ -38,7 +38,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="run only the teacher's pre-training and fine-tuning (the teacher is tuned once, alone)")
     args = p.parse_intermixed_args(argv)
     # local: torch, submitit; --help and argument errors answer without loading them
-    from .run.launch import _runtime
     from .stages import run_stage
 
     overrides = list(args.overrides)
@@ -55,13 +54,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue  # the test split is read by the final evaluation only
         if args.only and not stage.role.startswith(args.only):
             continue
-        res = run_stage(stage.spec, plan.dir(sid), plan.input_paths(stage), _runtime(cfg), sid)
+        res = run_stage(stage.spec, plan.dir(sid), plan.input_paths(stage), runtime_of(cfg), sid)
         if stage.kind != "finetune":
             continue
         log = [json.loads(line) for line in (plan.dir(sid) / LOG_FILE).read_text().splitlines() if line.strip()]
         gain = last_epoch_gain(log) or 0.0
         row = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "trial": args.trial, "overrides": " ".join(args.overrides),
-               "stage": stage.spec["name"], "role": stage.role,
+               "stage": stage.spec.name, "role": stage.role,
                "row_seed": " ".join(f"{r}/s{s}" for r, s in stage.cells), "epochs": res["epochs"],
                "train_images": res["train_images"], "last_val_top1": round(res["last_val_top1"], 2),
                "best_val_top1": round(res["best_val_top1"], 2), "last_epoch_gain": round(gain, 2),
@@ -74,7 +73,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if new:
                 w.writeheader()
             w.writerow(row)
-        print(f"[tune {args.trial}] {stage.spec['name']}: val top-1 last {res['last_val_top1']:.2f} "
+        print(f"[tune {args.trial}] {stage.spec.name}: val top-1 last {res['last_val_top1']:.2f} "
               f"best {res['best_val_top1']:.2f} (last-epoch gain {gain:+.2f}); curve "
               f"{row['val_curve']}", flush=True)
     return 0

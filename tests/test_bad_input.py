@@ -19,6 +19,7 @@ from PIL import Image
 from harness.config import load_config
 from harness.models import PRESETS, build_classifier, build_mae
 from harness.plan import build_plan
+from harness.spec import spec_dict
 from harness.run.cli import main
 from harness.run.preflight import check_inputs, check_slurm
 
@@ -113,7 +114,7 @@ def test_effective_batch_derives_accum_iter_and_keeps_stage_ids_when_unset(tmp_p
                                         "teacher.finetune.effective_batch=128"])
     plan = build_plan(cfg)
     for s in plan.stages.values():
-        sec = s.spec.get("pretrain") or s.spec.get("finetune") or {}
+        sec = spec_dict(s.spec).get(s.kind) or {}
         assert "effective_batch" not in sec  # only the derived accum_iter enters the spec
         if s.role == "student-pretrain":
             assert sec["accum_iter"] == 4  # 512 / (64 x 2 GPUs)

@@ -15,6 +15,7 @@ from harness.bench.steps import Pool, build_step
 from harness.config import load_config
 from harness.estimate import estimate_details, estimate_plan
 from harness.plan import build_plan
+from harness.spec import FinetuneSpec, spec_dict
 
 STEP_FIELDS = ("id", "shape", "label", "spec", "batch", "flops_per_image", "step_s", "s_per_image", "images_per_s",
                "achieved_flops_per_s", "peak_fraction", "reps", "times_s")
@@ -110,8 +111,8 @@ def test_estimate_costs_an_mlp_projection_by_its_flops(smoke_bench, tmp_path):
     details = estimate_details(plan, cfg, bench_dir=out)["stages"]
     by_proj = {}
     for sid, stage in plan.stages.items():
-        if stage.role == "student-pretrain" and stage.spec["objective"] == "dmae":
-            by_proj.setdefault(stage.spec["distill"]["projection"], []).append(details[sid])
+        if stage.role == "student-pretrain" and stage.spec.objective == "dmae":
+            by_proj.setdefault(stage.spec.distill.projection, []).append(details[sid])
     assert set(by_proj) == {"linear", "mlp"}
     assert all(d["source"].startswith("measured smoke/dmae_partial_m75") for d in by_proj["linear"]), by_proj
     assert all(d["source"].startswith("FLOP-scaled from smoke/dmae_partial_m75") for d in by_proj["mlp"]), by_proj
@@ -124,7 +125,7 @@ def test_estimate_plan_prefers_a_finished_twin(smoke_bench, tmp_path):
     sid, stage = next((s, st) for s, st in plan.stages.items() if st.role == "student-pretrain")
     twin = plan.root / "twin-stage"
     twin.mkdir(parents=True)
-    (twin / "config.json").write_text(json.dumps({"spec": dict(stage.spec, seed=stage.spec["seed"] + 7)}))
+    (twin / "config.json").write_text(json.dumps({"spec": dict(spec_dict(stage.spec), seed=stage.spec.seed + 7)}))
     (twin / "result.json").write_text(json.dumps({"wall_s": 123.0, "world_size": 1, "stage_id": "twin-stage"}))
     assert estimate_plan(plan, cfg, bench_dir=out, verbose=False)[sid] == 123.0
 
@@ -168,7 +169,7 @@ def test_benchmarked_steps_train_with_the_stages_settings_and_builders():
         assert _groups(opt.param_groups) == _groups(ref)
         assert opt.param_groups[0]["betas"] == (tuple(pre["betas"]) if param_groups else tuple(fin["betas"]))
     objective = next(v for k, v in pool.items.items() if k[0] == "objective" and k[1] == ft)
-    assert type(objective) is type(build.finetune_objective(10, fin))
+    assert type(objective) is type(build.finetune_objective(10, FinetuneSpec(mixup=fin["mixup"], cutmix=fin["cutmix"])))
     # the pixel loss as the stages build it (pretrain.norm_pix_loss), also when the profile turns it on
     pix = replace(mae, norm_pix_loss=not pre["norm_pix_loss"])
     build_step(pool, pix, "none")

@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from harness.checkpoints import (LAST, PREV, CheckpointError, atomic_save, encoder_to_classifier, load_last,
                                  load_weights, safe_load, save_last, state_dict_of)
 from harness.models import PRESETS, build_classifier
+from harness.spec import ModelConfig
 from harness.stages import load_classifier, load_teacher_encoder
 
 PRESET, PATCH, IMG = "vit_w48d3_dec48d1", 4, 16  # width 48, 3 blocks, decoder 48 x 1 block; 4 x 4 = 16 patches
-MODEL_CFG = {"preset": PRESET, "patch_size": PATCH}
+MODEL_CFG = ModelConfig(PRESET, PATCH)
 
 
 def _block(prefix, d, mlp=4):
@@ -161,7 +162,7 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
 def test_wrong_preset_is_refused(tmp_path):
     path = save_official(tmp_path, "pico.pth", official_sd("pretrain"))
     with pytest.raises(CheckpointError, match="does not fit the model"):
-        load_teacher_encoder(path, {"preset": "vit_w32d2_dec32d1", "patch_size": PATCH}, IMG, with_decoder=False)
+        load_teacher_encoder(path, ModelConfig("vit_w32d2_dec32d1", PATCH), IMG, with_decoder=False)
 
 
 def test_no_weights_in_checkpoint():

@@ -9,7 +9,8 @@ import pytest
 
 from harness.config import load_config
 from harness.plan import build_plan
-from harness.rundir import spec_hash, write_json
+from harness.rundir import write_stage_config
+from harness.spec import spec_dict
 
 pytestmark = pytest.mark.slow
 RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)
@@ -29,8 +30,7 @@ def test_pretrain_and_finetune_under_torchrun(tmp_path):
     for sid in (cell.pretrain, cell.finetune):
         stage = plan.stages[sid]
         plan.dir(sid).mkdir(parents=True)
-        write_json({"stage_id": sid, "spec": stage.spec, "inputs": plan.input_paths(stage), "runtime": RUNTIME,
-                    "spec_hash": spec_hash(stage.spec)}, plan.dir(sid) / "config.json")
+        write_stage_config(plan.dir(sid), sid, spec_dict(stage.spec), plan.input_paths(stage), RUNTIME)
         _torchrun(plan.dir(sid))
         res = json.loads((plan.dir(sid) / "result.json").read_text())
         assert res["world_size"] == 2

@@ -10,6 +10,7 @@ from harness.bench.spec import DISTILL_FIELDS, StepSpec, step_spec
 from harness.config import load_config
 from harness.estimate import _step_spec
 from harness.plan import build_plan
+from harness.spec import ModelConfig
 
 # settings off the defaults (and off the benchmark's profile), so a field left at its default shows
 OVERRIDES = ["kd.kind=hard", "kd.weight=0.3", "kd.temperature=4.0", "pretrain.norm_pix_loss=true",
@@ -24,7 +25,7 @@ def plan_of(table, tmp_path, overrides=()):
 
 
 def student_pretrains(plan, objective):
-    return [s.spec for s in plan.stages.values() if s.role == "student-pretrain" and s.spec["objective"] == objective]
+    return [s.spec for s in plan.stages.values() if s.role == "student-pretrain" and s.spec.objective == objective]
 
 
 def test_projection_is_carried_and_keyed(tmp_path):
@@ -34,8 +35,8 @@ def test_projection_is_carried_and_keyed(tmp_path):
     plan = plan_of("projection", tmp_path)
     by_proj = {}
     for spec in student_pretrains(plan, "dmae"):
-        st = _step_spec(spec, "dmae", spec["pretrain"]["batch_size"], 10)
-        assert st.projection == spec["distill"]["projection"]
+        st = _step_spec(spec, "dmae", spec.pretrain.batch_size, 10)
+        assert st.projection == spec.distill.projection
         by_proj.setdefault(st.projection, set()).add(st)
     assert set(by_proj) == {"linear", "mlp"}
     assert all(len(v) == 1 for v in by_proj.values()), by_proj  # seeds aside, one step per row
@@ -63,25 +64,25 @@ def test_stage_settings_reach_the_step(tmp_path):
     (mae_spec, *_) = student_pretrains(plan, "mae")
     (dmae_spec, *_) = student_pretrains(plan, "dmae")
     for spec, kind in ((mae_spec, "mae"), (dmae_spec, "dmae")):
-        st, p = _step_spec(spec, kind, 8, 10), spec["pretrain"]
-        assert (st.norm_pix_loss, st.weight_decay, st.betas) == (True, p["weight_decay"], tuple(p["betas"]))
-        assert (st.mask_ratio, st.visible_rounding) == (p["mask_ratio"], p["visible_rounding"])
-    st, d = _step_spec(dmae_spec, "dmae", 8, 10), dmae_spec["distill"]
-    assert dict(st.distill) == {k: d[k] for k in DISTILL_FIELDS}
+        st, p = _step_spec(spec, kind, 8, 10), spec.pretrain
+        assert (st.norm_pix_loss, st.weight_decay, st.betas) == (True, p.weight_decay, tuple(p.betas))
+        assert (st.mask_ratio, st.visible_rounding) == (p.mask_ratio, p.visible_rounding)
+    st, d = _step_spec(dmae_spec, "dmae", 8, 10), dmae_spec.distill
+    assert dict(st.distill) == {k: getattr(d, k) for k in DISTILL_FIELDS}
     assert dict(st.distill)["distance"] == "l2" and dict(st.distill)["alpha"] == 0.5
-    assert (st.teacher_mode, st.pairs) == ("full", tuple(tuple(p) for p in d["pairs"]))
-    assert (st.teacher, st.teacher_patch) == (dmae_spec["teacher_model"]["preset"],
-                                              dmae_spec["teacher_model"]["patch_size"])
+    assert (st.teacher_mode, st.pairs) == ("full", tuple(tuple(p) for p in d.pairs))
+    assert (st.teacher, st.teacher_patch) == (dmae_spec.teacher_model.preset,
+                                              dmae_spec.teacher_model.patch_size)
 
-    kd_spec = next(s.spec for s in plan.stages.values() if s.role == "student-finetune" and s.spec.get("kd"))
-    st, f = _step_spec(kd_spec, "finetune_kd", 8, 10), kd_spec["finetune"]
+    kd_spec = next(s.spec for s in plan.stages.values() if s.role == "student-finetune" and s.spec.kd)
+    st, f = _step_spec(kd_spec, "finetune_kd", 8, 10), kd_spec.finetune
     assert st.kd == ("hard", 0.3, 4.0)
-    t = kd_spec["teacher_model"]
-    assert (st.teacher, st.teacher_patch) == (t["preset"], t["patch_size"])
-    assert (st.layer_decay, st.drop_path, st.weight_decay, st.betas) == (0.65, 0.2, 0.02, tuple(f["betas"]))
-    assert (st.mixup, st.cutmix, st.smoothing) == (f["mixup"], f["cutmix"], f["smoothing"])
+    t = kd_spec.teacher_model
+    assert (st.teacher, st.teacher_patch) == (t.preset, t.patch_size)
+    assert (st.layer_decay, st.drop_path, st.weight_decay, st.betas) == (0.65, 0.2, 0.02, tuple(f.betas))
+    assert (st.mixup, st.cutmix, st.smoothing) == (f.mixup, f.cutmix, f.smoothing)
     # the plain fine-tune of the same student: the same step but for the teacher and KD
-    ft_spec = next(s.spec for s in plan.stages.values() if s.role == "student-finetune" and not s.spec.get("kd"))
+    ft_spec = next(s.spec for s in plan.stages.values() if s.role == "student-finetune" and not s.spec.kd)
     ft = _step_spec(ft_spec, "finetune", 8, 10)
     assert replace(st, kind="finetune", teacher="", teacher_patch=0, kd=ft.kd) == ft
 
@@ -93,9 +94,9 @@ def test_estimator_and_benchmark_build_steps_alike(tmp_path):
     bench = dict(profile_steps("tiny"))
     plan = plan_of("table2", tmp_path)
     (mae_spec, *_) = student_pretrains(plan, "mae")
-    dmae_spec = next(s for s in student_pretrains(plan, "dmae") if s["pretrain"]["mask_ratio"] == 0.75)
-    kd_spec = next(s.spec for s in plan.stages.values() if s.role == "student-finetune" and s.spec.get("kd"))
-    ft_spec = next(s.spec for s in plan.stages.values() if s.role == "student-finetune" and not s.spec.get("kd"))
+    dmae_spec = next(s for s in student_pretrains(plan, "dmae") if s.pretrain.mask_ratio == 0.75)
+    kd_spec = next(s.spec for s in plan.stages.values() if s.role == "student-finetune" and s.spec.kd)
+    ft_spec = next(s.spec for s in plan.stages.values() if s.role == "student-finetune" and not s.spec.kd)
     for label, spec, kind in (("mae_m75", mae_spec, "mae"), ("dmae_partial_m75", dmae_spec, "dmae"),
                               ("finetune", ft_spec, "finetune"), ("finetune_kd", kd_spec, "finetune_kd")):
         b = bench[label]
@@ -104,4 +105,4 @@ def test_estimator_and_benchmark_build_steps_alike(tmp_path):
 
 def test_step_spec_rejects_an_unknown_kind():
     with pytest.raises(ValueError, match="step kind"):
-        step_spec("pretrain", {"preset": "vit_w64d4_dec64d1", "patch_size": 4}, 28, 8, 10)
+        step_spec("pretrain", ModelConfig("vit_w64d4_dec64d1", 4), 28, 8, 10)

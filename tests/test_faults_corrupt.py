@@ -168,7 +168,7 @@ def tree(tmp_path):
     for i, (sid, st) in enumerate(plan.stages.items()):
         d = plan.dir(sid)
         d.mkdir(parents=True)
-        res = {"stage_id": sid, "kind": st.kind, "name": st.spec["name"], "status": "done", "wall_s": 1.0,
+        res = {"stage_id": sid, "kind": st.kind, "name": st.spec.name, "status": "done", "wall_s": 1.0,
                "device_hours": 1 / 3600, "images_per_s": 100.0, "device": "cpu", "device_name": "x86_64",
                "world_size": 1, "host": "test"}
         if st.kind == "evaluate":

@@ -436,7 +436,8 @@ def test_real_slurm_timeout_requeues_and_resumes_identically(slurm_cluster, tmp_
     import time
 
     from harness.config import load_config
-    from harness.run.launch import _job, _runtime, slurm_executor
+    from harness.config import runtime_of
+    from harness.run.launch import _job, slurm_executor
     from harness.plan import build_plan
     from harness.stages import run_stage
     args = ["profile=smoke", "launcher=slurm", "launcher.partition=debug", "launcher.mem_gb=3", "launcher.poll_s=1",
@@ -454,7 +455,7 @@ def test_real_slurm_timeout_requeues_and_resumes_identically(slurm_cluster, tmp_
     result = job.result()
     assert result["resumed_from_epoch"] >= 1, "the stage was not requeued after the signal"
     ref = tmp_path / "reference"
-    run_stage(stage.spec, ref, plan.input_paths(stage), _runtime(cfg), stage.id)
+    run_stage(stage.spec, ref, plan.input_paths(stage), runtime_of(cfg), stage.id)
     assert same_as(ref, plan.dir(stage.id))
     out = "".join(p.read_text() for p in (plan.root / ".submitit").rglob("*.out"))
     assert "resumed from checkpoint-last" in out

@@ -14,7 +14,8 @@ from torch import nn
 import harness.objectives as objectives
 from harness.checkpoints import LAST, safe_load
 from harness.stages import run_stage
-from harness.train import NonFiniteLoss, Runtime, Schedule, fit
+from harness.spec import Schedule
+from harness.train import NonFiniteLoss, Runtime, fit
 from harness.rundir import ATTEMPT_FIELDS
 
 RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)
@@ -106,11 +107,10 @@ def test_nan_that_persists_fails_after_the_restarts(tmp_path, monkeypatch, capsy
 
 
 def test_nan_restarts_is_a_validated_config_key():
-    from harness.config import ConfigError, load_config
-    from harness.run.launch import _runtime
+    from harness.config import ConfigError, load_config, runtime_of
     cfg = load_config("table2", ["profile=smoke", "run.nan_restarts=1"])
-    assert _runtime(cfg)["nan_restarts"] == 1
-    assert "nan_restarts" not in _runtime(load_config("table2", ["profile=smoke"]))  # default: as before
+    assert runtime_of(cfg).nan_restarts == 1
+    assert runtime_of(load_config("table2", ["profile=smoke"])).nan_restarts == 0  # default: no restart
     with pytest.raises(ConfigError, match="nan_restarts"):
         load_config("table2", ["profile=smoke", "run.nan_restarts=-1"])
 

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import harness.train as train_mod
-from harness.train import Runtime, Schedule, fit, lr_at
+from harness.spec import Schedule
+from harness.train import Runtime, fit, lr_at
 
 # ---------------------------------------------------------------------------------------------------------------
 # learning-rate schedule
@@ -32,8 +33,8 @@ def official_lr_sequence(epochs, warmup, lr, min_lr, steps_per_epoch, accum):
     return out
 
 
-def harness_lr_sequence(sched, lr, steps_per_epoch):
-    return [lr_at(sched, lr, epoch, step, steps_per_epoch)
+def harness_lr_sequence(sched, lr, steps_per_epoch, placement="official"):
+    return [lr_at(sched, lr, epoch, step, steps_per_epoch, placement)
             for epoch in range(sched.epochs) for step in range(steps_per_epoch) if step % sched.accum_iter == 0]
 
 
@@ -55,9 +56,8 @@ def timm_lr_sequence(sched, lr, steps_per_epoch):
     return out
 
 
-def schedule(epochs=5, warmup=2, accum=1, min_lr=0.0, placement="official"):
-    return Schedule(epochs=epochs, warmup_epochs=warmup, batch_size=2, accum_iter=accum, blr=1e-3, min_lr=min_lr,
-                    lr_placement=placement)
+def schedule(epochs=5, warmup=2, accum=1, min_lr=0.0):
+    return Schedule(epochs=epochs, warmup_epochs=warmup, batch_size=2, accum_iter=accum, blr=1e-3, min_lr=min_lr)
 
 
 @pytest.mark.parametrize("epochs,warmup,steps,min_lr", [(5, 2, 7, 0.0), (4, 1, 8, 1e-6), (3, 0.5, 8, 0.0),
@@ -81,17 +81,17 @@ def test_lr_with_accumulation_follows_the_official_placement():
     assert len(ours) == len(ref) == 12
     assert ours == ref  # bit for bit
     assert ours[:3] == pytest.approx([0.0, 2.4e-3 * 0.4, 2.4e-3 * 0.8], rel=1e-12)
-    old = harness_lr_sequence(schedule(4, 1, 4, 1e-6, "updates"), 2.4e-3, 10)
+    old = harness_lr_sequence(schedule(4, 1, 4, 1e-6), 2.4e-3, 10, "updates")
     assert old[:3] == pytest.approx([0.0, 2.4e-3 * 0.5, 2.4e-3 * 1.0], rel=1e-12)  # k / 2: a different curve
     assert old != pytest.approx(ours)
 
 
 def test_lr_placements_agree_when_accum_divides_the_epoch():
     a = harness_lr_sequence(schedule(5, 2, 4), 1e-3, 12)
-    b = harness_lr_sequence(schedule(5, 2, 4, placement="updates"), 1e-3, 12)
+    b = harness_lr_sequence(schedule(5, 2, 4), 1e-3, 12, "updates")
     assert a == pytest.approx(b, rel=1e-12, abs=1e-18)
-    with pytest.raises(ValueError, match="lr_placement"):
-        lr_at(schedule(placement="per_epoch"), 1e-3, 0, 0, 10)
+    with pytest.raises(ValueError, match="lr placement"):
+        lr_at(schedule(), 1e-3, 0, 0, 10, "per_epoch")
 
 
 class _RecordingAdamW(torch.optim.AdamW):

@@ -33,7 +33,7 @@ def test_shared_stages_run_once(tmp_path):
     assert kd_ft.inputs["kd_teacher"] == cells["kd_finetuned_teacher"].teacher["finetuned"]
     dmae_pt = plan.stages[cells["dmae_95"].pretrain]
     assert dmae_pt.inputs["teacher"] == cells["dmae_95"].teacher["pretrained"]
-    assert dmae_pt.spec["pretrain"]["mask_ratio"] == 0.95
+    assert dmae_pt.spec.pretrain.mask_ratio == 0.95
 
 
 def test_graph_order_puts_inputs_first(tmp_path):
@@ -109,7 +109,7 @@ def test_paper_profile_requires_data_and_checkpoints():
     assert cfg.pretrain.batch_size * cfg.pretrain.accum_iter * cfg.launcher.gpus_per_node == 4096
     plan = build_plan(cfg)
     assert not [s for s in plan.stages.values() if s.role.startswith("teacher")]
-    assert {str(s.spec["distill"]["pairs"]) for s in plan.stages.values() if s.spec.get("objective") == "dmae"} == \
+    assert {str(s.spec.distill.pairs) for s in plan.stages.values() if getattr(s.spec, "objective", "") == "dmae"} == \
         {"[[8, 17]]"}
     assert {s.inputs.get("teacher") for s in plan.stages.values() if s.role == "student-pretrain"} >= {"file:/a"}
 

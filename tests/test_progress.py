@@ -8,13 +8,13 @@ import torch
 from harness.run.launch import Progress, results_table, stage_epochs
 from harness.rundir import epochs_logged
 from harness.plan import Cell, Plan, Stage
+from harness.spec import STAGE_SPECS, EvaluateStage, FinetuneSpec, FinetuneStage, PretrainSpec, PretrainStage
 from harness.stages import run_stage
 
 
 def _stage(sid, kind, role, epochs=None, cells=()):
-    spec = {"kind": kind, "name": sid}
-    if epochs is not None:
-        spec[kind] = {"epochs": epochs}
+    section = {"pretrain": PretrainSpec, "finetune": FinetuneSpec}
+    spec = STAGE_SPECS[kind](name=sid, **({kind: section[kind](epochs=epochs)} if epochs is not None else {}))
     return Stage(sid, kind, role, spec, {}, list(cells))
 
 
@@ -44,8 +44,9 @@ def test_epoch_count_from_log(tmp_path):
     with open(tmp_path / "log.jsonl", "a") as f:
         f.write('{"epoch": 4, "lo')  # a line being written: not an epoch yet
     assert epochs_logged(tmp_path) == 3
-    assert stage_epochs({"kind": "finetune", "finetune": {"epochs": 7}}) == 7
-    assert stage_epochs({"kind": "evaluate"}) is None
+    assert stage_epochs(FinetuneStage(finetune=FinetuneSpec(epochs=7))) == 7
+    assert stage_epochs(PretrainStage(pretrain=PretrainSpec(epochs=3))) == 3
+    assert stage_epochs(EvaluateStage()) is None
 
 
 def test_poll_prints_epoch_lines_on_change_with_eta(tmp_path, capsys):

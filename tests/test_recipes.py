@@ -32,15 +32,15 @@ def test_paper_profile_resolves_sizes_and_alignment(tmp_path):
     plan = build_plan(load_config("student_size", PAPER + [f"results_root={tmp_path}"]))
     dmae = {c.row: plan.stages[c.pretrain] for c in plan.cells if c.method == "dmae"}
     s = dmae["dmae_b_to_s"].spec
-    assert s["model"]["preset"] == "vit_small" and s["teacher_model"]["preset"] == "vit_base"
-    assert s["distill"]["pairs"] == [[8, 8]]  # 3/4 depth of two 12-block ViTs
+    assert s.model.preset == "vit_small" and s.teacher_model.preset == "vit_base"
+    assert s.distill.pairs == [[8, 8]]  # 3/4 depth of two 12-block ViTs
     assert dmae["dmae_b_to_s"].inputs["teacher"] == "file:/ckpt/mae_visualize_vit_base.pth"
     plan = build_plan(load_config("aligned_layer", PAPER + [f"results_root={tmp_path}"]))
-    pairs = {c.row: plan.stages[c.pretrain].spec["distill"]["pairs"] for c in plan.cells if c.method == "dmae"}
+    pairs = {c.row: plan.stages[c.pretrain].spec.distill.pairs for c in plan.cells if c.method == "dmae"}
     assert pairs == {"align_half": [[5, 11]], "align_three_quarters": [[8, 17]], "align_last": [[11, 23]],
                      "align_multi": [[5, 11], [8, 17], [11, 23]]}
     plan = build_plan(load_config("schedule", PAPER + [f"results_root={tmp_path}"]))
-    epochs = {c.row: plan.stages[c.pretrain].spec["pretrain"]["epochs"] for c in plan.cells}
+    epochs = {c.row: plan.stages[c.pretrain].spec.pretrain.epochs for c in plan.cells}
     assert epochs == {"dmae_25": 25, "dmae_50": 50, "dmae_100": 100, "mae_25": 25, "mae_100": 100}
 
 

@@ -108,7 +108,7 @@ def fake_tree(tmp_path: Path, top1, table: str = "table2", seeds: int = 3, val=N
     val = val or (lambda row, seed: [40.0, 44.0, 44.2])
     base = {"status": "done", "wall_s": 1.0, "device_hours": 1 / 3600, "images_per_s": 100.0, "device": "cpu",
             "device_name": "x86_64", "world_size": 1, "host": "test", "git_commit": "abc1234"}
-    stages = {sid: (st.kind, st.role, st.cells, st.spec["name"]) for sid, st in plan.stages.items()}
+    stages = {sid: (st.kind, st.role, st.cells, st.spec.name) for sid, st in plan.stages.items()}
     manifest = json.loads((plan.root / "manifest.json").read_text())
     ft = next((sid for sid, (_, role, _, _) in stages.items() if role == "teacher-finetune"), None)
     if ft and not any(role == "teacher-evaluate" for _, role, _, _ in stages.values()):

@@ -8,6 +8,7 @@ from harness.config import load_config
 from harness.plan import build_plan
 from harness.run.cli import main, run_table
 from harness.run.preflight import PreflightError
+from harness.spec import spec_dict
 
 
 def _results(root):
@@ -27,7 +28,7 @@ def test_smoke_table_local_launcher_then_rerun_does_nothing(tmp_path, capsys):
     assert (plan.root / "manifest.json").exists() and (plan.root / "config.yaml").exists()
     # each stage directory holds the merged config it ran with
     spec = json.loads((plan.dir(plan.cells[0].pretrain) / "config.json").read_text())["spec"]
-    assert spec == plan.stages[plan.cells[0].pretrain].spec
+    assert spec == spec_dict(plan.stages[plan.cells[0].pretrain].spec)
     capsys.readouterr()
     assert run_table("table2", args) == 0
     out = capsys.readouterr().out

@@ -7,6 +7,7 @@ import pytest
 
 from harness.config import load_config
 from harness.plan import build_plan
+from harness.spec import spec_dict
 from harness.run.cli import run_table
 
 
@@ -26,7 +27,7 @@ def test_scripts_chain_stages_with_dependencies(tmp_path, monkeypatch):
         assert "#SBATCH --constraint=a100" in script
         assert f"-m harness.stages {plan.dir(sid)}" in script
         cfg = json.loads((plan.dir(sid) / "config.json").read_text())
-        assert cfg["spec"] == stage.spec and cfg["inputs"] == plan.input_paths(stage)
+        assert cfg["spec"] == spec_dict(stage.spec) and cfg["inputs"] == plan.input_paths(stage)
         line = next(x for x in submit.splitlines() if x.startswith(f"JOB[{sid}]="))
         for dep in plan.deps(stage):
             assert f"${{JOB[{dep}]}}" in line

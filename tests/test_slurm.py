@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from harness.checkpoints import safe_load, state_dict_of
-from harness.config import load_config
-from harness.run.launch import _job, _runtime, slurm_executor
+from harness.config import load_config, runtime_of
+from harness.run.launch import _job, slurm_executor
 from harness.plan import build_plan
 from harness.run.cli import run_table
 from harness.run.preflight import PreflightError
@@ -70,7 +70,7 @@ def test_interrupted_stage_requeues_and_resumes_identically(slurm_cluster, tmp_p
 
     ref_dir = tmp_path / "reference"
     # the job's own runtime (the smoke profile's thread count): 1 and 2 threads differ in the last bits
-    ref = run_stage(stage.spec, ref_dir, plan.input_paths(stage), _runtime(cfg), stage.id)
+    ref = run_stage(stage.spec, ref_dir, plan.input_paths(stage), runtime_of(cfg), stage.id)
     assert ref["resumed_from_epoch"] == 0 and ref["final_loss"] == result["final_loss"]
     a = state_dict_of(safe_load(run_dir / "model.pth"))
     b = state_dict_of(safe_load(ref_dir / "model.pth"))

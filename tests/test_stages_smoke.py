@@ -149,12 +149,13 @@ def test_smoke_pipeline(tmp_path, monkeypatch):
     assert all(_finite(r["loss_kd"]) and _finite(r["loss_ce"]) for r in rows)
     # the evaluation stage reads the test split; the saved model reproduces the fine-tune's last validation numbers
     from harness.data import Aug, DataSpec, build_dataset
+    from harness.spec import ModelConfig
     from harness.train import evaluate_classifier, setup_runtime
     val_ds, _ = build_dataset(DataSpec(**DATA), "val", Aug("eval", DATA["img_size"]))
     for ev, ft in (("eval_dmae", "ft_dmae"), ("eval_kd", "ft_kd")):
         res = runs[ev][1]
         assert res["n_eval"] == 128 and res["split"] == "test" and 0.0 <= res["top1"] <= 100.0
-        model = stages_mod.load_classifier(runs[ft][0] / "model.pth", STUDENT, DATA["img_size"], 10)
+        model = stages_mod.load_classifier(runs[ft][0] / "model.pth", ModelConfig(**STUDENT), DATA["img_size"], 10)
         again = evaluate_classifier(model, val_ds, 64, setup_runtime(**RUNTIME))
         assert again["top1"] == runs[ft][1]["last_val_top1"] and again["top5"] == runs[ft][1]["last_val_top5"]
 

@@ -3,14 +3,14 @@ pipelines of a profile, read from the table2 recipe at that profile. Standard li
 harness.estimate imports it for --dry-run without importing torch."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
-from ..arch import get_arch
-from ..config import (ConfigError, DistillConfig, FinetuneConfig, KDConfig, PretrainConfig, load_config,
-                      resolve_pairs)
+from ..arch import get_arch, num_visible
+from ..config import ConfigError, load_config, resolve_pairs
+from ..spec import DistillSpec, FinetuneSpec, KDConfig, ModelConfig, PretrainSpec
 
 TRAIN_KINDS = ("mae", "dmae", "finetune", "finetune_kd")
 QUICK_SHAPES = ("tiny", "smoke")
@@ -39,19 +39,18 @@ class StepSpec:
     smoothing: float = 0.0
     # the optimizer and loss settings of the profile's stages (harness.build makes both from them); the defaults,
     # for specs from elsewhere (the estimator), are the config's
-    weight_decay: float = PretrainConfig.weight_decay  # profile_steps sets each kind's own
-    layer_decay: float = FinetuneConfig.layer_decay  # fine-tuning kinds
+    weight_decay: float = PretrainSpec.weight_decay  # profile_steps sets each kind's own
+    layer_decay: float = FinetuneSpec.layer_decay  # fine-tuning kinds
     betas: Tuple[float, ...] = ()  # () = the config's default of the kind
     distill: Tuple[Tuple[str, object], ...] = ()  # dmae: alpha, pixel_weight, distance, normalize, include_cls, ...
     kd: Tuple[object, ...] = (KDConfig.kind, KDConfig.weight, KDConfig.temperature)  # finetune_kd
-    norm_pix_loss: bool = PretrainConfig.norm_pix_loss  # mae / dmae
+    norm_pix_loss: bool = PretrainSpec.norm_pix_loss  # mae / dmae
 
     @property
     def trains(self) -> bool:
         return self.kind in TRAIN_KINDS
 
     def visible(self) -> int:
-        from ..models import num_visible  # harness.models imports torch; this module stays free of it
         n = (self.img_size // self.patch_size) ** 2
         return num_visible(n, self.mask_ratio, self.visible_rounding) if self.kind in ("mae", "dmae") else n
 
@@ -66,7 +65,7 @@ class StepSpec:
     @property
     def projection(self) -> str:
         """dmae: the student-to-teacher projection heads (linear | mlp); '' for the other kinds."""
-        return str(dict(self.distill).get("projection", DistillConfig.projection)) if self.kind == "dmae" else ""
+        return str(dict(self.distill).get("projection", DistillSpec.projection)) if self.kind == "dmae" else ""
 
     def match_key(self) -> tuple:
         """What must agree for a measured per-image cost to apply as it is (batch and regularisers aside): the
@@ -89,43 +88,45 @@ class StepSpec:
 
 
 # the distill settings a DMAE step carries (StepSpec.distill), as harness.build and the stages read them
-DISTILL_FIELDS = {"alpha": float, "pixel_weight": float, "distance": str, "normalize": bool, "include_cls": bool,
-                  "projection": str}
+DISTILL_FIELDS = ("alpha", "pixel_weight", "distance", "normalize", "include_cls", "projection")
 
 
-def step_spec(kind: str, model: dict, img_size: int, batch: int, num_classes: int, *,
-              pretrain: Optional[dict] = None, finetune: Optional[dict] = None, distill: Optional[dict] = None,
-              kd: Optional[dict] = None, teacher: Optional[dict] = None) -> StepSpec:
+def step_spec(kind: str, model: ModelConfig, img_size: int, batch: int, num_classes: int, *,
+              pretrain: Optional[PretrainSpec] = None, finetune: Optional[FinetuneSpec] = None,
+              distill: Optional[DistillSpec] = None, kd: Optional[KDConfig] = None,
+              teacher: Optional[ModelConfig] = None) -> StepSpec:
     """The step of `kind` that a stage with these spec sections runs, with every setting of them the step depends
     on (what harness.build and the stages make its models, objective and optimizer from). The benchmark's profile
     steps and harness.estimate's stage steps both come from here, so the two cannot drift apart.
 
-    model, teacher: {preset, patch_size}; pretrain (mae, dmae), distill (dmae: pairs resolved, as in a stage spec),
-    finetune (finetune, finetune_kd) and kd (finetune_kd): the stage spec's sections of those names."""
-    base = dict(model=str(model["preset"]), patch_size=int(model["patch_size"]), img_size=int(img_size),
-                batch=int(batch), num_classes=int(num_classes))
+    model, teacher: the stage's models; pretrain (mae, dmae), distill (dmae: pairs resolved), finetune (finetune,
+    finetune_kd) and kd (finetune_kd): the stage spec's sections of those names (harness.spec)."""
+    if kind not in TRAIN_KINDS + ("eval",):
+        raise ValueError(f"step kind must be one of {TRAIN_KINDS + ('eval',)}, got {kind!r}")
+    base = dict(model=model.preset, patch_size=model.patch_size, img_size=int(img_size), batch=int(batch),
+                num_classes=int(num_classes))
     if kind in ("mae", "dmae"):
         p = pretrain
-        base.update(mask_ratio=float(p["mask_ratio"]),
-                    visible_rounding=str(p.get("visible_rounding", PretrainConfig.visible_rounding)),
-                    weight_decay=float(p["weight_decay"]), betas=tuple(float(b) for b in p["betas"]),
-                    norm_pix_loss=bool(p.get("norm_pix_loss", PretrainConfig.norm_pix_loss)))
+        base.update(mask_ratio=p.mask_ratio, visible_rounding=p.visible_rounding, weight_decay=p.weight_decay,
+                    betas=tuple(p.betas), norm_pix_loss=p.norm_pix_loss)
         if kind == "dmae":
-            base.update(teacher=str(teacher["preset"]), teacher_patch=int(teacher["patch_size"]),
-                        teacher_mode=str(distill["teacher_mode"]),
-                        pairs=tuple(tuple(int(x) for x in pr) for pr in distill["pairs"]),
-                        distill=tuple((k, conv(distill[k])) for k, conv in DISTILL_FIELDS.items()))
+            base.update(teacher=teacher.preset, teacher_patch=teacher.patch_size, teacher_mode=distill.teacher_mode,
+                        pairs=tuple(tuple(pr) for pr in distill.pairs),
+                        distill=tuple((k, getattr(distill, k)) for k in DISTILL_FIELDS))
     elif kind in ("finetune", "finetune_kd"):
         f = finetune
-        base.update(drop_path=float(f["drop_path"]), mixup=float(f["mixup"]), cutmix=float(f["cutmix"]),
-                    smoothing=float(f["smoothing"]), weight_decay=float(f["weight_decay"]),
-                    layer_decay=float(f["layer_decay"]), betas=tuple(float(b) for b in f["betas"]))
+        base.update(drop_path=f.drop_path, mixup=f.mixup, cutmix=f.cutmix, smoothing=f.smoothing,
+                    weight_decay=f.weight_decay, layer_decay=f.layer_decay, betas=tuple(f.betas))
         if kind == "finetune_kd":
-            base.update(teacher=str(teacher["preset"]), teacher_patch=int(teacher["patch_size"]),
-                        kd=(str(kd["kind"]), float(kd["weight"]), float(kd["temperature"])))
-    elif kind != "eval":
-        raise ValueError(f"step kind must be one of {TRAIN_KINDS + ('eval',)}, got {kind!r}")
+            base.update(teacher=teacher.preset, teacher_patch=teacher.patch_size,
+                        kd=(kd.kind, kd.weight, kd.temperature))
     return StepSpec(kind, **base)
+
+
+def _section(cls, d: dict):
+    """A stage spec section (harness.spec) from the table config's section of that name, less its config-only keys
+    (effective_batch, epoch_scale, align, teacher_source: resolved away before a stage sees them)."""
+    return cls(**{f.name: d[f.name] for f in fields(cls)})
 
 
 def _mask_tag(r: float) -> str:
@@ -158,31 +159,32 @@ def profile_steps(profile: str, batch: Optional[int] = None, device_type: str = 
 
     def bs(profile_batch) -> int:
         return batch or min(int(profile_batch), batch_cap or int(profile_batch))
-    st, te = c["student"], c["teacher"]
-    tm = te["model"]
-    pre, fin, kd = c["pretrain"], c["finetune"], c["kd"]
-    dis = dict(c["distill"], teacher_mode="partial",
-               pairs=resolve_pairs(c["distill"], get_arch(st["preset"]).depth, get_arch(tm["preset"]).depth))
-    masks = sorted({float(pre["mask_ratio"])} | {float(r.get("pretrain", {}).get("mask_ratio", pre["mask_ratio"]))
-                                                 for r in c["rows"].values() if r.get("method") == "dmae"})
+    te = c["teacher"]
+    st, tm = _section(ModelConfig, c["student"]), _section(ModelConfig, te["model"])
+    pre, fin, kd = _section(PretrainSpec, c["pretrain"]), _section(FinetuneSpec, c["finetune"]), \
+        _section(KDConfig, c["kd"])
+    dis = _section(DistillSpec, dict(c["distill"], teacher_mode="partial", pairs=resolve_pairs(
+        c["distill"], get_arch(st.preset).depth, get_arch(tm.preset).depth)))
+    masks = sorted({pre.mask_ratio} | {float(r.get("pretrain", {}).get("mask_ratio", pre.mask_ratio))
+                                       for r in c["rows"].values() if r.get("method") == "dmae"})
 
-    def step(kind: str, model: dict, profile_batch, **sections) -> StepSpec:
+    def step(kind: str, model: ModelConfig, profile_batch, **sections) -> StepSpec:
         return step_spec(kind, model, img, bs(profile_batch), n_cls, **sections)
-    mae = step("mae", st, pre["batch_size"], pretrain=pre)
-    dmae = step("dmae", st, pre["batch_size"], pretrain=pre, distill=dis, teacher=tm)
+    mae = step("mae", st, pre.batch_size, pretrain=pre)
+    dmae = step("dmae", st, pre.batch_size, pretrain=pre, distill=dis, teacher=tm)
     steps = [(f"mae_{_mask_tag(mae.mask_ratio)}", mae),
              (f"dmae_partial_{_mask_tag(mae.mask_ratio)}", dmae),
              (f"dmae_full_{_mask_tag(mae.mask_ratio)}", replace(dmae, teacher_mode="full"))]
     steps += [(f"dmae_partial_{_mask_tag(m)}", replace(dmae, mask_ratio=m)) for m in masks if m != mae.mask_ratio]
-    steps += [("finetune", step("finetune", st, fin["batch_size"], finetune=fin)),
-              ("finetune_kd", step("finetune_kd", st, fin["batch_size"], finetune=fin, kd=kd, teacher=tm)),
-              ("eval", step("eval", st, fin["eval_batch_size"]))]
+    steps += [("finetune", step("finetune", st, fin.batch_size, finetune=fin)),
+              ("finetune_kd", step("finetune_kd", st, fin.batch_size, finetune=fin, kd=kd, teacher=tm)),
+              ("eval", step("eval", st, fin.eval_batch_size))]
     if te.get("train", True):  # the profile pre-trains and fine-tunes its teacher: measure those steps too
-        tp, tf = te["pretrain"], te["finetune"]
-        tmae = step("mae", tm, tp["batch_size"], pretrain=tp)
+        tp, tf = _section(PretrainSpec, te["pretrain"]), _section(FinetuneSpec, te["finetune"])
+        tmae = step("mae", tm, tp.batch_size, pretrain=tp)
         steps += [(f"teacher_mae_{_mask_tag(tmae.mask_ratio)}", tmae),
-                  ("teacher_finetune", step("finetune", tm, tf["batch_size"], finetune=tf)),
-                  ("teacher_eval", step("eval", tm, tf["eval_batch_size"]))]
+                  ("teacher_finetune", step("finetune", tm, tf.batch_size, finetune=tf)),
+                  ("teacher_eval", step("eval", tm, tf.eval_batch_size))]
     return steps
 
 

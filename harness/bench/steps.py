@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .. import build
-from ..config import DistillConfig, FinetuneConfig, PretrainConfig
+from ..spec import DistillSpec, FinetuneSpec, KDConfig, PretrainSpec
 from ..models import build_classifier, build_mae, get_arch
 from .spec import StepSpec
 
@@ -36,7 +36,7 @@ class Pool:
 
 
 def _student_mae(pool: Pool, s: StepSpec, distill_dims: Sequence[int]):
-    projection = dict(s.distill).get("projection", DistillConfig.projection)
+    projection = dict(s.distill).get("projection", DistillSpec.projection)
 
     def make():
         torch.manual_seed(0)
@@ -69,10 +69,10 @@ def _optimizer(pool: Pool, model: nn.Module, s: StepSpec, impl: str = "default")
     def make():
         if s.kind in ("mae", "dmae"):
             groups = build.pretrain_param_groups(model, s.weight_decay)
-            betas = s.betas or PretrainConfig().betas
+            betas = s.betas or PretrainSpec().betas
         else:
             groups = build.finetune_param_groups(model, s.weight_decay, s.layer_decay)
-            betas = s.betas or FinetuneConfig().betas
+            betas = s.betas or FinetuneSpec().betas
         return build.optimizer(groups, 1e-5, betas, impl)
     return pool.get(("opt", id(model), impl), make)
 
@@ -81,12 +81,13 @@ def _objective(pool: Pool, s: StepSpec, teacher: Optional[nn.Module]):
     """The objective the stages build (harness.build) from the profile's settings."""
     def make():
         if s.kind in ("mae", "dmae"):
-            p = dict(mask_ratio=s.mask_ratio, visible_rounding=s.visible_rounding, norm_pix_loss=s.norm_pix_loss)
-            d = {**asdict(DistillConfig()), **dict(s.distill), "teacher_mode": s.teacher_mode} \
-                if s.kind == "dmae" else None  # a spec from elsewhere (the estimator) has the config's defaults
+            p = PretrainSpec(mask_ratio=s.mask_ratio, visible_rounding=s.visible_rounding,
+                             norm_pix_loss=s.norm_pix_loss)
+            d = DistillSpec(**dict(s.distill), teacher_mode=s.teacher_mode) \
+                if s.kind == "dmae" else None  # a spec from elsewhere (the estimator) has the stage defaults
             return build.pretrain_objective(s.kind, p, d, teacher, s.pairs)
-        f = dict(mixup=s.mixup, cutmix=s.cutmix, smoothing=s.smoothing)
-        kd = dict(zip(("kind", "weight", "temperature"), s.kd)) if s.kind == "finetune_kd" else None
+        f = FinetuneSpec(mixup=s.mixup, cutmix=s.cutmix, smoothing=s.smoothing)
+        kd = KDConfig(*s.kd) if s.kind == "finetune_kd" else None
         return build.finetune_objective(s.num_classes, f, kd, teacher)
     return pool.get(("objective", s, id(teacher)), make)
 

@@ -74,14 +74,14 @@ def run_plan(cfg: "DictConfig", plan: "Plan", overrides: Sequence[str], dry_run:
         print("inputs checked: a real run would start now")
         return 0
     # local: submitit, torch; looked up per call (tests replace harness.run.launch.execute)
-    from .launch import _runtime, execute
+    from .launch import execute
     with driver_lock(plan.root):  # before the manifest: a second driver on this root changes nothing
         write_manifest(plan, cfg, command, list(overrides))
         print(f"{table} ({cfg.profile}): {len(plan.stages)} stages, launcher={cfg.launcher.name}, results in "
               f"{plan.root}", flush=True)
         if cfg.launcher.write_sbatch:
             from .sbatch import write_sbatch  # local: torch; only with launcher.write_sbatch
-            path = write_sbatch(plan, cfg, _runtime(cfg))
+            path = write_sbatch(plan, cfg)
             print(f"wrote sbatch scripts; submit them with: bash {path}\n"
                   f"then, when the jobs are done: python -m harness.report {table} --profile {cfg.profile}")
             return 0

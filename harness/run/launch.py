@@ -30,11 +30,12 @@ import submitit
 from omegaconf import DictConfig, OmegaConf
 
 from . import dispatch
-from ..config import tasks_per_node, world_size
+from ..config import runtime_of, tasks_per_node, world_size
 from ..estimate import estimate_plan
 from ..plan import Plan, Stage
 from ..rundir import (ERROR_FILE, JOB_FILE, RESULT_FILE, StageLocked, epochs_logged, lock_holder, read_log,
                      write_json)
+from ..spec import AnySpec, Schedule, StageRuntime
 from ..stages import run_stage
 
 LOCKED = "locked"  # a job's result when a stage of it was found running in another process
@@ -73,7 +74,7 @@ class StageJob(submitit.helpers.Checkpointable):
     evaluation queued as its own multi-GPU job). checkpoint() (inherited) resubmits the same callable; a finished
     stage returns its stored result at once and an unfinished one resumes from its checkpoint-last, so a requeued job
     loses at most the epoch it was in."""
-    def __init__(self, stage_id: str, spec: dict, run_dir: str, inputs: Dict[str, str], runtime: dict,
+    def __init__(self, stage_id: str, spec: AnySpec, run_dir: str, inputs: Dict[str, str], runtime: StageRuntime,
                  distributed: bool = False, then: Optional[List[tuple]] = None):
         self.stage_id, self.spec, self.run_dir = stage_id, spec, run_dir
         self.inputs, self.runtime, self.distributed = inputs, runtime, distributed
@@ -93,18 +94,8 @@ class StageJob(submitit.helpers.Checkpointable):
         return result
 
 
-def _runtime(cfg: DictConfig) -> dict:
-    r = cfg.run
-    out = dict(device=r.device, amp=r.amp, threads=r.threads, log_every=r.log_every, num_workers=r.num_workers)
-    if r.get("nan_restarts"):
-        out["nan_restarts"] = r.nan_restarts
-    if r.get("keep_checkpoints"):
-        out["keep_checkpoints"] = True
-    return out
-
-
 def _job(plan: Plan, stage: Stage, cfg: DictConfig, distributed: bool, then: Sequence[Stage] = ()) -> StageJob:
-    return StageJob(stage.id, stage.spec, str(plan.dir(stage.id)), plan.input_paths(stage), _runtime(cfg),
+    return StageJob(stage.id, stage.spec, str(plan.dir(stage.id)), plan.input_paths(stage), runtime_of(cfg),
                     distributed, [(t.id, t.spec, str(plan.dir(t.id)), plan.input_paths(t)) for t in then])
 
 
@@ -182,7 +173,7 @@ class Progress:
             return est * max(0, n - k) / left0
         if n is None:  # an evaluation: short next to training
             return 0.0
-        times = seen.get(spec["kind"])
+        times = seen.get(spec.kind)
         return None if not times else sum(times) / len(times) * max(0, n - k)
 
     def eta_s(self, parallel: int = 1) -> Optional[float]:
@@ -223,12 +214,10 @@ def epoch_times(run_dir: Path) -> List[float]:
     return [float(r["epoch_s"]) for r in read_log(run_dir) if isinstance(r.get("epoch_s"), (int, float))]
 
 
-def stage_epochs(spec: dict) -> Optional[int]:
+def stage_epochs(spec: AnySpec) -> Optional[int]:
     """The configured epochs of a training stage (None for an evaluation)."""
-    section = spec.get(spec.get("kind", ""))
-    if isinstance(section, dict) and section.get("epochs") is not None:
-        return int(section["epochs"])
-    return None
+    section = getattr(spec, spec.kind, None)
+    return section.epochs if isinstance(section, Schedule) else None
 
 
 def _top1(plan: Plan, sid: Optional[str]) -> str:
@@ -391,7 +380,7 @@ def _run_in_process(plan: Plan, cfg: DictConfig) -> Dict[str, str]:
             continue
         prog.set(sid, "running")
         try:
-            run_stage(stage.spec, plan.dir(sid), plan.input_paths(stage), _runtime(cfg), sid)
+            run_stage(stage.spec, plan.dir(sid), plan.input_paths(stage), runtime_of(cfg), sid)
             prog.set(sid, "done")
         except Exception as e:  # reported; independent stages go on
             prog.set(sid, "failed", f"{type(e).__name__}: {e}")

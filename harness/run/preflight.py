@@ -40,11 +40,12 @@ def check_inputs(plan: Plan, cfg: DictConfig) -> None:
             path = ref[len("file:"):]
             try:
                 if role == "kd_teacher":
-                    load_classifier(path, stage.spec["teacher_model"], cfg.data.img_size,
+                    load_classifier(path, stage.spec.teacher_model, cfg.data.img_size,
                                     num_classes_of(DataSpec(**cfg.data)))
                 else:
-                    load_teacher_encoder(path, stage.spec["teacher_model"], cfg.data.img_size,
-                                         with_decoder=stage.spec.get("distill", {}).get("teacher_mode") == "full")
+                    distill = getattr(stage.spec, "distill", None)
+                    load_teacher_encoder(path, stage.spec.teacher_model, cfg.data.img_size,
+                                         with_decoder=distill is not None and distill.teacher_mode == "full")
             except CheckpointError as e:
                 problems.append(f"{role} checkpoint for {stage.id}: {e}")
     if problems:

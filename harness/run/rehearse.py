@@ -30,6 +30,7 @@ from ..config import load_config, world_size
 from ..estimate import dataset_sizes
 from ..plan import Plan, build_plan
 from ..rundir import RESULT_FILE, write_text_atomic
+from ..spec import DataConfig, ModelConfig, spec_dict
 
 REHEARSAL = "rehearsal"
 TEST_IMAGES = 8  # per rank: the evaluation stages and the per-epoch validation read this many images each
@@ -102,9 +103,8 @@ def prepare_inputs(todo: dict, plan: "Plan") -> List[str]:
             path = Path(ref[len("file:"):]) if ref.startswith("file:") else None
             if path is None or path.parent != ckpt_dir or path.exists():
                 continue
-            arch = stage.spec["teacher_model"]
-            notes.append(write_random_checkpoint(path, arch, int(stage.spec["data"]["img_size"]),
-                                                 finetuned="finetuned" in path.name, data=stage.spec["data"]))
+            notes.append(write_random_checkpoint(path, stage.spec.teacher_model, stage.spec.data,
+                                                 finetuned="finetuned" in path.name))
     return notes
 
 
@@ -134,7 +134,7 @@ def write_imagefolder(folder: Path, n_train: int, n_test: int, size: int) -> str
     return f"ImageFolder {folder}: Fashion-MNIST at {size} px, {n_train}+ train / {n_test}+ val images, 10 classes"
 
 
-def write_random_checkpoint(path: Path, arch_cfg: dict, img_size: int, finetuned: bool, data: dict) -> str:
+def write_random_checkpoint(path: Path, arch_cfg: ModelConfig, data: DataConfig, finetuned: bool) -> str:
     """An official-format checkpoint of the architecture with random weights (timm's initialisation)."""
     # local: torch; composing and reporting a rehearsal stay torch-free
     import torch
@@ -142,16 +142,16 @@ def write_random_checkpoint(path: Path, arch_cfg: dict, img_size: int, finetuned
     from ..checkpoints import atomic_save
     from ..data import DataSpec, num_classes_of
     from ..models import build_classifier, build_mae
-    arch = get_arch(arch_cfg["preset"])
+    arch = get_arch(arch_cfg.preset)
     torch.manual_seed(0)
     if finetuned:
-        model = build_classifier(arch, num_classes_of(DataSpec(**data)), img_size, int(arch_cfg["patch_size"]))
+        model = build_classifier(arch, num_classes_of(DataSpec(**spec_dict(data))), data.img_size, arch_cfg.patch_size)
     else:
-        model = build_mae(arch, img_size, int(arch_cfg["patch_size"]))
+        model = build_mae(arch, data.img_size, arch_cfg.patch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save({"model": model.state_dict()}, path)
     kind = "fine-tuned classifier" if finetuned else "MAE with decoder (mae_visualize layout)"
-    return f"random-weight {arch_cfg['preset']}/{arch_cfg['patch_size']} {kind}: {path}"
+    return f"random-weight {arch_cfg.preset}/{arch_cfg.patch_size} {kind}: {path}"
 
 
 def _match(full: "Plan", rehearsal: "Plan") -> Dict[str, str]:
@@ -209,8 +209,8 @@ def write_report(path: Path, full_cfg: "DictConfig", full: "Plan", rehearsal: "P
             seconds = n_test / max(r.get("images_per_s") or 0.0, 1e-9)
             how = f"{n_test:,} test images at {r.get('images_per_s', 0):.1f} images/s"
         else:
-            sec = st.spec["pretrain" if st.kind == "pretrain" else "finetune"]
-            bs, epochs = int(sec["batch_size"]), int(sec["epochs"])
+            sec = st.spec.pretrain if st.kind == "pretrain" else st.spec.finetune
+            bs, epochs = sec.batch_size, sec.epochs
             steps = n_train // (bs * world) * epochs
             per_image = r["step_s"] / max(1, int(r.get("batch_per_device") or bs))
             seconds = steps * bs * per_image

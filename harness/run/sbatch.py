@@ -20,9 +20,10 @@ from typing import List
 
 from omegaconf import DictConfig
 
-from ..config import tasks_per_node
+from ..config import runtime_of, tasks_per_node
 from ..plan import Plan
 from ..rundir import write_stage_config
+from ..spec import spec_dict
 from .launch import code_snapshot, snapshot_wanted
 
 
@@ -45,8 +46,9 @@ def _directives(cfg: DictConfig, stage_id: str, log_dir: Path) -> List[str]:
     return [f"#SBATCH {shlex.quote(x)}" for x in lines]
 
 
-def write_sbatch(plan: Plan, cfg: DictConfig, runtime: dict) -> Path:
+def write_sbatch(plan: Plan, cfg: DictConfig) -> Path:
     """Write one sbatch script per unfinished stage and submit_all.sh; returns the latter's path."""
+    runtime = spec_dict(runtime_of(cfg))
     out = plan.root / "sbatch"
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -63,7 +65,7 @@ def write_sbatch(plan: Plan, cfg: DictConfig, runtime: dict) -> Path:
             continue
         run_dir = plan.dir(sid)
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_stage_config(run_dir, sid, stage.spec, plan.input_paths(stage), runtime)
+        write_stage_config(run_dir, sid, spec_dict(stage.spec), plan.input_paths(stage), runtime)
         script = out / f"{sid}.sbatch"
         script.write_text("\n".join(["#!/usr/bin/env bash", *_directives(cfg, sid, logs), *setup,
                                      "set -euo pipefail",
