@@ -47,7 +47,8 @@ from torch import nn
 
 from .models import PRESETS, Arch, build_classifier, build_mae, num_visible, sincos_pos_embed_2d
 from .objectives import DMAEObjective, MAEObjective
-from .train import Runtime, Schedule, fit
+from .spec import Schedule
+from .train import Runtime, fit
 
 OFFICIAL_MODULES = ("models_mae_distill", "models_vit", "engine_distill", "util", "util.misc", "util.lr_sched",
                     "util.pos_embed", "util.lr_decay")
