@@ -6,7 +6,8 @@
 
 A stage's id is `<what it is>-<hash>`, the hash taken over its resolved spec, which holds its inputs' ids: equal
 stages are shared (the MAE-baseline pre-train feeds the MAE and the KD rows; one teacher serves every row) and a
-rerun finds finished stages by id. Results live in <results_root>/<table>/<profile>/<stage id>/.
+rerun finds finished stages by id, as does another table of the same results root (Plan.reuse_finished). Results
+live in <results_root>/<table>/<profile>/<stage id>/.
 """
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, Row, check_name, resolve_row
 from .spec import AnySpec, build_stage, spec_dict
-from .rundir import (MANIFEST_FILE, MODEL_FILE, STALE_DIR, FileHashes, broken_input, git_commit, read_result,
-                     spec_hash, stage_status, write_json)
+from .rundir import (MANIFEST_FILE, MODEL_FILE, STALE_DIR, FileHashes, broken_input, find_finished, git_commit,
+                     link_stage_dir, lock_holder, read_result, spec_hash, stage_status, write_json)
 
 MANIFEST = MANIFEST_FILE
 
@@ -112,6 +113,30 @@ class Plan:
 
     def status(self, stage_id: str) -> str:
         return stage_status(self.dir(stage_id))
+
+    def siblings(self) -> Path:
+        """The results root this plan's tables share (<results_root>; the plan lives in <table>/<profile>/ below)."""
+        return self.root.parent.parent
+
+    def finished_elsewhere(self, stage_id: str, roots: Sequence[Path] = ()) -> Optional[Path]:
+        """Where this not-yet-done stage is already finished: in another table of this results root (the teacher,
+        the rows table2 and masking share) or under `roots` (a sweep's other points)."""
+        if self.status(stage_id) == "done":
+            return None
+        return find_finished(stage_id, self.profile, [self.siblings(), *roots], self.dir(stage_id))
+
+    def reuse_finished(self, roots: Sequence[Path] = (), log=lambda msg: print(msg, flush=True)) -> List[str]:
+        """Link in every stage finished elsewhere (finished_elsewhere) instead of running it again; a stage being
+        run right now is left alone. Returns the stage ids linked."""
+        reused = []
+        for sid in self.stages:
+            src = self.finished_elsewhere(sid, roots)
+            if src is None or lock_holder(self.dir(sid)):
+                continue
+            link_stage_dir(src, self.dir(sid))
+            log(f"[reproduce] {sid}: reused from {src}")
+            reused.append(sid)
+        return reused
 
 
 def _model_tag(m: dict) -> str:
@@ -252,24 +277,36 @@ def write_manifest(plan: Plan, cfg: DictConfig, command: str, overrides: List[st
     return path
 
 
-def describe(plan: Plan, estimates: Optional[Dict[str, float]] = None) -> str:
-    """The --dry-run listing: each stage, whether it is done, what it needs, and an estimated cost."""
+def describe(plan: Plan, estimates: Optional[Dict[str, float]] = None,
+             earlier: Optional[Dict[str, str]] = None) -> str:
+    """The --dry-run listing: each stage, whether it is done, what it needs, and an estimated cost. A stage finished
+    in another table of the results root is `reused` (linked in, not run); one that a table run earlier by the same
+    command computes (earlier: {stage id: table}, `all`) is `shared`: neither counts in the remaining compute."""
     lines = [f"Plan for {plan.table} ({plan.profile}): {len(plan.stages)} stages, {len(plan.cells)} table cells",
              f"results: {plan.root}"]
-    total = 0.0
+    total, n_free = 0.0, 0
     stale = plan.stale()
     for s in plan.stages.values():
-        st = "stale" if s.id in stale else plan.status(s.id)
+        st, note = ("stale", f"stale: {stale[s.id]}; would be moved aside and recomputed") if s.id in stale \
+            else (plan.status(s.id), "")
+        if st != "done" and s.id not in stale:
+            src = plan.finished_elsewhere(s.id)
+            if src is not None:
+                st, note = "reused", f"finished in {src.parent.parent.name}: would be linked in, not run"
+            elif (earlier or {}).get(s.id):
+                st, note = "shared", f"computed for {earlier[s.id]} earlier in this run"
         est = (estimates or {}).get(s.id)
-        if est is not None and st != "done":
+        free = st in ("done", "reused", "shared")
+        if est is not None and not free:
             total += est
+        n_free += st in ("reused", "shared")
         needs = ", ".join(f"{r}={ref}" for r, ref in s.inputs.items()) or "-"
-        cost = f"~{est / 60:.1f} min" if est is not None else "cost unknown"
-        lines.append(f"  [{st:>7}] {s.id}\n            needs: {needs}\n            serves: "
-                     f"{', '.join(f'{r}/s{sd}' for r, sd in s.cells)}; {cost if st != 'done' else 'done'}"
-                     + (f"\n            stale: {stale[s.id]}; would be moved aside and recomputed" if s.id in stale
-                        else ""))
+        cost = st if free else f"~{est / 60:.1f} min" if est is not None else "cost unknown"
+        serves = ", ".join(f"{r}/s{sd}" for r, sd in s.cells)
+        lines.append(f"  [{st:>7}] {s.id}\n            needs: {needs}\n            serves: {serves}; {cost}"
+                     + (f"\n            {note}" if note else ""))
     if estimates:
-        lines.append(f"Estimated remaining compute: ~{total / 60:.1f} min")
+        lines.append(f"Estimated remaining compute: ~{total / 60:.1f} min"
+                     + (f" ({n_free} stage(s) reused or shared, not counted)" if n_free else ""))
     return "\n".join(lines)
 

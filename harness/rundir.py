@@ -13,12 +13,13 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 MODEL_FILE = "model.pth"
 RESULT_FILE = "result.json"
@@ -152,6 +153,28 @@ def lock_holder(run_dir: str | Path) -> Optional[str]:
             return _read_holder(f) or "another process"
         fcntl.flock(f, fcntl.LOCK_UN)
         return None
+
+
+def find_finished(stage_id: str, profile: str, roots: Sequence[Path], not_at: Path) -> Optional[Path]:
+    """A finished directory of this stage, <root>/<any table>/<profile>/<stage id>/ under one of `roots`, other than
+    `not_at`. A stage id hashes the whole spec and its inputs' ids, so such a directory is the same computation."""
+    for root in roots:
+        for res in sorted(Path(root).glob(f"*/{profile}/{stage_id}/{RESULT_FILE}")):
+            if res.parent.resolve() != Path(not_at).resolve():
+                return res.parent
+    return None
+
+
+def link_stage_dir(src: Path, dst: Path) -> None:
+    """Put a finished stage directory in place at dst: hard links (no copy of large checkpoints) where the
+    filesystem allows, else a copy. Whatever dst held (an unfinished attempt) is replaced."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    try:
+        shutil.copytree(src, dst, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -72,6 +72,41 @@ def test_dry_run_lists_every_stage(tmp_path):
     assert "[   todo]" in text
 
 
+def test_stages_finished_by_another_table_are_reused_and_not_costed(tmp_path):
+    """A stage id is the same computation in every table of a results root: masking finds the stages table2 has
+    finished (the teacher, the MAE baseline, DMAE at 75/95/98%), the dry run lists them as reused at no cost, and a
+    run links them in (hard links) instead of running them; one being run right now is left alone."""
+    import fcntl
+    import os
+
+    from harness.rundir import LOCK_FILE, write_json
+    table2 = plan_for(tmp_path=tmp_path)
+    for sid in table2.stages:
+        table2.dir(sid).mkdir(parents=True)
+        (table2.dir(sid) / "model.pth").write_bytes(b"weights of " + sid.encode())
+        write_json({"stage_id": sid, "status": "done", "wall_s": 1.0}, table2.dir(sid) / "result.json")
+    masking = build_plan(load_config("masking", ["profile=smoke", f"results_root={tmp_path}"]))
+    shared = [sid for sid in masking.stages if sid in table2.stages]
+    assert shared and len(shared) < len(masking.stages)
+    est = {sid: 60.0 for sid in masking.stages}
+    text = describe(masking, est)
+    assert text.count("[ reused]") == len(shared) and "finished in table2" in text
+    assert f"Estimated remaining compute: ~{len(masking.stages) - len(shared):.1f} min ({len(shared)} stage(s)" in text
+    # a stage the same command plans first for another table is shared (`all --dry-run`)
+    fresh = build_plan(load_config("masking", ["profile=smoke", f"results_root={tmp_path / 'other'}"]))
+    assert describe(fresh, est, {shared[0]: "table2"}).count("[ shared]") == 1
+    busy = masking.dir(shared[0])
+    busy.mkdir(parents=True)
+    with open(busy / LOCK_FILE, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        linked = masking.reuse_finished(log=lambda msg: None)
+    assert sorted(linked) == sorted(shared[1:])
+    for sid in linked:
+        assert masking.status(sid) == "done"
+        assert os.path.samefile(masking.dir(sid) / "model.pth", table2.dir(sid) / "model.pth")
+    assert masking.status(shared[0]) == "todo"
+
+
 @pytest.mark.parametrize("override, message", [
     ("pretrain.mask_ration=0.5", "mask_ration"),
     ("rows.dmae_95.pretrain.mask_ratio=1.0", "mask_ratio"),

@@ -31,7 +31,7 @@ import shlex
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import recipes  # standard library only
 
@@ -63,14 +63,15 @@ def run_table(table: str, overrides: List[str], dry_run: bool = False, command: 
 
 
 def run_plan(cfg: "DictConfig", plan: "Plan", overrides: Sequence[str], dry_run: bool = False, command: str = "",
-             reuse_from: Sequence[Path] = ()) -> int:
+             reuse_from: Sequence[Path] = (), earlier: Optional[Dict[str, str]] = None) -> int:
     """Run a prepared (checked) plan; reuse_from: results roots whose finished stages of the same id are linked in
-    first (a sweep's other points)."""
+    first (a sweep's other points); earlier: {stage id: table} planned by tables this command runs before (a dry run
+    of `all` counts their shared stages once)."""
     from ..plan import describe, write_manifest  # local: hydra; --help stays standard-library only
     table = cfg.table
     if dry_run or cfg.dry_run:
         from ..estimate import estimate_plan  # local: only for a dry run; --help stays standard-library only
-        print(describe(plan, estimate_plan(plan, cfg)))
+        print(describe(plan, estimate_plan(plan, cfg), earlier))
         print("inputs checked: a real run would start now")
         return 0
     # local: submitit, torch; looked up per call (tests replace harness.run.launch.execute)
@@ -85,9 +86,8 @@ def run_plan(cfg: "DictConfig", plan: "Plan", overrides: Sequence[str], dry_run:
             print(f"wrote sbatch scripts; submit them with: bash {path}\n"
                   f"then, when the jobs are done: python -m harness.report {table} --profile {cfg.profile}")
             return 0
-        if reuse_from:
-            from .sweep import link_finished  # local: hydra, pandas; only for a sweep's points
-            link_finished(plan, reuse_from)
+        if reuse_from:  # a sweep's other points
+            plan.reuse_finished(reuse_from)
         states = execute(plan, cfg)
     failed = [sid for sid, st in states.items() if st != "done"]
     if cfg.report:
@@ -166,13 +166,17 @@ def plan_jobs(names: Sequence[str], overrides: List[str], multirun: bool, rehear
 
 def run_jobs(jobs: List[_Job], dry_run: bool, command: str) -> int:
     code = 0
+    planned: Dict[Tuple[Path, str], str] = {}  # (results root, stage id) -> the first table of this command planning it
     for job in jobs:
         reuse: List[Path] = []
         if job.point is not None:
             print(f"=== {job.table} {job.point.name}", flush=True)
             reuse = [job.sweep["dir"] / p.name for p in (j.point for j in job.sweep["jobs"]) if p is not job.point]
             reuse.append(Path(job.sweep["results_root"]))
-        code = max(code, run_plan(job.cfg, job.plan, job.overrides, dry_run, command, reuse))
+        code = max(code, run_plan(job.cfg, job.plan, job.overrides, dry_run, command, reuse,
+                                  {sid: t for (root, sid), t in planned.items() if root == job.plan.siblings()}))
+        for sid in job.plan.stages:
+            planned.setdefault((job.plan.siblings(), sid), job.table)
         if job.rehearsal is not None and not (dry_run or job.cfg.dry_run):
             from .rehearse import REHEARSAL, write_report  # local: hydra; only after --rehearse
             r = job.rehearsal

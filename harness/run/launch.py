@@ -316,35 +316,11 @@ def _orphan_chain(plan: Plan, sid: str, state: Dict[str, str]) -> tuple:
     return rest, pid
 
 
-def reuse_finished(plan: Plan) -> List[str]:
-    """Stage ids hash the whole resolved spec and inputs, so a stage finished for another table of the same results
-    root and profile (the teacher; DMAE rows that table2 and masking share) is the same computation: link its
-    directory in instead of running it again."""
-    reused = []
-    for sid in plan.stages:
-        if plan.status(sid) == "done":
-            continue
-        if lock_holder(plan.dir(sid)):  # being run right now (e.g. by a killed driver's job): leave it alone
-            continue
-        for other in sorted(plan.root.parent.parent.glob(f"*/{plan.profile}/{sid}/{RESULT_FILE}")):
-            src, dst = other.parent, plan.dir(sid)
-            if dst.exists():
-                shutil.rmtree(dst)
-            try:
-                shutil.copytree(src, dst, copy_function=os.link)  # hard links: no copy of large checkpoints
-            except OSError:
-                shutil.copytree(src, dst)
-            print(f"[reproduce] {sid}: reused from {src}", flush=True)
-            reused.append(sid)
-            break
-    return reused
-
-
 def execute(plan: Plan, cfg: DictConfig) -> Dict[str, str]:
     """Run every stage that is not done; the caller holds rundir.driver_lock(plan.root). Returns {stage id: done |
     failed | blocked}."""
     plan.check_paths()
-    reuse_finished(plan)
+    plan.reuse_finished()  # stages another table of this results root has finished: the same computation
     plan.set_aside_stale()
     name = cfg.launcher.name
     if name == "debug":

@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -30,7 +29,6 @@ from hydra.errors import HydraException
 
 from ..collect import collect, load_paper_numbers, summarize
 from ..config import ConfigError
-from ..rundir import RESULT_FILE, lock_holder
 
 SWEEP_DIR = "sweeps"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.,=+-]")
@@ -102,31 +100,6 @@ def point_overrides(point: Point, sweep: str, results_root: str, reports_dir: st
     keep = [o for o, p in zip(point.overrides, _parse(point.overrides)) if _key(p) not in _ROOT_KEYS]
     return keep + [f"results_root={_quote(str(Path(results_root) / SWEEP_DIR / sweep / point.name))}",
                    f"reports_dir={_quote(str(Path(reports_dir) / SWEEP_DIR / sweep / point.name))}"]
-
-
-def link_finished(plan, search: Sequence[Path]) -> List[str]:
-    """Link in finished stages of this plan found as <search root>/<table>/<plan's profile>/<stage id>/ (hard links:
-    no copy of large checkpoints). Stages done, or being run right now, are left alone."""
-    linked = []
-    for sid in plan.stages:
-        dst = plan.dir(sid)
-        if plan.status(sid) == "done" or lock_holder(dst):
-            continue
-        for root in search:
-            found = [p.parent for p in sorted(Path(root).glob(f"*/{plan.profile}/{sid}/{RESULT_FILE}"))
-                     if p.parent.resolve() != dst.resolve()]
-            if not found:
-                continue
-            if dst.exists():
-                shutil.rmtree(dst)
-            try:
-                shutil.copytree(found[0], dst, copy_function=os.link)
-            except OSError:
-                shutil.copytree(found[0], dst)
-            print(f"[sweep] {sid}: reused from {found[0]}", flush=True)
-            linked.append(sid)
-            break
-    return linked
 
 
 def _fmt(mean, std, n) -> str:
