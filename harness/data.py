@@ -34,6 +34,8 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
+from .spec import DataConfig
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -43,17 +45,6 @@ FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyt
 
 class DataError(ValueError):
     """A dataset is missing or has the wrong layout."""
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    name: str  # fashion_mnist | imagefolder
-    root: str
-    img_size: int
-    train_subset: int = 0  # 0 = all images; otherwise a fixed (seed 0) random subset of this size
-    test_subset: int = 0
-    holdout: int = 0  # training images carved out as the validation split (0 = none)
-    eval_crop_pct: float = 0.875
 
 
 def _read_idx(path: Path, offset: int) -> torch.Tensor:
@@ -116,7 +107,7 @@ def check_imagefolder(root: str) -> None:
                         f"they must match (only in train/: {only_train or '-'}; only in val/: {only_val or '-'})")
 
 
-def check_data(spec: DataSpec) -> None:
+def check_data(spec: DataConfig) -> None:
     if spec.name == "fashion_mnist":
         for split in ("train", "val"):
             for n in FASHION_FILES[split]:
@@ -306,7 +297,7 @@ def _take(idx: torch.Tensor, n: int) -> torch.Tensor:
     return idx if not n or n >= len(idx) else idx[:n]
 
 
-def build_dataset(spec: DataSpec, split: str, aug: Aug) -> Tuple[Dataset, int]:
+def build_dataset(spec: DataConfig, split: str, aug: Aug) -> Tuple[Dataset, int]:
     """Returns (dataset, num_classes) for split train | val | test (see the module docstring)."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
@@ -341,7 +332,7 @@ def build_dataset(spec: DataSpec, split: str, aug: Aug) -> Tuple[Dataset, int]:
     raise DataError(f"data.name must be 'fashion_mnist' or 'imagefolder', got {spec.name!r}")
 
 
-def num_classes_of(spec: DataSpec) -> int:
+def num_classes_of(spec: DataConfig) -> int:
     if spec.name == "fashion_mnist":
         return len(FashionMNIST.classes)
     return len([c for c in (Path(spec.root) / "train").iterdir() if c.is_dir()])

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from .build import finetune_objective, finetune_param_groups, pretrain_objective, pretrain_param_groups
 from .checkpoints import atomic_save, encoder_to_classifier, load_weights, safe_load, state_dict_of, DECODER_KEYS
-from .data import Aug, DataSpec, build_dataset
+from .data import Aug, build_dataset
 from .models import build_classifier, build_mae, get_arch
 from .rundir import (CONFIG_FILE, ERROR_FILE, MODEL_FILE, RESULT_FILE, StageLocked, git_commit,
                      input_record, sha256_file, spec_hash, stage_lock, write_json, write_stage_config)
@@ -43,10 +43,6 @@ from .spec import (AnySpec, EvaluateStage, FinetuneStage, ModelConfig, PretrainS
                    kd_teacher_logits_cached, spec_dict, stage_runtime, stage_spec)
 from .train import (NonFiniteLoss, Runtime, evaluate_classifier, fit, peak_memory_mb, reset_peak_memory, seed_all,
                     setup_runtime)
-
-
-def _data(spec: AnySpec) -> DataSpec:
-    return DataSpec(**spec_dict(spec.data))
 
 
 def _img(spec: AnySpec) -> dict:
@@ -77,7 +73,7 @@ def _save_model(model, spec: AnySpec, stage_id: str, run_dir: Path) -> None:
 
 
 def pretrain(spec: PretrainStage, run_dir: Path, inputs: Dict[str, str], rt: Runtime, stage_id: str) -> dict:
-    p, d, data = spec.pretrain, spec.distill, _data(spec)
+    p, d, data = spec.pretrain, spec.distill, spec.data
     seed_all(spec.seed)
     model = build_mae(get_arch(spec.model.preset), **_img(spec))
     teacher = None
@@ -101,7 +97,7 @@ def pretrain(spec: PretrainStage, run_dir: Path, inputs: Dict[str, str], rt: Run
 
 
 def finetune(spec: FinetuneStage, run_dir: Path, inputs: Dict[str, str], rt: Runtime, stage_id: str) -> dict:
-    f, data = spec.finetune, _data(spec)
+    f, data = spec.finetune, spec.data
     seed_all(spec.seed)
     train_ds, num_classes = build_dataset(data, "train", Aug("finetune", data.img_size, crop_min=f.crop_min,
                                                              randaug=f.randaug, reprob=f.reprob))
@@ -148,7 +144,7 @@ def finetune(spec: FinetuneStage, run_dir: Path, inputs: Dict[str, str], rt: Run
 
 
 def evaluate(spec: EvaluateStage, run_dir: Path, inputs: Dict[str, str], rt: Runtime, stage_id: str) -> dict:
-    data = _data(spec)
+    data = spec.data
     test_ds, num_classes = build_dataset(data, "test", Aug("eval", data.img_size, crop_pct=data.eval_crop_pct))
     model = load_classifier(inputs["model"], spec.model, data.img_size, num_classes).to(rt.device)
     t0 = time.perf_counter()

@@ -148,10 +148,10 @@ def test_smoke_pipeline(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (runs["ft_kd"][0] / "log.jsonl").read_text().splitlines()]
     assert all(_finite(r["loss_kd"]) and _finite(r["loss_ce"]) for r in rows)
     # the evaluation stage reads the test split; the saved model reproduces the fine-tune's last validation numbers
-    from harness.data import Aug, DataSpec, build_dataset
-    from harness.spec import ModelConfig
+    from harness.data import Aug, build_dataset
+    from harness.spec import DataConfig, ModelConfig
     from harness.train import evaluate_classifier, setup_runtime
-    val_ds, _ = build_dataset(DataSpec(**DATA), "val", Aug("eval", DATA["img_size"]))
+    val_ds, _ = build_dataset(DataConfig(**DATA), "val", Aug("eval", DATA["img_size"]))
     for ev, ft in (("eval_dmae", "ft_dmae"), ("eval_kd", "ft_kd")):
         res = runs[ev][1]
         assert res["n_eval"] == 128 and res["split"] == "test" and 0.0 <= res["top1"] <= 100.0

@@ -6,7 +6,8 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from ..data import Aug, DataSpec, FashionMNIST, build_dataset, loader
+from ..data import Aug, FashionMNIST, build_dataset, loader
+from ..spec import DataConfig
 from .spec import profile_cfg, profile_data
 
 
@@ -32,7 +33,7 @@ def bench_data(profiles: Sequence[str], n_images: int, root: str, threads: int =
                       if d["transform"] != "eval" else 0.2, randaug=d["randaug"], reprob=d["reprob"],
                       crop_pct=d.get("crop_pct", 1.0))
             try:
-                ds, _ = build_dataset(DataSpec("fashion_mnist", root, d["img_size"], train_subset=n + batch),
+                ds, _ = build_dataset(DataConfig("fashion_mnist", root, d["img_size"], train_subset=n + batch),
                                       "train", aug)
             except Exception as e:  # no dataset here: say so, measure the rest
                 log(f"  data: skipped ({e})")

@@ -30,7 +30,7 @@ from ..config import load_config, world_size
 from ..estimate import dataset_sizes
 from ..plan import Plan, build_plan
 from ..rundir import RESULT_FILE, write_text_atomic
-from ..spec import DataConfig, ModelConfig, spec_dict
+from ..spec import DataConfig, ModelConfig
 
 REHEARSAL = "rehearsal"
 TEST_IMAGES = 8  # per rank: the evaluation stages and the per-epoch validation read this many images each
@@ -140,12 +140,12 @@ def write_random_checkpoint(path: Path, arch_cfg: ModelConfig, data: DataConfig,
     import torch
 
     from ..checkpoints import atomic_save
-    from ..data import DataSpec, num_classes_of
+    from ..data import num_classes_of
     from ..models import build_classifier, build_mae
     arch = get_arch(arch_cfg.preset)
     torch.manual_seed(0)
     if finetuned:
-        model = build_classifier(arch, num_classes_of(DataSpec(**spec_dict(data))), data.img_size, arch_cfg.patch_size)
+        model = build_classifier(arch, num_classes_of(data), data.img_size, arch_cfg.patch_size)
     else:
         model = build_mae(arch, data.img_size, arch_cfg.patch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
