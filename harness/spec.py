@@ -199,7 +199,8 @@ def stage_spec(d: Union[Mapping, StageSpec]) -> AnySpec:
     kind = d.get("kind")
     if kind not in STAGE_SPECS:
         raise SpecError(f"stage spec: kind={kind!r} must be one of {', '.join(STAGE_SPECS)}")
-    return _typed(STAGE_SPECS[kind], d, f"{kind} stage spec {d.get('name', '')!r}".replace(" ''", ""))
+    name = d.get("name")
+    return _typed(STAGE_SPECS[kind], d, f"{kind} stage spec" + (f" {name!r}" if name else ""))
 
 
 def stage_runtime(d: Union[Mapping, StageRuntime, None]) -> StageRuntime:
