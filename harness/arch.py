@@ -29,7 +29,8 @@ PRESETS: Dict[str, Arch] = {
     "vit_large": Arch(1024, 24, 16),
     "vit_huge": Arch(1280, 32, 16),
     # CPU-sized ViTs for Fashion-MNIST (28x28, patch 4 -> 49 tokens), named by width (w), depth (d) and decoder.
-    # The tiny profile's teacher (~1.2M encoder parameters) and student (~0.2M): 6x, as ViT-L/ViT-B is 3.5x.
+    # The tiny profile's teacher (128-d/6, ~1.2M encoder parameters) and student (32-d/3, ~40k): the teacher is much
+    # the stronger, so its features have something to give (tiny-fast: 64-d/4 student, ~0.2M).
     "vit_w128d6_dec64d1": Arch(128, 6, 4, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2),
     "vit_w64d4_dec64d1": Arch(64, 4, 2, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2),
     "vit_w32d3_dec32d1": Arch(32, 3, 2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2),
@@ -37,6 +38,7 @@ PRESETS: Dict[str, Arch] = {
     "vit_w96d4_dec128d2": Arch(96, 4, 3, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
     "vit_w48d3_dec48d1": Arch(48, 3, 3, decoder_embed_dim=48, decoder_depth=1, decoder_num_heads=3),
     "vit_w32d2_dec32d1": Arch(32, 2, 2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2),
+    "vit_w16d2_dec16d1": Arch(16, 2, 2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2),
 }
 
 

@@ -48,8 +48,8 @@ NOT_AVAILABLE = "not available"
 NOT_IMAGENET = "n/a (not ImageNet)"
 # worst first: a cell is as bad as the worst stage it needs
 SEVERITY = ("failed", "unreadable", "stale", "partial", "not started", "done")
-ROLES = ("teacher-pretrain", "teacher-finetune", "teacher-evaluate", "student-pretrain", "student-finetune",
-         "evaluate")
+ROLES = ("teacher-pretrain", "teacher-finetune", "teacher-evaluate", "teacher-probe", "student-pretrain",
+         "student-finetune", "evaluate", "student-probe")
 # fine-tune result keys: the current name first, then the name in results written before the validation split
 RESULT_ALIASES = {"best_val_top1": ("best_val_top1", "best_top1"), "last_val_top1": ("last_val_top1", "last_top1"),
                   "last_val_top5": ("last_val_top5", "last_top5")}
@@ -121,7 +121,7 @@ def read_stage(d: Path, warnings: List[str]) -> dict:
 
 STAGE_COLUMNS = ["stage_id", "kind", "role", "serves", "status", "reason", "epochs_logged", "top1", "top5", "n_eval",
                  "best_val_top1", "best_epoch", "last_val_top1", "last_val_top5", "val_last_gain", "final_loss",
-                 "final_loss_pix", "final_loss_feat",
+                 "final_loss_pix", "final_loss_feat", "block", "split",
                  "wall_s", "device_hours", "images_per_s", "device", "device_name", "world_size", "host", "torch",
                  "python", "git_commit", "finished_at", "config_path"]
 
@@ -199,10 +199,16 @@ def _num(st: pd.DataFrame, sid: str, col: str):
     return None if v is None or (isinstance(v, float) and np.isnan(v)) else v
 
 
+def _done_num(st: pd.DataFrame, sid: Optional[str], col: str):
+    """A finished stage's number (None when there is no such stage or it is not done, e.g. stale)."""
+    return _num(st, sid, col) if sid and sid in st.index and st.at[sid, "status"] == "done" else None
+
+
 def _cells(manifest: dict, st: pd.DataFrame) -> pd.DataFrame:
     recs = []
     for c in manifest["cells"]:
-        info, ev, ft, pt = c.get("info", {}), c["evaluate"], c["finetune"], c["pretrain"]
+        info, ev, ft, pt, pr = c.get("info", {}), c["evaluate"], c["finetune"], c["pretrain"], c.get("probe")
+        tpr = (c.get("teacher") or {}).get("probe")
         status, reason = "done", ""
         if st.at[ev, "status"] != "done":
             deps = _deps(manifest, ev)
@@ -212,7 +218,7 @@ def _cells(manifest: dict, st: pd.DataFrame) -> pd.DataFrame:
             if status == "done":  # every input done, the evaluation not yet run
                 status, worst = "not started", ev
             reason = f"{st.at[worst, 'role']} {worst}: {st.at[worst, 'reason'] or status}"
-        own = [pt, ft, ev]
+        own = [s for s in (pt, ft, ev) if s]  # a scratch row has no pre-train
         done = all(st.at[s, "status"] == "done" for s in own)
         recs.append({
             "row": c["row"], "label": c["label"], "method": c["method"], "paper": c.get("paper"),
@@ -224,16 +230,19 @@ def _cells(manifest: dict, st: pd.DataFrame) -> pd.DataFrame:
             "val_top1_best": _num(st, ft, "best_val_top1"), "val_top1_best_epoch": _num(st, ft, "best_epoch"),
             "val_top1_last": _num(st, ft, "last_val_top1"), "val_last_gain": _num(st, ft, "val_last_gain"),
             "still_rising": bool(st.at[ft, "status"] == "done" and (_num(st, ft, "val_last_gain") or 0.0) >= RISING_PP),
-            "pretrain_final_loss": _num(st, pt, "final_loss"),
+            "pretrain_final_loss": _num(st, pt, "final_loss") if pt else None,
+            # kNN probe top-1 (test split) of the row's encoder before fine-tuning, and of its teacher's aligned block
+            "probe_top1": _done_num(st, pr, "top1"), "teacher_probe_top1": _done_num(st, tpr, "top1"),
             "wall_s": sum(_num(st, s, "wall_s") or 0.0 for s in own) if done else None,
             "device_hours": sum(_num(st, s, "device_hours") or 0.0 for s in own) if done else None,
-            "pretrain_images_per_s": _num(st, pt, "images_per_s"),
+            "pretrain_images_per_s": _num(st, pt, "images_per_s") if pt else None,
             "finetune_images_per_s": _num(st, ft, "images_per_s"),
-            "pretrain_id": pt, "finetune_id": ft, "evaluate_id": ev,
+            "pretrain_id": pt, "finetune_id": ft, "evaluate_id": ev, "probe_id": pr,
             "config_path": st.at[ev, "config_path"], "git_commit": _num(st, ev, "git_commit"),
         })
     df = pd.DataFrame(recs)
-    for col in ("top1", "top5", "val_top1_best", "val_top1_last", "val_last_gain", "wall_s", "device_hours"):
+    for col in ("top1", "top5", "val_top1_best", "val_top1_last", "val_last_gain", "wall_s", "device_hours",
+                "probe_top1", "teacher_probe_top1"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     return df
 
@@ -302,6 +311,7 @@ def summarize(c: Collected, papers: Optional[Dict[str, dict]] = None) -> pd.Data
         key = key if isinstance(key, str) else None
         p = paper_number(key, papers)
         gains = g.loc[g["status"] == "done", "val_last_gain"].dropna()  # the finished seeds' last-epoch changes
+        probes, tprobes = g["probe_top1"].dropna(), g["teacher_probe_top1"].dropna()
         counts = g["status"].value_counts()
         status = "; ".join(f"{counts[s]}/{len(g)} {s}" for s in SEVERITY[::-1] if s in counts)
         recs.append({"row": row, "label": g["label"].iloc[0], "method": g["method"].iloc[0],
@@ -311,7 +321,10 @@ def summarize(c: Collected, papers: Optional[Dict[str, dict]] = None) -> pd.Data
                      "delta": (mean - p["value"]) if (p and mean is not None and c.profile == "paper") else None,
                      "delta_text": delta_text(mean, p, c.profile), "status": status,
                      "val_last_gain_mean": float(gains.mean()) if len(gains) else None, "n_gain": len(gains),
-                     "still_rising": bool(len(gains) and gains.mean() >= RISING_PP)})
+                     "still_rising": bool(len(gains) and gains.mean() >= RISING_PP),
+                     "probe_mean": float(probes.mean()) if len(probes) else None, "n_probe": len(probes),
+                     "probe_std": float(probes.std(ddof=1)) if len(probes) >= 2 else None,
+                     "teacher_probe": float(tprobes.iloc[0]) if len(tprobes) else None})
     return pd.DataFrame(recs)
 
 

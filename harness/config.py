@@ -25,7 +25,7 @@ from yaml import YAMLError
 import recipes
 
 from .arch import PRESETS
-from .spec import (DataConfig, DistillSpec, FinetuneSpec, KDConfig, ModelConfig, PretrainSpec,
+from .spec import (DataConfig, DistillSpec, FinetuneSpec, KDConfig, ModelConfig, PretrainSpec, ProbeSpec,
                    StageRuntime)
 
 RECIPES_DIR = recipes.path()
@@ -48,6 +48,33 @@ class DistillConfig(DistillSpec):
 
 
 @dataclass
+class DataSection(DataConfig):
+    # fine-tuning (student and teacher) reads only the first finetune_subset of the training images, with their
+    # labels; pre-training reads all of them, without (low-label fine-tuning: what the encoder learned matters more).
+    # 0 = the same images as pre-training. Resolved away: a fine-tune stage's data.train_subset holds it.
+    finetune_subset: int = 0
+
+
+@dataclass
+class ProbeConfig(ProbeSpec):
+    # a kNN probe (harness.probe) of every student pre-train's last block, of the scratch rows' random initialisation
+    # and of the teacher's aligned block, on the test split; false = no probe stages
+    enabled: bool = True
+
+
+@dataclass
+class GateConfig:
+    """Positive controls checked before any paper claim is judged (harness.stats gates): a paper claim judged on a
+    profile whose gate failed reads "not testable at this profile"."""
+    mae_row: str = "mae"  # the MAE baseline
+    scratch_row: str = "scratch"  # the same student fine-tuned from random initialisation
+    # (i) MAE pre-training is worth at least this much top-1 over scratch (paired interval's lower bound above it)
+    min_pretraining_gain: float = 2.0
+    # (ii) the teacher's aligned block probes at least this much above the MAE student's last block (kNN top-1)
+    min_teacher_probe_gap: float = 5.0
+
+
+@dataclass
 class FinetuneConfig(FinetuneSpec):
     effective_batch: Optional[int] = None  # as PretrainConfig.effective_batch: derives accum_iter when set
 
@@ -67,7 +94,9 @@ class TeacherConfig:
 @dataclass
 class RowConfig:
     label: str = MISSING
-    method: str = MISSING  # mae | dmae | kd (MAE pre-training, then KD from the fine-tuned teacher)
+    # mae | dmae | kd (MAE pre-training, then KD from the fine-tuned teacher) | scratch (no pre-training: the same
+    # fine-tune from the random initialisation of the row's seed)
+    method: str = MISSING
     paper: Optional[str] = None  # "<table>/<row_label>" in recipes/paper-numbers.csv; None = not available
     # Overrides of the table-level sections for this row (checked against their schemas).
     pretrain: Dict[str, Any] = field(default_factory=dict)
@@ -126,6 +155,9 @@ class ClaimConfig:
     b: List[str] = field(default_factory=list)
     test: str = ""  # greater: a - b > margin | within: |a - b| < margin
     margin: Optional[float] = None  # required
+    # greater only, optional: the smallest effect of interest (top-1 points, >= 0); the claim also ends as "does not
+    # hold (effect < bound)" when the interval's upper limit is below margin + bound (harness/stats.py)
+    bound: Optional[float] = None
     source: str = "paper"  # paper | official-default (the official code's default is at least as good)
     note: str = ""  # where the paper says it, or why this margin
 
@@ -148,7 +180,9 @@ class TableConfig:
                                                             "small": "vit_small", "tiny": "vit_tiny"})
     checkpoints: Dict[str, Optional[str]] = field(default_factory=lambda: {"base_pretrained": None,
                                                                            "base_finetuned": None})
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataSection = field(default_factory=DataSection)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    gates: GateConfig = field(default_factory=GateConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -283,6 +317,15 @@ def world_size(launcher) -> int:
     if launcher["name"] == "debug":
         return 1
     return tasks_per_node(launcher) * (int(launcher["nodes"] or 1) if launcher["name"] == "slurm" else 1)
+
+
+def data_spec(cfg: DictConfig, finetune: bool = False) -> DataConfig:
+    """The data section a stage receives: a fine-tune's reads the first data.finetune_subset training images (when
+    set), every other stage's all of them; finetune_subset itself is resolved away."""
+    d = {f.name: cfg.data[f.name] for f in fields(DataConfig)}
+    if finetune and cfg.data.finetune_subset:
+        d["train_subset"] = int(cfg.data.finetune_subset)
+    return DataConfig(**d)
 
 
 def runtime_of(cfg: DictConfig) -> StageRuntime:
@@ -424,9 +467,16 @@ def validate(cfg: DictConfig) -> None:
     for key in ("threads", "num_workers", "nan_restarts"):
         if cfg.run[key] < 0:
             raise ConfigError(f"run.{key}={cfg.run[key]} must be >= 0")
-    if d.img_size < 1 or d.train_subset < 0 or d.test_subset < 0 or d.holdout < 0:
+    if d.img_size < 1 or d.train_subset < 0 or d.test_subset < 0 or d.holdout < 0 or d.finetune_subset < 0:
         raise ConfigError(f"data: img_size={d.img_size} must be >= 1, train_subset={d.train_subset}, "
-                          f"test_subset={d.test_subset} and holdout={d.holdout} >= 0")
+                          f"test_subset={d.test_subset}, holdout={d.holdout} and finetune_subset={d.finetune_subset} "
+                          ">= 0")
+    if d.finetune_subset and d.train_subset and d.finetune_subset > d.train_subset:
+        raise ConfigError(f"data.finetune_subset={d.finetune_subset} exceeds data.train_subset={d.train_subset}: "
+                          "fine-tuning reads a subset of the pre-training images")
+    if cfg.probe.k < 1 or not cfg.probe.temperature > 0 or cfg.probe.batch_size < 1:
+        raise ConfigError(f"probe: k={cfg.probe.k} and batch_size={cfg.probe.batch_size} must be >= 1, "
+                          f"temperature={cfg.probe.temperature} > 0")
     _check_range("data", d, "eval_crop_pct", 0, 1, lo_open=True)
     for n in ("pretrained_ckpt", "finetuned_ckpt"):
         if cfg.teacher.train and cfg.teacher[n]:
@@ -438,8 +488,13 @@ def validate(cfg: DictConfig) -> None:
     for rkey, row in cfg.rows.items():
         where = f"rows.{rkey}"
         check_name("row key", rkey)
-        if row.method not in ("mae", "dmae", "kd"):
-            raise ConfigError(f"{where}.method={row.method!r}: must be mae, dmae or kd")
+        if row.method not in METHODS:
+            raise ConfigError(f"{where}.method={row.method!r}: must be one of {', '.join(METHODS)}")
+        if row.method == "scratch":
+            ignored = [f"{where}.{k}" for k in ("pretrain", "distill", "kd", "teacher") if row[k]]
+            if ignored:
+                raise ConfigError(f"{', '.join(ignored)}: a scratch row has no pre-training and no teacher, so this "
+                                  "would be ignored; remove it")
         r = resolve_row(cfg, rkey)
         student, teacher, dis = r.student, r.teacher, r.distill
         for name, sec, kind in ((f"{where}.pretrain", r.pretrain, "pretrain"), (f"{where}.distill", dis, "distill"),
@@ -486,6 +541,7 @@ def validate(cfg: DictConfig) -> None:
 
 
 CLAIM_TESTS, CLAIM_SOURCES = ("greater", "within"), ("paper", "official-default")
+METHODS = ("mae", "dmae", "kd", "scratch")
 
 
 def _recipe_rows(table: str) -> set:
@@ -497,8 +553,9 @@ def _recipe_rows(table: str) -> set:
 
 
 def validate_claims(cfg: DictConfig) -> None:
-    """Each claim names rows of the table, a known test and source, and a margin. A row removed on the command line
-    (~rows.<key>) leaves its claims in place; the report shows them as not applicable."""
+    """Each claim names rows of the table, a known test and source, a margin, and for `greater` optionally a bound
+    (finite, >= 0; a `within` claim has none: its margin already is the equivalence bound). A row removed on the
+    command line (~rows.<key>) leaves its claims in place; the report shows them as not applicable."""
     known = set(cfg.rows.keys()) | _recipe_rows(cfg.table)
     seen = set()
     for i, cl in enumerate(cfg.get("claims") or []):
@@ -526,5 +583,11 @@ def validate_claims(cfg: DictConfig) -> None:
             raise ConfigError(f"{where}: margin is missing; give it in top-1 points (e.g. margin: 0.0)")
         if cl.test == "within" and cl.margin <= 0:
             raise ConfigError(f"{where}: margin={cl.margin} must be > 0 for test within")
+        if cl.get("bound") is not None:
+            if cl.test == "within":
+                raise ConfigError(f"{where}: bound={cl.bound} is for test greater only (a within claim's margin is "
+                                  "its equivalence bound)")
+            if not math.isfinite(cl.bound) or cl.bound < 0:
+                raise ConfigError(f"{where}: bound={cl.bound} must be a finite number >= 0 (top-1 points)")
         if cl.source not in CLAIM_SOURCES:
             raise ConfigError(f"{where}: source={cl.source!r} must be one of {', '.join(CLAIM_SOURCES)}")

@@ -209,7 +209,7 @@ def estimate_details(plan, cfg, bench_dir: Optional[str | Path] = None) -> dict:
                             f"measurements of {', '.join(sorted({r['device']['key'] for r in results}))}")
     idx = _Index(results)
     out["files"] = idx.files
-    n_train, n_holdout, n_test, size_note = dataset_sizes(spec_dict(plan.stages[next(iter(plan.stages))].spec.data)
+    n_train_all, n_holdout, n_test, size_note = dataset_sizes(spec_dict(plan.stages[next(iter(plan.stages))].spec.data)
                                                            if plan.stages else {"name": "fashion_mnist"})
     if size_note:
         out["notes"].append(size_note)
@@ -228,6 +228,7 @@ def estimate_details(plan, cfg, bench_dir: Optional[str | Path] = None) -> dict:
             continue
         n_cls = 10 if spec.data.name == "fashion_mnist" else 1000
         img = spec.data.img_size
+        n_train = dataset_sizes(spec_dict(spec.data))[0] if spec.data.train_subset else n_train_all
         parts, sources = [], []
         if stage.kind == "pretrain":
             sec = spec.pretrain
@@ -250,6 +251,11 @@ def estimate_details(plan, cfg, bench_dir: Optional[str | Path] = None) -> dict:
                               2 * n_train, 0.0))
             ev_spi, _ = idx.pipeline("eval", img)
             parts.append((_step_spec(spec, "eval", sec.eval_batch_size, n_cls), per_device_val * epochs, ev_spi))
+        elif stage.kind == "probe":  # forward passes (costed as the whole encoder's) of the bank and the queries
+            epochs = 1
+            data_spi, dn = idx.pipeline("eval", img)
+            queries = per_device_val if spec.split == "val" else per_device_test
+            parts.append((_step_spec(spec, "eval", spec.probe.batch_size, n_cls), n_train + queries, data_spi))
         else:
             epochs = 1
             data_spi, dn = idx.pipeline("eval", img)

@@ -23,7 +23,7 @@ from .rundir import read_log
 
 # top1_vs_mask.png: written by earlier versions (removed when figures are redrawn)
 OUR_FIGURES = ("claims_forest.png", "top1_by_row.png", "val_curves.png", "curves-*.png", "top1_vs_mask.png")
-METHOD_COLORS = {"mae": "tab:gray", "kd": "tab:orange", "dmae": "tab:blue"}
+METHOD_COLORS = {"mae": "tab:gray", "kd": "tab:orange", "dmae": "tab:blue", "scratch": "tab:brown"}
 
 
 def _save(fig: Figure, path: Path, **margins) -> None:
@@ -187,7 +187,8 @@ def make_figures(c: Collected, summary: pd.DataFrame, fig_dir: Path,
         out.append(("Training curves: teacher", "curves-teacher.png"))
     for row, g in c.cells.groupby("row", sort=False):
         name = f"curves-{row}.png"
-        if _fig_curves(c, f"{row}: {g['label'].iloc[0]}", dict(zip("s" + g["seed"].astype(str), g["pretrain_id"])),
-                       dict(zip("s" + g["seed"].astype(str), g["finetune_id"])), fig_dir / name):
+        seeds = "s" + g["seed"].astype(str)
+        pre = {k: v for k, v in zip(seeds, g["pretrain_id"]) if isinstance(v, str)}  # none for a scratch row
+        if _fig_curves(c, f"{row}: {g['label'].iloc[0]}", pre, dict(zip(seeds, g["finetune_id"])), fig_dir / name):
             out.append((f"Training curves: {row}", name))
     return out

@@ -1,8 +1,10 @@
 """Expand a table recipe into a graph of stages.
 
     teacher pre-train (or a provided checkpoint) -> teacher fine-tune (or provided)
-    -> student pre-trains (MAE / DMAE, one per row and seed) -> fine-tunes (KD rows: from the fine-tuned teacher)
-    -> evaluations
+    -> student pre-trains (MAE / DMAE, one per row and seed; none for a scratch row) -> fine-tunes (KD rows: from
+    the fine-tuned teacher; scratch rows: from the seed's random initialisation) -> evaluations
+    probes (probe.enabled): a kNN probe of every student pre-train's last block (a scratch row: of its random
+    initialisation) and of the teacher pre-train's aligned block, on the test split
 
 A stage's id is `<what it is>-<hash>`, the hash taken over its resolved spec, which holds its inputs' ids: equal
 stages are shared (the MAE-baseline pre-train feeds the MAE and the KD rows; one teacher serves every row) and a
@@ -20,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, Row, check_name, resolve_row
+from .config import ConfigError, Row, check_name, data_spec, resolve_row
 from .spec import AnySpec, build_stage, spec_dict
 from .rundir import (MANIFEST_FILE, MODEL_FILE, STALE_DIR, FileHashes, broken_input, find_finished, git_commit,
                      link_stage_dir, lock_holder, read_result, spec_hash, stage_status, write_json)
@@ -31,8 +33,10 @@ MANIFEST = MANIFEST_FILE
 @dataclass
 class Stage:
     id: str
-    kind: str  # pretrain | finetune | evaluate
-    role: str  # teacher-pretrain | teacher-finetune | student-pretrain | student-finetune | evaluate
+    kind: str  # pretrain | finetune | evaluate | probe
+    # teacher-pretrain | teacher-finetune | teacher-evaluate | teacher-probe | student-pretrain | student-finetune |
+    # student-probe | evaluate
+    role: str
     spec: AnySpec  # harness.spec: typed; its dict form is config.json's spec
     inputs: Dict[str, str]  # input role -> stage id, or "file:<path>" for a provided checkpoint
     cells: List[Tuple[str, int]] = field(default_factory=list)  # (row, seed) pairs this stage serves
@@ -46,11 +50,12 @@ class Cell:
     label: str
     method: str
     paper: Optional[str]
-    pretrain: str
+    pretrain: Optional[str]  # None: a scratch row (no pre-training)
     finetune: str
     evaluate: str
-    teacher: Dict[str, str]
+    teacher: Dict[str, str]  # pretrained / finetuned: the teacher stages (or files) the row reads; probe: its probe
     info: dict
+    probe: Optional[str] = None  # the kNN probe of the row's pre-trained encoder (scratch: its random init)
 
 
 @dataclass
@@ -148,12 +153,15 @@ class _Builder:
         self.cfg = cfg
         self.root = root
         self.stages: Dict[str, Stage] = {}
-        self.data = OmegaConf.to_container(cfg.data, resolve=True)
+        self.data, self.ft_data = spec_dict(data_spec(cfg)), spec_dict(data_spec(cfg, finetune=True))
         self.amp = cfg.run.amp
+        self.probe = OmegaConf.to_container(cfg.probe, resolve=True)
+        self.probing = self.probe.pop("enabled")
 
     def add(self, kind: str, role: str, desc: str, sections: dict, inputs: Dict[str, str], cell) -> str:
         """The stage of these spec sections (its id: `desc`-hash of everything but the name), added once."""
-        spec = build_stage(kind, name=desc, **sections, data=self.data, amp=self.amp, inputs=dict(inputs))
+        data = self.ft_data if kind == "finetune" else self.data
+        spec = build_stage(kind, name=desc, **sections, data=data, amp=self.amp, inputs=dict(inputs))
         sid = f"{desc}-{spec_hash(spec_dict(spec, name=False))[:10]}"
         if sid not in self.stages:
             self.stages[sid] = Stage(sid, kind, role, spec, dict(inputs))
@@ -182,6 +190,14 @@ class _Builder:
                  {"model": ft}, cell)
         return ft
 
+    def probe_stage(self, role: str, desc: str, model: dict, block: int, seed: int, inputs: Dict[str, str],
+                    cell) -> Optional[str]:
+        """A kNN probe of block `block` (-1: the last) of the encoder in `inputs` (none: the seed's random init)."""
+        if not self.probing:
+            return None
+        return self.add("probe", role, desc, {"model": model, "block": block, "probe": self.probe, "seed": seed},
+                        inputs, cell)
+
     def cell(self, row: Row, seed: int) -> Cell:
         c = (row.key, seed)
         student, teacher_cfg, pre, fin, kd = row.student, row.teacher, row.pretrain, row.finetune, row.kd
@@ -192,17 +208,26 @@ class _Builder:
         if row.method == "dmae":
             source = row.distill["teacher_source"]
             ref = teacher[source] = self.teacher(teacher_cfg, c, source)
+            deepest = max(t for _, t in dis["pairs"])  # the block the teacher runs up to
+            probe = self.probe_stage("teacher-probe", f"teacher-probe-{source}-{_model_tag(teacher_cfg['model'])}"
+                                     f"-b{deepest}", teacher_cfg["model"], deepest, self.cfg.seed, {"encoder": ref}, c)
+            if probe:
+                teacher["probe"] = probe
             pt = self.add("pretrain", "student-pretrain",
                           f"student-pretrain-dmae-{tag}-from-{_model_tag(teacher_cfg['model'])}-{mask}-e{pre['epochs']}"
                           f"-s{seed}", {"objective": "dmae", "model": student, "pretrain": pre, "distill": dis,
                                         "teacher_model": teacher_cfg["model"], "seed": seed},
                           {"teacher": ref}, c)
+        elif row.method == "scratch":
+            pt = None
         else:  # mae and kd rows share the MAE pre-training
             pt = self.add("pretrain", "student-pretrain", f"student-pretrain-mae-{tag}-{mask}-e{pre['epochs']}-s{seed}",
                           {"objective": "mae", "model": student, "pretrain": pre, "seed": seed}, {}, c)
         ft_spec = {"model": student, "finetune": fin, "kd": None, "seed": seed}
-        ft_inputs = {"init": pt}
-        of = self.stages[pt].spec.name.removeprefix("student-pretrain-")
+        ft_inputs = {"init": pt} if pt else {}
+        of = self.stages[pt].spec.name.removeprefix("student-pretrain-") if pt else f"scratch-{tag}-s{seed}"
+        probe = self.probe_stage("student-probe", f"student-probe-of-{of}", student, -1, seed,
+                                 {"encoder": pt} if pt else {}, c)
         ft_desc = f"student-finetune-e{fin['epochs']}-of-{of}"
         if row.method == "kd":
             teacher["finetuned"] = self.teacher(teacher_cfg, c, "finetuned")
@@ -212,11 +237,12 @@ class _Builder:
         ft = self.add("finetune", "student-finetune", ft_desc, ft_spec, ft_inputs, c)
         ev = self.add("evaluate", "evaluate", "evaluate-" + self.stages[ft].spec.name.removeprefix("student-"),
                       {"model": student, "eval_batch_size": fin["eval_batch_size"], "seed": seed}, {"model": ft}, c)
-        info = {"teacher": teacher_cfg["model"]["preset"], "student": student["preset"],
-                "mask_ratio": pre["mask_ratio"], "pretrain_epochs": pre["epochs"], "finetune_epochs": fin["epochs"],
+        info = {"teacher": teacher_cfg["model"]["preset"] if row.method != "scratch" else None,
+                "student": student["preset"], "mask_ratio": pre["mask_ratio"] if pt else None,
+                "pretrain_epochs": pre["epochs"] if pt else 0, "finetune_epochs": fin["epochs"],
                 "kd": kd["kind"] if row.method == "kd" else None,
                 "distill": dis if row.method == "dmae" else None}
-        return Cell(row.key, seed, row.label, row.method, row.paper, pt, ft, ev, teacher, info)
+        return Cell(row.key, seed, row.label, row.method, row.paper, pt, ft, ev, teacher, info, probe)
 
 
 def check_name_ok(name: str) -> bool:

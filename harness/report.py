@@ -23,18 +23,19 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pandas as pd
 from omegaconf import OmegaConf
 
 from .collect import (NOT_AVAILABLE, NOT_IMAGENET, Collected, collect, export, load_paper_numbers, row_costs,
                       summarize, teacher_results)
-from .config import RECIPES_DIR
+from .config import RECIPES_DIR, GateConfig
 from .figures import make_figures
+from .gates import Gate, check_gates, not_passed
 from .rundir import MANIFEST_FILE
-from .stats import (DECIDED, NOT_APPLICABLE, RISING_PP, TOLERANCE_FLOOR, TOLERANCE_SE, LEVEL, expected_check,
-                    judge)
+from .stats import (DECIDED, LEVEL, MIN_OWN_DOF, NOT_APPLICABLE, NOT_TESTABLE, RISING_PP, TOLERANCE_FLOOR,
+                    TOLERANCE_SE, Noise, boundary_distance, expected_check, gate_verdict, judge, two_way_noise)
 
 PACKAGES = ("torch", "timm", "submitit", "pandas", "numpy", "scipy", "hydra-core", "matplotlib")
 EXPECTED_DIR = RECIPES_DIR / "expected"
@@ -42,7 +43,10 @@ EXPECTED_COLUMNS = ["row", "mean", "std", "n", "tolerance", "commit", "note"]
 TOLERANCE_RULE = (f"|Δ| ≤ max(tolerance, {TOLERANCE_SE:g}·std/√n_ours), Δ = ours − expected, std the expected "
                   f"row's seed std (tolerance alone when it has n < 2), n_ours our finished seeds")
 CLAIM_COLUMNS = ["report", "table", "profile", "id", "text", "source", "test", "margin", "a", "b", "n", "mean", "sd",
-                 "ci_lo", "ci_hi", "verdict", "seeds_needed", "paper_diff", "seeds"]
+                 "ci_lo", "ci_hi", "verdict", "seeds_needed", "paper_diff", "seeds",
+                 # added with the pooled noise (claims.csv files written before lack them)
+                 "bound", "sd_pooled", "sd_used", "sd_source", "dof", "noise_sd", "noise_dof", "seeds_paper",
+                 "paper_powered", "paper_outside", "a_stages", "b_stages"]
 
 
 def missing(x) -> bool:
@@ -93,31 +97,78 @@ def side(rows: List[str]) -> str:
 
 def test_text(r: dict) -> str:
     # plain bars: md_table escapes them
-    return f"a − b > {r['margin']:+.1f}" if r["test"] == "greater" else f"|a − b| < {r['margin']:.1f}"
+    if r["test"] == "within":
+        return f"|a − b| < {r['margin']:.1f}"
+    bound = r.get("bound")
+    return f"a − b > {r['margin']:+.1f}" + ("" if bound is None else f", bound {bound:g}")
 
 
-def _paper_diff(r: dict, by: Dict[str, dict]) -> None:
-    """paper_value (mean of a's paper numbers − mean of b's) where every row of both sides has one."""
-    lacking = [x for x in r["a"] + r["b"] if x not in by or missing(by[x]["paper_value"])]
+def _paper_diff(a: List[str], b: List[str], by: Dict[str, dict]) -> Tuple[Optional[float], str]:
+    """(paper_value, paper_text): the mean of a's paper numbers − the mean of b's, where every row of both sides has
+    one; (None, "not available (...)") otherwise."""
+    lacking = [x for x in a + b if x not in by or missing(by[x]["paper_value"])]
     if lacking:
-        r["paper_value"], r["paper_text"] = None, f"{NOT_AVAILABLE} (no paper number for " + ", ".join(
-            f"`{x}`" for x in lacking) + ")"
-        return
-    pa = [by[x]["paper_value"] for x in r["a"]]
-    pb = [by[x]["paper_value"] for x in r["b"]]
-    r["paper_value"] = round(sum(pa) / len(pa) - sum(pb) / len(pb), 3)
-    r["paper_text"] = (" − ".join(by[x]["paper_text"] for x in r["a"] + r["b"]) if len(pa) == len(pb) == 1
-                       else "mean − mean") + f" = {r['paper_value']:+g}"
+        return None, f"{NOT_AVAILABLE} (no paper number for " + ", ".join(f"`{x}`" for x in lacking) + ")"
+    pa = [by[x]["paper_value"] for x in a]
+    pb = [by[x]["paper_value"] for x in b]
+    value = round(sum(pa) / len(pa) - sum(pb) / len(pb), 3)
+    return value, (" − ".join(by[x]["paper_text"] for x in a + b) if len(pa) == len(pb) == 1
+                   else "mean − mean") + f" = {value:+g}"
 
 
-def check_claims(claims: List[dict], cells: pd.DataFrame, summary: pd.DataFrame) -> List[dict]:
-    """Each claim judged on paired seeds (harness.stats.judge) + the paper's difference where both sides have paper
-    numbers."""
+def distinct_rows(cells: pd.DataFrame) -> Tuple[List[str], Dict[str, str]]:
+    """The rows whose seed noise is independent, for the pooled noise: in table order, a row is left out when one of
+    its pre-train stages (collect's `pretrain_id`) belongs to a row already kept (the KD row fine-tunes the MAE row's
+    pre-train); a row without a pre-train (scratch) is distinct. Returns (kept rows, {left-out row: the kept row it
+    shares a pre-train with})."""
+    kept: List[str] = []
+    owner: Dict[str, str] = {}
+    left: Dict[str, str] = {}
+    if not len(cells):
+        return kept, left
+    for row, g in cells.groupby("row", sort=False):
+        ids = {p for p in g.get("pretrain_id", pd.Series(dtype=object)) if isinstance(p, str) and p}
+        shared = [owner[p] for p in sorted(ids) if p in owner]
+        if shared:
+            left[str(row)] = shared[0]
+            continue
+        kept.append(str(row))
+        owner.update({p: str(row) for p in ids})
+    return kept, left
+
+
+def report_noise(cells: pd.DataFrame) -> Tuple[Noise, Dict[str, str]]:
+    """The whole report's noise (harness.stats.two_way_noise over its distinct rows) and the rows left out."""
+    kept, left = distinct_rows(cells)
+    return two_way_noise(cells, kept), left
+
+
+def noise_text(noise: Optional[Noise], left: Optional[Dict[str, str]] = None) -> str:
+    if noise is None:
+        return ""
+    fit = f"two-way row + seed fit over {noise.n_rows} distinct rows × {noise.n_seeds} seeds"
+    if noise.sd is not None:
+        out = f"Noise from the whole report: residual sd σ = {noise.sd:.2f} pp ({fit}, dof {noise.dof})"
+    elif noise.n_obs:
+        out = f"Noise from the whole report: not estimable ({fit} leaves dof {noise.dof})"
+    else:
+        out = "Noise from the whole report: not estimable (no finished cell)"
+    if left:
+        out += "; left out, as sharing a pre-train: " + ", ".join(f"`{r}` (with `{o}`)" for r, o in left.items())
+    return out + "."
+
+
+def check_claims(claims: List[dict], cells: pd.DataFrame, summary: pd.DataFrame,
+                 noise: Optional[Noise] = None) -> List[dict]:
+    """Each claim judged on paired seeds (harness.stats.judge; with `noise`, the report's pooled noise where the
+    claim's own sd has too few degrees of freedom) against the paper's difference where both sides have paper
+    numbers (paper_value, paper_text)."""
     by = {r["row"]: r for r in summary.to_dict("records")}
     out = []
     for cl in claims:
-        r = judge(cl, cells)
-        _paper_diff(r, by)
+        value, text = _paper_diff([str(x) for x in cl["a"]], [str(x) for x in cl["b"]], by)
+        r = judge(cl, cells, noise, paper=value)
+        r.update(paper_value=value, paper_text=text)
         out.append(r)
     return out
 
@@ -134,12 +185,104 @@ def ci_text(r: dict) -> str:
     return "—" if r["lo"] is None else f"[{signed(r['lo'])}, {signed(r['hi'])}]"
 
 
-def needed_text(r: dict) -> str:
-    n = r["seeds_needed"]
+def used_text(r: dict) -> str:
+    """The sd behind the interval: '0.28 (pooled, 6 dof)'."""
+    return "—" if r.get("sd_used") is None else f"{r['sd_used']:.2f} ({r['sd_source']}, {r['dof']} dof)"
+
+
+def needed_text(r: dict, key: str = "seeds_needed") -> str:
+    """Seeds for 80% power: 'N seeds', '> 1000', 'cannot be decided', or '' when not computed."""
+    n = r.get(key, "")
     return "" if n == "" else (f"{n} seeds" if isinstance(n, int) else str(n))
 
 
-def _claims(res: Optional[List[dict]]) -> List[str]:
+def paper_seeds_text(r: dict) -> str:
+    """Seeds for 80% power were the true difference the paper's, and whether the paired seeds run reach them."""
+    if r.get("paper_value") is None:
+        return NOT_AVAILABLE
+    if r.get("seeds_paper", "") == "":
+        return "—"
+    if not isinstance(r["seeds_paper"], int):
+        return str(r["seeds_paper"])
+    return needed_text(r, "seeds_paper") + ("; reached" if r["paper_powered"] else f"; not reached at n={r['n']}")
+
+
+RULES = (
+    "Rules. Seeds are paired: the same seed gives the same student initialisation, data order and masks in every row, "
+    "so a claim is judged on the per-seed differences d_s = a_s − b_s of the evaluation's test top-1 over the seeds "
+    "both sides have finished (a group's value at a seed is the mean of its rows, at seeds where every one of them "
+    "has finished); n is the number of paired seeds. The interval is mean ± t(0.975, dof)·sd/√n. With n − 1 ≥ "
+    f"{MIN_OWN_DOF} the sd is the claim's own (*own*: the sd of the d_s; the textbook t(0.975, n−1)·sd/√n). With fewer "
+    "it is the whole report's (*pooled*, when that has more dof): σ·√(1/|a| + 1/|b|) with σ and its dof from the "
+    "line above (a least-squares fit of top-1 ~ row + seed over the rows that do not share a pre-train), which "
+    "assumes every row has the same seed noise around an additive row + seed structure; both sds are shown. "
+    "`greater` (a − b > margin) holds when the lower limit is above the margin and does not hold when the upper "
+    "limit is below it; with a bound (the smallest effect the claim cares about) it also ends as \"does not hold "
+    "(effect < bound)\" when the upper limit is below margin + bound. `within` (|a − b| < margin) holds when the "
+    "interval lies inside (−margin, margin) and does not hold when it lies entirely outside it. Anything else is "
+    "inconclusive, or \"paper-size effect excluded\" when the interval leaves out the paper's own a − b (paper "
+    "points: ImageNet-1K, a scale reference only on other profiles). Seeds for 80% power: the smallest n with "
+    "(t(0.975, n−1) + t(0.8, n−1))·sd/√n ≤ δ, δ the distance from the observed mean (or the paper's a − b) to the "
+    "boundary the interval must clear (sd as used, taken as known: an approximation). Fewer than 2 paired seeds: "
+    "not enough data (no interval). A paper claim on a profile whose gate failed is \"not testable at this "
+    "profile\" (its numbers kept). Only a decided verdict is in bold (holds, does not hold, does not hold (effect < "
+    "bound), paper-size effect excluded). Margins and bounds are top-1 points of this profile's own dataset. Source "
+    "*paper*: the paper says it (the note says where). Source *official default*: the paper's ablation table is not "
+    "available, so the claim is only that the official code's default choice is at least as good as the "
+    "alternative; a negative margin m in such a `greater` claim reads \"not worse than the alternative by more than "
+    "|m| pp\". A claim naming a row this run does not have is not applicable. The paper's differences are "
+    "ImageNet-1K points, shown for direction only.")
+
+
+def _sd_sentence(r: dict) -> str:
+    own = f"own sd of the differences {r['sd']:.2f} pp, {r['n'] - 1} dof"
+    pooled = "" if r.get("sd_pooled") is None else f"; pooled {r['sd_pooled']:.2f} pp, {r['noise_dof']} dof"
+    return f"{own}{pooled}; the interval uses the {r['sd_source'] or 'own'} one"
+
+
+def _detail(i: int, r: dict) -> str:
+    """The numbered line under the claims table."""
+    bits = [f"{i}. `{r['id']}` — {r['text']}: {verdict_md(r['verdict'])}."]
+    if r.get("verdict_ungated"):
+        bits.append(f"On its statistics alone: {r['verdict_ungated']}.")
+    if r["source"] == "official-default":
+        bits.append("Official default, not a paper result: the paper's ablation is not available; this checks "
+                    "that the official code's default is at least as good as the alternative.")
+    if r["note"]:
+        bits.append(f"Note: {r['note'].rstrip('.')}.")
+    if r["verdict"] == NOT_APPLICABLE:
+        bits.append(f"This run has no row {', '.join(f'`{x}`' for x in r['missing_rows'])}.")
+        return " ".join(bits)
+    if r["n"]:
+        bits.append(f"Paired seeds: {', '.join(str(s) for s in r['seeds'])}" + (
+            f" ({_sd_sentence(r)})." if r["sd"] is not None else "."))
+    else:
+        bits.append("No seed finished on both sides.")
+    if r["unpaired"]:
+        bits.append(f"Left out, unpaired: {r['unpaired']}.")
+    if r.get("below_bound"):
+        bits.append(f"The effect is positive but below the bound: upper limit {signed(r['hi'])} < margin + bound "
+                    f"= {signed(r['margin'] + r['bound'])}.")
+    pv = r.get("paper_value")
+    if r.get("paper_outside"):
+        bits.append(f"The paper's a − b ({signed(pv)} paper points) lies outside our interval {ci_text(r)}.")
+    if r["seeds_needed"] != "":
+        dist = boundary_distance(r["mean"], r["test"], r["margin"], r.get("bound"))
+        bits.append(f"Seeds for 80% power at the observed mean ({dist:.2f} pp from the boundary it must clear): "
+                    f"{needed_text(r)}.")
+    if r.get("seeds_paper", "") != "":
+        dist = boundary_distance(pv, r["test"], r["margin"], r.get("bound"))
+        reach = "" if not isinstance(r["seeds_paper"], int) else f": the {r['n']} paired seeds run " + (
+            "reach it" if r["paper_powered"] else "do not reach it")
+        bits.append(f"Were the true difference the paper's ({signed(pv)} paper points, {dist:.2f} from the boundary), "
+                    f"80% power would need {needed_text(r, 'seeds_paper')}{reach}.")
+    elif pv is None and r["seeds_needed"] != "":
+        bits.append("Seeds for a paper-size effect: not available (no paper a − b).")
+    return " ".join(bits)
+
+
+def _claims(res: Optional[List[dict]], noise: Optional[Noise] = None,
+            left: Optional[Dict[str, str]] = None) -> List[str]:
     if res is None:
         return ["This run's manifest carries no claims: its recipe has no `claims:` section, or the run was planned "
                 "before claims were part of recipes. Re-plan it (`python -m harness.reproduce <table>` skips finished "
@@ -148,53 +291,37 @@ def _claims(res: Optional[List[dict]]) -> List[str]:
         return ["The recipe's `claims:` section is empty."]
     rows = [[f"{r['text']} ({side(r['a'])} vs {side(r['b'])}; `{r['id']}`)",
              "official default" if r["source"] == "official-default" else r["source"], test_text(r), ours_text(r),
-             ci_text(r), r["n"], verdict_md(r["verdict"]), needed_text(r), r["paper_text"]] for r in res]
-    out = [md_table(["claim (a vs b)", "source", "test", "ours: paired mean a − b (pp)", f"{LEVEL:.0%} CI", "n",
-                     "verdict", "seeds to decide", "paper a − b"], rows), ""]
-    out += ["Rules. Seeds are paired: the same seed gives the same student initialisation, data order and masks in "
-            "every row, so a claim is judged on the per-seed differences d_s = a_s − b_s of the evaluation's test "
-            "top-1 over the seeds both sides have finished (a group's value at a seed is the mean of its rows, at "
-            "seeds where every one of them has finished). n is the number of paired seeds; the interval is "
-            "mean ± t(0.975, n−1)·sd/√n (the point itself when sd = 0). `greater` (a − b > margin) holds when the "
-            "lower bound is above the margin and does not hold when the upper bound is below it; `within` "
-            "(|a − b| < margin) holds when the interval lies inside (−margin, margin) and does not hold when it lies "
-            "entirely outside it; anything else is inconclusive, and \"seeds to decide\" gives the smallest n with "
-            "t(0.975, n−1)·sd/√n < |mean − nearest boundary|, i.e. the paired seeds that would decide it if the "
-            "observed mean and spread held. Fewer than 2 paired seeds: not enough data (no interval). Only a "
-            "decided verdict is in bold. Margins are top-1 points of this profile's own dataset. Source *paper*: the "
-            "paper says it (the note says where). Source *official default*: the paper's ablation table is not "
-            "available, so the claim is only that the official code's default choice is at least as good as the "
-            "alternative; a negative margin m in such a `greater` claim reads \"not worse than the alternative by "
-            "more than |m| pp\". A claim naming a row this run does not have is not applicable. The paper's "
-            "differences are ImageNet-1K points, shown for direction only.", ""]
-    for i, r in enumerate(res, 1):
-        bits = [f"{i}. `{r['id']}` — {r['text']}: {verdict_md(r['verdict'])}."]
-        if r["source"] == "official-default":
-            bits.append("Official default, not a paper result: the paper's ablation is not available; this checks "
-                        "that the official code's default is at least as good as the alternative.")
-        if r["note"]:
-            bits.append(f"Note: {r['note'].rstrip('.')}.")
-        if r["verdict"] == NOT_APPLICABLE:
-            bits.append(f"This run has no row {', '.join(f'`{x}`' for x in r['missing_rows'])}.")
-        elif r["n"]:
-            bits.append(f"Paired seeds: {', '.join(str(s) for s in r['seeds'])}" + (
-                f" (sd of the differences {r['sd']:.2f} pp)." if r["sd"] is not None else "."))
-        else:
-            bits.append("No seed finished on both sides.")
-        if r["unpaired"]:
-            bits.append(f"Left out, unpaired: {r['unpaired']}.")
-        if r["seeds_needed"] != "":
-            bits.append(f"Seeds to decide at the observed spread: {needed_text(r)}.")
-        out.append(" ".join(bits))
+             ci_text(r), r["n"], verdict_md(r["verdict"]), fmt(r["sd"]), used_text(r), needed_text(r),
+             paper_seeds_text(r), r["paper_text"]] for r in res]
+    out = ([noise_text(noise, left), ""] if noise is not None else [])
+    out += [md_table(["claim (a vs b)", "source", "test", "ours: paired mean a − b (pp)", f"{LEVEL:.0%} CI", "n",
+                      "verdict", "own sd", "sd used", "seeds for 80% power", "seeds for a paper-size effect",
+                      "paper a − b"], rows), "", RULES, ""]
+    out += [_detail(i, r) for i, r in enumerate(res, 1)]
     return out
 
 
+def _stage_ids(cells: pd.DataFrame, rows: List[str]) -> str:
+    """The evaluate stage ids behind a side of a claim (every planned cell of its rows), sorted: the comparison's
+    identity across reports (recipes share stages)."""
+    if not len(cells) or "evaluate_id" not in cells.columns:
+        return ""
+    return " ".join(sorted(str(x) for x in cells.loc[cells["row"].isin(rows), "evaluate_id"].dropna()))
+
+
 def claims_frame(res: Optional[List[dict]], c: Collected, name: str) -> pd.DataFrame:
+    """claims.csv: one row per claim. The columns up to `seeds` are those of earlier reports (ci_lo / ci_hi: the
+    interval used, sd: the claim's own, seeds_needed: now at 80% power); the rest were added with the pooled noise."""
     recs = [{"report": name, "table": c.table, "profile": c.profile, "id": r["id"], "text": r["text"],
              "source": r["source"], "test": r["test"], "margin": r["margin"], "a": " ".join(r["a"]),
              "b": " ".join(r["b"]), "n": r["n"], "mean": r["mean"], "sd": r["sd"], "ci_lo": r["lo"], "ci_hi": r["hi"],
              "verdict": r["verdict"], "seeds_needed": r["seeds_needed"], "paper_diff": r["paper_value"],
-             "seeds": " ".join(str(s) for s in r["seeds"])} for r in (res or [])]
+             "seeds": " ".join(str(s) for s in r["seeds"]), "bound": r.get("bound"), "sd_pooled": r.get("sd_pooled"),
+             "sd_used": r.get("sd_used"), "sd_source": r.get("sd_source", ""), "dof": r.get("dof"),
+             "noise_sd": r.get("noise_sd"), "noise_dof": r.get("noise_dof"), "seeds_paper": r.get("seeds_paper", ""),
+             "paper_powered": r.get("paper_powered"), "paper_outside": r.get("paper_outside"),
+             "a_stages": _stage_ids(c.cells, r["a"]), "b_stages": _stage_ids(c.cells, r["b"])}
+            for r in (res or [])]
     return pd.DataFrame(recs, columns=CLAIM_COLUMNS)
 
 
@@ -284,6 +411,31 @@ def _banner(c: Collected) -> List[str]:
     return lines
 
 
+def gates_of(c: Collected) -> dict:
+    """The run's gate settings (recipe `gates:`), the defaults for a run planned before gates existed."""
+    return {**GateConfig().__dict__, **((c.manifest.get("config") or {}).get("gates") or {})}
+
+
+def _gates(gates: List[Gate], res: Optional[List[dict]]) -> List[str]:
+    """The positive controls first: can this profile see an effect of the kind the paper claims at all?"""
+    failed = not_passed(gates)
+    paper = [r for r in (res or []) if r["source"] == "paper"]
+    decided = [r for r in (res or []) if r["verdict"] in DECIDED]
+    head = ("**All gates pass**: this profile can see an effect of the kind the paper claims, so its paper claims "
+            "are judged below." if not failed else
+            f"**Gate{'s' if len(failed) > 1 else ''} {', '.join(failed)} did not pass**: the paper claims below read "
+            f"\"{NOT_TESTABLE}\" (their numbers are kept, for the record); claims about the official code's defaults "
+            "are judged as usual.")
+    rows = [[g.key, g.text, g.value, f"**{g.state}**" if g.passed else g.state, g.detail] for g in gates]
+    return [head, "", md_table(["gate", "asks", "measured", "state", "detail"], rows), "",
+            f"Claims: {len(decided)} of {len(res or [])} decided ({len(paper)} from the paper). Gates "
+            "(harness/gates.py, the recipe's `gates:`): (i) the MAE row against the same student fine-tuned from "
+            "random initialisation, paired, interval's lower bound above the threshold; (ii) kNN probes (frozen "
+            "features, test split) of the teacher's aligned block against the MAE student's last block; (iii) "
+            "the convergence check below. "
+            "A gate whose rows or probes are missing is not checked, and counts as not passed."]
+
+
 def _teacher(c: Collected) -> List[str]:
     res = teacher_results(c)
     if not res:
@@ -297,6 +449,11 @@ def _teacher(c: Collected) -> List[str]:
                    + (f": {str(r['reason'])[:160]}" if r["reason"] else ""))
     if not ev:
         out.append("Teacher (fine-tuned) test top-1: not available — this plan has no `teacher-evaluate` stage.")
+    st = c.stages
+    for r in st[st["role"] == "teacher-probe"].to_dict("records"):
+        out.append(f"Teacher kNN probe (block {fmt(r.get('block'), 0)}, frozen, test split): **{fmt(r['top1'])}** "
+                   f"(stage `{r['stage_id']}`)" if r["status"] == "done" else
+                   f"Teacher kNN probe: not available — stage `{r['stage_id']}` is {r['status']}")
     for r in res:
         if r["role"] == "teacher-finetune" and not missing(r["val_top1_last"]):
             out.append(f"Teacher fine-tune validation top-1: last epoch {fmt(r['val_top1_last'])}, best "
@@ -347,17 +504,24 @@ def _results(summary: pd.DataFrame, c: Collected) -> List[str]:
             if r["paper_source"] not in sources:
                 sources.append(r["paper_source"])
             paper = f"{paper} [{sources.index(r['paper_source']) + 1}]"
-        rows.append([f"`{r['row']}` {r['label']}", paper, reproduced(r), r["delta_text"], r["status"]])
+        probe = "—" if missing(r.get("probe_mean")) else fmt(r["probe_mean"]) + (
+            f" ± {fmt(r['probe_std'])}" if not missing(r.get("probe_std")) else "")
+        rows.append([f"`{r['row']}` {r['label']}", paper, reproduced(r), probe, r["delta_text"], r["status"]])
     out = ["Reproduced = the evaluation stage's TEST top-1 (the whole test split); fine-tuning monitors a validation "
-           "split carved out of the training images, never the test split.", "",
-           md_table(["row", "paper", "reproduced test top-1 (mean ± std, n)", "Δ", "status"], rows), ""]
+           "split carved out of the training images, never the test split. Probe = the kNN top-1 (k = 20, "
+           "harness/probe.py) of the row's encoder before fine-tuning (its last block, frozen; the scratch row: its "
+           "random initialisation), bank = the training images, queries = the test split: it shows what "
+           "pre-training put into the features, which fine-tuning can wash out.", "",
+           md_table(["row", "paper", "reproduced test top-1 (mean ± std, n)", "probe top-1 (mean ± std)", "Δ",
+                     "status"], rows), ""]
     out += _teacher(c) + [""]
     out += ["Paper sources (recipes/paper-numbers.csv):"] + [f"[{i}] {s}  " for i, s in enumerate(sources, 1)] + [""]
     out += ["Per seed (test top-1 of the evaluation stage; fine-tune validation best/last from its result and log):",
             ""]
-    out.append(md_table(["row", "seed", "test top-1", "val best (epoch)", "val last", "val Δ last epoch",
-                         "test top-5", "status"], [
-        [r["row"], r["seed"], fmt(r["top1"]), f"{fmt(r['val_top1_best'])} ({fmt(r['val_top1_best_epoch'], 0)})",
+    out.append(md_table(["row", "seed", "test top-1", "probe top-1", "val best (epoch)", "val last",
+                         "val Δ last epoch", "test top-5", "status"], [
+        [r["row"], r["seed"], fmt(r["top1"]), fmt(r.get("probe_top1")),
+         f"{fmt(r['val_top1_best'])} ({fmt(r['val_top1_best_epoch'], 0)})",
          fmt(r["val_top1_last"]), "—" if missing(r["val_last_gain"]) else f"{r['val_last_gain']:+.2f}"
          + (" (still rising)" if r["still_rising"] else ""), fmt(r["top5"]),
          r["status"] + (f": {r['reason'][:160]}" if r["reason"] else "")] for r in c.cells.to_dict("records")]))
@@ -460,37 +624,113 @@ def report_name(table: str, profile: str) -> str:
     return table if profile == default_profile(table) else f"{table}.{profile}"
 
 
+def comparison_key(r: dict) -> tuple:
+    """One distinct comparison behind claim lines of claims.csv (recipes share stages, so one comparison recurs under
+    several ids): the evaluate stages behind a and b with the test, margin and bound; for a claims.csv written before
+    a_stages / b_stages, (a rows, b rows, profile) with the test, margin and bound."""
+    def num(k):
+        try:
+            return float(r.get(k) or "")
+        except ValueError:
+            return r.get(k) or ""
+    test = (r.get("test", ""), num("margin"), num("bound"))
+    if r.get("a_stages") and r.get("b_stages"):
+        return ("stages", r["a_stages"], r["b_stages"]) + test
+    return ("rows", r.get("a", ""), r.get("b", ""), r.get("profile", "")) + test
+
+
+def _dof(r: dict) -> float:
+    """The dof behind a claim line's interval (n - 1 in a claims.csv without `dof`); -1 without an interval."""
+    if r.get("ci_lo", "") == "":
+        return -1.0
+    try:
+        return float(r.get("dof") or float(r["n"]) - 1)
+    except ValueError:
+        return -1.0
+
+
+def _tested(r: dict) -> bool:
+    """A claim line that ran a test: it has an interval and no failed gate replaced its verdict."""
+    return r.get("ci_lo", "") != "" and not r["verdict"].startswith(NOT_TESTABLE)
+
+
+def _comparisons(lines: List[dict]) -> List[dict]:
+    """Claim lines grouped by comparison_key, in order of first appearance: {lead, aliases, paper}. The lead, whose
+    verdict counts, is the alias with the most degrees of freedom behind its interval (reports pool their noise over
+    different rows), the first on ties; paper: whether any alias is a paper claim."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in lines:
+        groups.setdefault(comparison_key(r), []).append(r)
+    out = []
+    for aliases in groups.values():
+        lead = max(aliases, key=_dof)  # max keeps the first of equals
+        out.append({"lead": lead, "aliases": aliases, "paper": any(a["source"] == "paper" for a in aliases)})
+    return out
+
+
+def _comparison_row(g: dict) -> list:
+    r = g["lead"]
+    num = lambda k: float(r[k]) if r.get(k) not in (None, "") else None  # noqa: E731
+    mean, lo, hi, used = num("mean"), num("ci_lo"), num("ci_hi"), num("sd_used")
+    diff = "—" if mean is None else f"{mean:+.2f}" + (f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None else "")
+    sd = "—" if used is None else f"{used:.2f} ({r.get('sd_source', '')}, {r.get('dof', '')} dof)"
+    differ = len({a["verdict"] for a in g["aliases"]}) > 1
+    where = "; ".join(f"[{a['report']}]({a['report']}.md) `{a['id']}`" + (f": {a['verdict']}" if differ else "")
+                      for a in g["aliases"])
+    return [f"`{r['id']}` {r['text']}", "official default" if r["source"] == "official-default" else r["source"],
+            verdict_md(r["verdict"]), diff, sd, r["n"], where]
+
+
+def _chance_text(groups: List[dict]) -> str:
+    """How many distinct tests a set ran, how many it decided, and how many decided verdicts chance alone gives."""
+    lines = sum(len(g["aliases"]) for g in groups)
+    tested = [g for g in groups if _tested(g["lead"])]
+    decided = [g["lead"]["verdict"] for g in tested if g["lead"]["verdict"] in DECIDED]
+    counts = ", ".join(f"{decided.count(v)} {v}" for v in DECIDED if v in decided)
+    return (f"{len(groups)} distinct comparisons behind {lines} claim lines; {len(tested)} tested (an "
+            f"interval, no failed gate); {len(decided)} decided" + (f" ({counts})" if counts else "") +
+            f". Chance alone: at {LEVEL:.0%} intervals a test whose true difference sits on its decision boundary "
+            f"comes out decided about {1 - LEVEL:.0%} of the time, so about {(1 - LEVEL) * len(tested):.1f} of these "
+            f"{len(tested)} decided verdicts are expected with no real effect anywhere (an expectation, not a bound; "
+            "comparisons that share rows are not independent).")
+
+
 def write_index(reports_dir: Path) -> Path:
-    """reports/README.md, the dashboard: one line per claim across every report (from each report's claims.csv, so no
-    results are re-read), then a link to each report."""
+    """reports/README.md, the dashboard: every distinct comparison once (from each report's claims.csv, so no results
+    are re-read), its aliases across reports listed; the paper claims first (the primary set) and counted apart from
+    the official-default ones, with the decided verdicts chance alone would give; then a link to each report."""
     reports_dir = Path(reports_dir)
     reports = sorted(md for md in reports_dir.glob("*.md") if md.name != "README.md")
     lines = ["# Reports", "", "Generated by `python -m harness.reproduce <table>` (or `python -m harness.report "
              "<table>`) from real runs. `<table>.md` comes from the recipe's default profile (tiny: Fashion-MNIST "
              "on CPU, not ImageNet numbers); `<table>.<profile>.md` from other profiles.", "", "## Claims", "",
              "Each claim is judged on paired seeds (test top-1, a − b in points of the report's own dataset, "
-             f"{LEVEL:.0%} t-interval); the rules are in each report's Claims section. Only decided verdicts are in "
-             "bold.", ""]
-    rows, without = [], []
+             f"{LEVEL:.0%} t-interval, the report's pooled noise where a claim's own sd has few degrees of freedom); "
+             "the rules are in each report's Claims section. Recipes share stages, so one comparison (the same "
+             "evaluate stages on both sides, the same test and margin) can appear under several claim ids: it is "
+             "listed and counted once, its verdict taken from the alias with the most degrees of freedom, and every "
+             "alias named (with its verdict, where they differ). Only decided verdicts are in bold.", ""]
+    claim_lines, without = [], []
     for md in reports:
         path = reports_dir / md.stem / "claims.csv"
         if not path.is_file():
             without.append(md.stem)
             continue
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        for r in df.to_dict("records"):
-            num = lambda k: float(r[k]) if r.get(k) not in (None, "") else None  # noqa: E731
-            mean, lo, hi = num("mean"), num("ci_lo"), num("ci_hi")
-            diff = "—" if mean is None else f"{mean:+.2f}" + (f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None else "")
-            rows.append([f"[{md.stem}]({md.name})", r["table"], f"`{r['id']}` {r['text']}",
-                         "official default" if r["source"] == "official-default" else r["source"],
-                         verdict_md(r["verdict"]), diff, r["n"]])
-    lines.append(md_table(["report", "recipe", "claim", "source", "verdict", "a − b (95% CI)", "n"], rows)
-                 if rows else "No report records its claims yet.")
+        claim_lines += [dict(r, report=md.stem) for r in pd.read_csv(path, dtype=str, keep_default_na=False)
+                        .to_dict("records")]
+    groups = _comparisons(claim_lines)
+    headers = ["claim", "source", "verdict", "a − b (95% CI)", "sd used", "n", "reports (claim ids)"]
+    for paper, title in ((True, "Paper claims (the primary set)"), (False, "Official-default claims")):
+        part = [g for g in groups if g["paper"] == paper]
+        if part:
+            lines += [f"### {title}", "", _chance_text(part), "",
+                      md_table(headers, [_comparison_row(g) for g in part]), ""]
+    if not groups:
+        lines += ["No report records its claims yet.", ""]
     if without:
-        lines += ["", "Reports without a claims.csv (written before claims were recorded; regenerate them with "
-                  "`python -m harness.report <table>`): " + ", ".join(f"[{s}]({s}.md)" for s in without) + "."]
-    lines += ["", "## Reports", ""]
+        lines += ["Reports without a claims.csv (written before claims were recorded; regenerate them with "
+                  "`python -m harness.report <table>`): " + ", ".join(f"[{s}]({s}.md)" for s in without) + ".", ""]
+    lines += ["## Reports", ""]
     versions = {}
     for md in reports:
         title = md.read_text().split("\n", 1)[0].lstrip("# ").strip()
@@ -518,7 +758,11 @@ def write_report(root: Path, reports_dir: str | Path, figures: bool = True,
     papers = load_paper_numbers()
     summary = summarize(c, papers)
     claims = claims_of(c)
-    res = check_claims(claims, c.cells, summary) if claims is not None else None
+    noise, left = report_noise(c.cells)
+    res = check_claims(claims, c.cells, summary, noise) if claims is not None else None
+    gates = check_gates(c.cells, summary, gates_of(c), noise)
+    if res is not None:  # a paper claim on a profile whose positive controls did not pass is not testable here
+        res = [gate_verdict(r, not_passed(gates)) for r in res]
     reports_dir = Path(reports_dir)
     name = report_name(c.table, c.profile)
     fig_dir = reports_dir / name
@@ -529,12 +773,13 @@ def write_report(root: Path, reports_dir: str | Path, figures: bool = True,
     claims_frame(res, c, name).to_csv(claims_csv, index=False)
     data.append(claims_csv)
     warn = [f"- {w}" for w in c.warnings] or ["None."]
-    parts = [[f"# {c.table}: {c.manifest.get('title', '')}", ""], _banner(c),
+    parts = [[f"# {c.table}: {c.manifest.get('title', '')}", ""], _banner(c), ["", "## Gates", ""],
+             _gates(gates, res),
              ["", "Statuses: done · failed (reason from error.json) · partial (running or interrupted) · unreadable "
               "(result file could not be read; skipped) · stale (computed from an input that has since failed or "
               "changed; the reason names it; the next run moves it aside and recomputes it) · not started.", "",
               "## Warnings", ""], warn,
-             ["", "## Results", ""], _results(summary, c), ["", "## Claims", ""], _claims(res),
+             ["", "## Results", ""], _results(summary, c), ["", "## Claims", ""], _claims(res, noise, left),
              ["", "## Expected values", ""], _expected(c, summary, expected_dir),
              ["", "## Figures", ""],
              [f"![{cap}]({name}/{png})" for cap, png in drawn]

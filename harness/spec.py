@@ -4,6 +4,7 @@ config.json, and read back by the stage (harness.stages), the cost estimate and 
     PretrainStage   kind=pretrain: objective (mae | dmae), model, pretrain; dmae adds distill and teacher_model
     FinetuneStage   kind=finetune: model, finetune, kd (null unless the row distils logits; then teacher_model too)
     EvaluateStage   kind=evaluate: model, eval_batch_size
+    ProbeStage      kind=probe: model, block, k, temperature, split (a frozen encoder's kNN top-1, harness.probe)
 
 Every stage also has name, seed, data, amp and inputs (role -> stage id or "file:<path>"). The sections are the
 recipe's sections as a stage uses them: `PretrainSpec` and `FinetuneSpec` are `Schedule`s (what train.fit reads)
@@ -123,7 +124,7 @@ class StageRuntime:
 
 @dataclass
 class StageSpec:
-    kind: str = MISSING  # pretrain | finetune | evaluate
+    kind: str = MISSING  # pretrain | finetune | evaluate | probe
     name: str = ""  # what the stage is, the first part of its id (not hashed: the id's hash covers the rest)
     seed: int = 0
     model: ModelConfig = MISSING  # the model the stage trains or evaluates
@@ -155,10 +156,29 @@ class EvaluateStage(StageSpec):
     eval_batch_size: int = 256
 
 
-STAGE_SPECS = {"pretrain": PretrainStage, "finetune": FinetuneStage, "evaluate": EvaluateStage}
-AnySpec = Union[PretrainStage, FinetuneStage, EvaluateStage]
+@dataclass
+class ProbeSpec:
+    """The frozen-feature probe (harness.probe): a weighted kNN vote over the mean patch token of one block."""
+    k: int = 20
+    temperature: float = 0.07
+    batch_size: int = 512
+
+
+@dataclass
+class ProbeStage(StageSpec):
+    """A frozen encoder's kNN top-1: the `encoder` input's block `block` (0-based; -1 = the last), memory bank = the
+    training images with their labels, queries = `split` (test for reports, val while tuning). Without an `encoder`
+    input the encoder is the random initialisation of `seed` (the scratch row's start)."""
+    kind: str = "probe"
+    block: int = -1
+    split: str = "test"  # test | val
+    probe: ProbeSpec = field(default_factory=ProbeSpec)
+
+
+STAGE_SPECS = {"pretrain": PretrainStage, "finetune": FinetuneStage, "evaluate": EvaluateStage, "probe": ProbeStage}
+AnySpec = Union[PretrainStage, FinetuneStage, EvaluateStage, ProbeStage]
 SECTIONS = {"model": ModelConfig, "teacher_model": ModelConfig, "data": DataConfig, "pretrain": PretrainSpec,
-            "finetune": FinetuneSpec, "distill": DistillSpec, "kd": KDConfig}
+            "finetune": FinetuneSpec, "distill": DistillSpec, "kd": KDConfig, "probe": ProbeSpec}
 
 
 def build_stage(kind: str, **fields) -> AnySpec:

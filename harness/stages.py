@@ -37,9 +37,10 @@ from .build import finetune_objective, finetune_param_groups, pretrain_objective
 from .checkpoints import atomic_save, encoder_to_classifier, load_weights, safe_load, state_dict_of, DECODER_KEYS
 from .data import Aug, build_dataset
 from .models import build_classifier, build_mae, get_arch
+from .probe import block_features, knn_top1
 from .rundir import (CONFIG_FILE, ERROR_FILE, MODEL_FILE, RESULT_FILE, StageLocked, git_commit,
                      input_record, sha256_file, spec_hash, stage_lock, write_json, write_stage_config)
-from .spec import (AnySpec, EvaluateStage, FinetuneStage, ModelConfig, PretrainStage, StageRuntime,
+from .spec import (AnySpec, EvaluateStage, FinetuneStage, ModelConfig, PretrainStage, ProbeStage, StageRuntime,
                    kd_teacher_logits_cached, spec_dict, stage_runtime, stage_spec)
 from .train import (NonFiniteLoss, Runtime, evaluate_classifier, fit, peak_memory_mb, reset_peak_memory, seed_all,
                     setup_runtime)
@@ -154,7 +155,34 @@ def evaluate(spec: EvaluateStage, run_dir: Path, inputs: Dict[str, str], rt: Run
     return metrics
 
 
-STAGES = {"pretrain": pretrain, "finetune": finetune, "evaluate": evaluate}
+def probe(spec: ProbeStage, run_dir: Path, inputs: Dict[str, str], rt: Runtime, stage_id: str) -> dict:
+    """kNN top-1 of a frozen encoder's block (harness.probe): bank = the training images with their labels, queries =
+    spec.split. No `encoder` input: the random initialisation of spec.seed, as a scratch fine-tune starts."""
+    data = spec.data
+    depth = get_arch(spec.model.preset).depth
+    block = spec.block if spec.block >= 0 else depth + spec.block
+    if not 0 <= block < depth:
+        raise ValueError(f"probe block {spec.block} does not exist in a {depth}-block encoder")
+    if inputs.get("encoder"):
+        encoder = load_teacher_encoder(inputs["encoder"], spec.model, data.img_size, with_decoder=False)
+    else:
+        seed_all(spec.seed)
+        encoder = build_mae(get_arch(spec.model.preset), with_decoder=False, **_img(spec))
+    encoder.to(rt.device)
+    t0 = time.perf_counter()
+    aug = Aug("eval", data.img_size, crop_pct=data.eval_crop_pct)
+    bank, num_classes = build_dataset(data, "train", aug)
+    queries, _ = build_dataset(data, spec.split, aug)
+    bank_f, bank_y = block_features(encoder, bank, block, spec.probe.batch_size, rt.device)
+    query_f, query_y = block_features(encoder, queries, block, spec.probe.batch_size, rt.device)
+    out = knn_top1(bank_f, bank_y, query_f, query_y, num_classes, spec.probe.k, spec.probe.temperature)
+    out.update(split=spec.split, block=block, bank_images=len(bank), probe_s=time.perf_counter() - t0)
+    rt.log(f"[{spec.name}] kNN probe of block {block}: top-1 {out['top1']:.2f} on {out['n_eval']} {spec.split} images "
+           f"(bank {len(bank)}, k={out['k']})")
+    return out
+
+
+STAGES = {"pretrain": pretrain, "finetune": finetune, "evaluate": evaluate, "probe": probe}
 
 
 def _remove_stale_tmp(run_dir: Path, log) -> None:

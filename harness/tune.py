@@ -4,10 +4,11 @@
         profile=tiny '~rows.dmae_95' finetune.blr=2e-3
 
 runs the table's pre-training and fine-tuning stages in this process (launcher=debug semantics, results under
-results_root=results/tuning unless given) and never its evaluation stages: the test split is not read. Each
-fine-tune's validation top-1 (the `holdout` images carved out of the training set) is printed and appended to the
-record (a CSV committed next to the profile: what was tried, what it gave, what it cost), so the choice of a
-profile's hyper-parameters can be retraced.
+results_root=results/tuning unless given) and never its evaluation stages: the test split is not read. Its probe
+stages run on the validation split instead of the test split. Each fine-tune's validation top-1 (the `holdout`
+images carved out of the training set) and each probe's are printed and appended to the record (a CSV committed
+next to the profile: what was tried, what it gave, what it cost), so the choice of a profile's hyper-parameters can
+be retraced.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import csv
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -54,6 +56,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue  # the test split is read by the final evaluation only
         if args.only and not stage.role.startswith(args.only):
             continue
+        if stage.kind == "probe":  # on the validation split: a stage of its own, beside the test-split one
+            spec = replace(stage.spec, split="val", name=f"{stage.spec.name}-val")
+            res = run_stage(spec, plan.dir(f"{sid}-val"), plan.input_paths(stage), runtime_of(cfg), f"{sid}-val")
+            _append(record, {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "trial": args.trial,
+                             "overrides": " ".join(args.overrides), "stage": spec.name, "role": stage.role,
+                             "row_seed": " ".join(f"{r}/s{s}" for r, s in stage.cells), "epochs": "",
+                             "train_images": res["bank_images"], "last_val_top1": round(res["top1"], 2),
+                             "best_val_top1": "", "last_epoch_gain": "", "val_curve": "",
+                             "train_s": round(res["wall_s"], 1), "git_commit": (git_commit() or "")[:10]})
+            print(f"[tune {args.trial}] {spec.name}: kNN probe val top-1 {res['top1']:.2f}", flush=True)
+            continue
         res = run_stage(stage.spec, plan.dir(sid), plan.input_paths(stage), runtime_of(cfg), sid)
         if stage.kind != "finetune":
             continue
@@ -67,16 +80,21 @@ def main(argv: Optional[List[str]] = None) -> int:
                "val_curve": " ".join(f"{r['val_top1']:.1f}" for r in log),
                "train_s": round(json.loads((plan.dir(sid) / RESULT_FILE).read_text())["wall_s"], 1),
                "git_commit": (git_commit() or "")[:10]}
-        new = not record.exists()
-        with open(record, "a", newline="") as f:  # each fine-tune as soon as it is done: a stopped trial keeps its rows
-            w = csv.DictWriter(f, fieldnames=RECORD_COLUMNS)
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        _append(record, row)
         print(f"[tune {args.trial}] {stage.spec.name}: val top-1 last {res['last_val_top1']:.2f} "
               f"best {res['best_val_top1']:.2f} (last-epoch gain {gain:+.2f}); curve "
               f"{row['val_curve']}", flush=True)
     return 0
+
+
+def _append(record: Path, row: dict) -> None:
+    """Each stage's row as soon as it is done: a stopped trial keeps its rows."""
+    new = not record.exists()
+    with open(record, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RECORD_COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ def test_table2_is_a_recipe_and_defaults_to_tiny():
     assert "table2" in tables()
     cfg = load_config("table2")
     assert cfg.profile == "tiny" and cfg.launcher.name == "local"
-    assert set(cfg.rows) == {"mae", "kd_finetuned_teacher", "dmae_75", "dmae_95", "dmae_98"}
+    assert set(cfg.rows) == {"mae", "kd_finetuned_teacher", "dmae_75", "dmae_95", "dmae_98", "scratch"}
 
 
 def test_shared_stages_run_once(tmp_path):
@@ -25,7 +25,7 @@ def test_shared_stages_run_once(tmp_path):
     assert len(by_role["teacher-pretrain"]) == 1 and len(by_role["teacher-finetune"]) == 1
     # MAE baseline pre-train feeds both the MAE row and the KD row: 4 student pre-trains for 5 rows
     assert len(by_role["student-pretrain"]) == 4
-    assert len(by_role["student-finetune"]) == 5 and len(by_role["evaluate"]) == 5
+    assert len(by_role["student-finetune"]) == 6 and len(by_role["evaluate"]) == 6
     cells = {c.row: c for c in plan.cells}
     assert cells["mae"].pretrain == cells["kd_finetuned_teacher"].pretrain
     assert cells["mae"].finetune != cells["kd_finetuned_teacher"].finetune
@@ -34,6 +34,50 @@ def test_shared_stages_run_once(tmp_path):
     dmae_pt = plan.stages[cells["dmae_95"].pretrain]
     assert dmae_pt.inputs["teacher"] == cells["dmae_95"].teacher["pretrained"]
     assert dmae_pt.spec.pretrain.mask_ratio == 0.95
+
+
+def test_scratch_builds_no_pretrain_stage(tmp_path):
+    plan = plan_for(tmp_path=tmp_path)
+    cell = next(c for c in plan.cells if c.row == "scratch")
+    assert cell.pretrain is None and cell.method == "scratch"
+    ft = plan.stages[cell.finetune]
+    assert ft.inputs == {} and ft.kind == "finetune" and ft.spec.kd is None
+    # the same fine-tune recipe and student as the MAE row: only the start differs
+    mae_ft = plan.stages[next(c for c in plan.cells if c.row == "mae").finetune]
+    assert ft.spec.finetune == mae_ft.spec.finetune and ft.spec.model == mae_ft.spec.model
+    assert ft.spec.seed == mae_ft.spec.seed
+    # nothing upstream of the scratch row: no pre-train, no teacher
+    assert not plan.deps(ft) and not cell.teacher
+
+
+def test_probes_score_every_encoder_a_row_starts_from(tmp_path):
+    plan = plan_for(tmp_path=tmp_path)
+    cells = {c.row: c for c in plan.cells}
+    for row in ("mae", "dmae_75", "scratch"):
+        probe = plan.stages[cells[row].probe]
+        assert probe.kind == "probe" and probe.role == "student-probe" and probe.spec.split == "test"
+        assert probe.spec.block == -1
+        assert probe.inputs == ({"encoder": cells[row].pretrain} if cells[row].pretrain else {})
+    assert cells["mae"].probe == cells["kd_finetuned_teacher"].probe  # the same encoder, probed once
+    teacher_probe = plan.stages[cells["dmae_75"].teacher["probe"]]
+    pairs = plan.stages[cells["dmae_75"].pretrain].spec.distill.pairs
+    assert teacher_probe.role == "teacher-probe" and teacher_probe.spec.block == max(t for _, t in pairs)
+    assert teacher_probe.inputs == {"encoder": cells["dmae_75"].teacher["pretrained"]}
+    assert not [s for s in plan_for("probe.enabled=false", tmp_path=tmp_path).stages.values() if s.kind == "probe"]
+
+
+def test_finetune_subset_is_what_fine_tuning_reads(tmp_path):
+    plan = plan_for("data.train_subset=400", "data.finetune_subset=100", tmp_path=tmp_path)
+    for s in plan.stages.values():
+        assert not hasattr(s.spec.data, "finetune_subset")
+        assert s.spec.data.train_subset == (100 if s.kind == "finetune" else 400), s.id
+    with pytest.raises(ConfigError, match="finetune_subset=500 exceeds data.train_subset=400"):
+        plan_for("data.train_subset=400", "data.finetune_subset=500")
+
+
+def test_a_scratch_row_refuses_what_it_would_ignore():
+    with pytest.raises(ConfigError, match="rows.scratch.pretrain: a scratch row has no pre-training"):
+        load_config("table2", ["profile=smoke", "+rows.scratch.pretrain.mask_ratio=0.9"])
 
 
 def test_graph_order_puts_inputs_first(tmp_path):
@@ -49,7 +93,7 @@ def test_seeds_repeat_student_rows_only(tmp_path):
     roles = lambda p, r: [s for s in p.stages.values() if s.role == r]  # noqa: E731
     assert len(roles(three, "teacher-pretrain")) == 1
     assert len(roles(three, "student-pretrain")) == 3 * len(roles(one, "student-pretrain"))
-    assert len(three.cells) == 15 and {c.seed for c in three.cells} == {0, 1, 2}
+    assert len(three.cells) == 18 and {c.seed for c in three.cells} == {0, 1, 2}
 
 
 def test_stage_ids_are_stable_and_change_only_downstream(tmp_path):

@@ -24,8 +24,10 @@ def test_recipe_plans(table, profile, tmp_path):
     args = PAPER if profile == "paper" else [f"profile={profile}"]
     plan = build_plan(load_config(table, args + [f"results_root={tmp_path}"]))
     assert plan.cells and all(c.evaluate in plan.stages for c in plan.cells)
-    if profile == "paper":  # the paper profile trains no teacher: official checkpoints are inputs
-        assert not [s for s in plan.stages.values() if s.role.startswith("teacher")]
+    if profile == "paper":  # the paper profile trains no teacher: official checkpoints are inputs (and probed)
+        assert not [s for s in plan.stages.values() if s.role.startswith("teacher") and s.role != "teacher-probe"]
+        assert all(s.inputs["encoder"].startswith("file:") for s in plan.stages.values() if s.role == "teacher-probe")
+    assert [c for c in plan.cells if c.method == "scratch"]  # every recipe has its positive control
 
 
 def test_paper_profile_resolves_sizes_and_alignment(tmp_path):
@@ -40,7 +42,7 @@ def test_paper_profile_resolves_sizes_and_alignment(tmp_path):
     assert pairs == {"align_half": [[5, 11]], "align_three_quarters": [[8, 17]], "align_last": [[11, 23]],
                      "align_multi": [[5, 11], [8, 17], [11, 23]]}
     plan = build_plan(load_config("schedule", PAPER + [f"results_root={tmp_path}"]))
-    epochs = {c.row: plan.stages[c.pretrain].spec.pretrain.epochs for c in plan.cells}
+    epochs = {c.row: plan.stages[c.pretrain].spec.pretrain.epochs for c in plan.cells if c.pretrain}
     assert epochs == {"dmae_25": 25, "dmae_50": 50, "dmae_100": 100, "mae_25": 25, "mae_100": 100}
 
 

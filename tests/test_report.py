@@ -19,9 +19,9 @@ import pytest
 
 from harness.collect import NOT_AVAILABLE, NOT_IMAGENET, collect, delta_text, export, load_paper_numbers, \
     paper_number, summarize
-from harness.report import check_claims, claims_of, main, report_name, write_index, write_report
+from harness.report import check_claims, claims_of, main, report_name, report_noise, write_index, write_report
 
-ROWS = ["mae", "kd_finetuned_teacher", "dmae_75", "dmae_95", "dmae_98"]
+ROWS = ["mae", "kd_finetuned_teacher", "dmae_75", "dmae_95", "dmae_98", "scratch"]
 CLAIM_IDS = ["dmae_beats_mae", "dmae_beats_kd", "mask95_within_1pp_of_75", "mask98_at_most_3pp_below_75"]
 GEN = re.compile(r"^- Report generated: .*$", re.M)
 
@@ -86,7 +86,7 @@ def report(root: Path, tmp_path: Path, figures: bool = False, expected_dir: Path
 def claim_lines(text: str):
     """{claim id: verdict} from the numbered claim notes (a decided verdict in bold, others plain)."""
     return {m.group(1): m.group(3) or m.group(4) for m in re.finditer(
-        r"^\d+\. `([a-z0-9_.-]+)` — .*?: (\*\*([a-z ]+)\*\*|([a-z ]+))\. ", text, re.M)}
+        r"^\d+\. `([a-z0-9_.-]+)` — .*?: (\*\*([^*]+)\*\*|([a-z][a-z ()<,_-]*))\. ", text, re.M)}
 
 
 def links(text: str):
@@ -140,7 +140,7 @@ def fake_tree(tmp_path: Path, top1, table: str = "table2", seeds: int = 3, val=N
     return plan.root
 
 
-OFFSET = {"mae": 50.0, "kd_finetuned_teacher": 51.0, "dmae_75": 52.0, "dmae_95": 51.5, "dmae_98": 50.5}
+OFFSET = {"mae": 50.0, "kd_finetuned_teacher": 51.0, "dmae_75": 52.0, "dmae_95": 51.5, "dmae_98": 50.5, "scratch": 45.0}
 
 
 def table2_top1(row, seed):
@@ -188,7 +188,11 @@ def test_claims_come_from_the_manifest_and_are_judged_on_paired_seeds(tmp_path):
     c = collect(root)
     claims = claims_of(c)
     assert [cl["id"] for cl in claims] == CLAIM_IDS
-    res = {r["id"]: r for r in check_claims(claims, c.cells, summarize(c))}
+    noise, left = report_noise(c.cells)  # as write_report does
+    # kd shares mae's pre-train: left out; every other row is distinct, 3 seeds each: dof = 3 rows - rows - 3 + 1
+    assert left == {"kd_finetuned_teacher": "mae"} and "kd_finetuned_teacher" not in noise.rows
+    assert {"mae", "dmae_75", "dmae_95", "dmae_98"} <= set(noise.rows) and noise.dof == 2 * noise.n_rows - 2
+    res = {r["id"]: r for r in check_claims(claims, c.cells, summarize(c), noise)}
     # per-seed differences are constant up to the 0.05 noise: every interval is narrow although rows spread 6 pp
     assert res["dmae_beats_mae"]["verdict"] == "holds" and res["dmae_beats_mae"]["n"] == 3
     assert res["dmae_beats_kd"]["verdict"] == "holds" and res["dmae_beats_kd"]["paper_value"] == 1.2
@@ -200,11 +204,23 @@ def test_claims_come_from_the_manifest_and_are_judged_on_paired_seeds(tmp_path):
     assert "| paper |" in line and "| 3 | **holds** |" in line and "84.0 − 82.8 = +1.2" in line
     assert "|a − b| < 1" in text.replace("\\|", "|")
     assert "t(0.975, n−1)·sd/√n" in text and "Only a decided verdict is in bold" in text
+    assert "(t(0.975, n−1) + t(0.8, n−1))·sd/√n" in text
+    # the whole report's noise, over the distinct rows (kd shares mae's pre-train) x 3 seeds
+    assert re.search(rf"^Noise from the whole report: residual sd σ = {noise.sd:.2f} pp \(two-way row \+ seed fit over "
+                     rf"{noise.n_rows} distinct rows × 3 seeds, dof {noise.dof}\); left out, as sharing a pre-train: "
+                     r"`kd_finetuned_teacher` \(with `mae`\)\.$", text, re.M)
+    assert f"(pooled, {noise.dof} dof)" in line and "paired seeds run reach it" in text
     # claims.csv beside the report, and the dashboard line per claim
     csv = pd.read_csv(tmp_path / "reports" / "table2.smoke" / "claims.csv")
     assert list(csv["id"]) == CLAIM_IDS and set(csv["verdict"]) == {"holds"} and (csv["n"] == 3).all()
     d = res["dmae_beats_mae"]
     assert math.isclose(csv.loc[0, "ci_lo"], d["lo"]) and math.isclose(csv.loc[0, "mean"], d["mean"])
+    assert list(csv.columns[:19]) == ["report", "table", "profile", "id", "text", "source", "test", "margin", "a", "b",
+                                      "n", "mean", "sd", "ci_lo", "ci_hi", "verdict", "seeds_needed", "paper_diff",
+                                      "seeds"]  # the columns of earlier reports come first, unchanged
+    assert set(csv["sd_source"]) == {"pooled"} and (csv["dof"] == noise.dof).all() and csv.loc[1, "bound"] == 0.5
+    assert math.isclose(csv.loc[0, "sd_used"], d["sd_pooled"]) and math.isclose(csv.loc[0, "sd"], d["sd"])
+    assert csv.loc[0, "a_stages"].count("evaluate-") == 3 and "-s0-" in csv.loc[0, "b_stages"]
     index = (tmp_path / "reports" / "README.md").read_text()
     assert index.count("[table2.smoke](table2.smoke.md)") == 4 + 1  # four claims, one report link
     assert "`dmae_beats_kd` DMAE (75% masking) beats KD from the fine-tuned teacher | paper | **holds** |" in index
@@ -217,7 +233,11 @@ def test_inconclusive_claim_gives_seeds_needed_and_no_bold(tmp_path):
     assert claim_lines(text)["dmae_beats_mae"] == "inconclusive"
     line = next(x for x in text.splitlines() if x.startswith("| DMAE (75% masking) beats the MAE"))
     assert "| inconclusive |" in line and "**inconclusive**" not in text and re.search(r"\| \d+ seeds \|", line)
-    assert re.search(r"Seeds to decide at the observed spread: \d+ seeds\.", text)
+    assert re.search(r"Seeds for 80% power at the observed mean \(\d\.\d\d pp from the boundary it must clear\): "
+                     r"\d+ seeds\.", text)
+    assert "| not available | not available (no paper number for `mae`) |" in line  # no paper-size effect
+    kd = next(x for x in text.splitlines() if x.startswith("| DMAE (75% masking) beats KD"))
+    assert re.search(r"\| \d+ seeds; not reached at n=3 \| 84.0 − 82.8 = \+1.2 \|$", kd)
 
 
 def test_too_few_seeds_is_not_enough_data(tmp_path):
@@ -372,9 +392,49 @@ def test_dashboard_lists_claims_of_every_report(tmp_path):
     (tmp_path / "reports" / "old.md").write_text("# old: a report from before claims.csv\n")
     index = write_index(tmp_path / "reports").read_text()
     assert index.count("[table2.smoke](table2.smoke.md)") == 5 and index.count("[teacher.smoke](teacher.smoke.md)") == 4
-    # equal rows, zero spread: the mean sits on the boundary -> inconclusive, never decided
-    assert "`pretrained_beats_kd`" in index and "| inconclusive |" in index and "| does not hold |" not in index
+    # equal rows, zero spread: the interval is the point 0, below margin 0 + bound 0.5 of the teacher claims
+    assert "`pretrained_beats_kd`" in index and "| **does not hold (effect < bound)** |" in index
+    assert "| does not hold |" not in index and "| **holds** |" in index
     assert "Reports without a claims.csv" in index and "[old](old.md)" in index
+
+
+def test_distinct_rows_leave_out_a_shared_pretrain_only():
+    from harness.report import distinct_rows
+    cells = pd.DataFrame([{"row": r, "seed": s, "pretrain_id": p(s)} for r, p in [
+        ("mae", lambda s: f"pt-mae-s{s}"), ("kd", lambda s: f"pt-mae-s{s}"), ("dmae", lambda s: f"pt-dmae-s{s}"),
+        ("scratch", lambda s: None), ("scratch2", lambda s: "")] for s in range(2)])
+    assert distinct_rows(cells) == (["mae", "dmae", "scratch", "scratch2"], {"kd": "mae"})
+
+
+def test_dashboard_counts_a_comparison_shared_by_recipes_once(tmp_path):
+    """table2 and masking share the MAE, DMAE 75/95/98 stages: their common claims are one comparison each."""
+    def top1(row, seed):
+        return 50.0 + 3.0 * seed + 0.3 * len(row) + 0.05 * ((seed * 7 + len(row)) % 3)
+    report(fake_tree(tmp_path / "a", top1), tmp_path)
+    report(fake_tree(tmp_path / "b", top1, table="masking"), tmp_path)
+    t2 = pd.read_csv(tmp_path / "reports" / "table2.smoke" / "claims.csv").set_index("id")
+    mk = pd.read_csv(tmp_path / "reports" / "masking.smoke" / "claims.csv").set_index("id")
+    assert t2.at["dmae_beats_mae", "a_stages"] == mk.at["dmae_75_beats_mae", "a_stages"]  # the same stages
+    index = write_index(tmp_path / "reports").read_text()
+    # 4 + 8 claim lines, 3 shared (beats MAE at 75%, 95% within 1 pp, 98% at most 3 pp below): 9 comparisons, all
+    # paper claims; chance alone decides about 5% of the 9 tested
+    assert "### Paper claims (the primary set)" in index and "### Official-default claims" not in index
+    assert "9 distinct comparisons behind 12 claim lines; 9 tested" in index
+    assert "about 0.5 of these 9 decided verdicts are expected with no real effect anywhere" in index
+    line = next(x for x in index.splitlines() if "[table2.smoke](table2.smoke.md) `dmae_beats_mae`" in x)
+    assert "[masking.smoke](masking.smoke.md) `dmae_75_beats_mae`" in line
+    assert sum("`dmae_75_beats_mae`" in x for x in index.splitlines()) == 1
+    assert index.count("[table2.smoke](table2.smoke.md)") == 4 + 1  # each alias once, and the report's link
+    # the lead alias (its verdict counts) is the one with the most dof (masking pools more rows), the first on ties
+    dof_t2, dof_mk = t2.at["dmae_beats_mae", "dof"], mk.at["dmae_75_beats_mae", "dof"]
+    lead = "dmae_75_beats_mae" if dof_mk >= dof_t2 else "dmae_beats_mae"
+    assert line.startswith(f"| `{lead}` ") and f"(pooled, {max(dof_mk, dof_t2)} dof)" in line
+    # paper claims first: the official-default ones of another report come after, counted apart
+    report(fake_tree(tmp_path / "c", lambda r, s: 50.0 + s, table="projection", seeds=2), tmp_path)
+    index = write_index(tmp_path / "reports").read_text()
+    assert index.index("### Paper claims (the primary set)") < index.index("### Official-default claims") \
+        < index.index("`linear_vs_mlp`")
+    assert "1 distinct comparisons behind 1 claim lines; 1 tested" in index
 
 
 def test_dashboard_names_the_code_versions_of_its_reports(tmp_path):
@@ -454,9 +514,10 @@ def test_report_is_deterministic_apart_from_its_date(tree, tmp_path):
 
 @pytest.mark.slow
 def test_claims_hold_then_fail_when_top1_is_edited(tree, tmp_path):
-    # seed 1 is 0.2 pp easier for every row: paired differences are constant, the intervals are points
+    # seed 1 is 0.2 pp easier for every row: paired differences are constant, the intervals are points (the pooled
+    # noise of an additive table is 0; a row absent from the plan, e.g. scratch, is skipped by set_top1)
     for row, vals in {"mae": [10.0, 10.2], "kd_finetuned_teacher": [11.0, 11.2], "dmae_75": [12.0, 12.2],
-                      "dmae_95": [11.8, 12.0], "dmae_98": [10.0, 10.2]}.items():
+                      "dmae_95": [11.8, 12.0], "dmae_98": [10.0, 10.2], "scratch": [8.0, 8.2]}.items():
         set_top1(tree, row, vals)
     text = report(tree, tmp_path)
     assert claim_lines(text) == {i: "holds" for i in CLAIM_IDS}
@@ -466,9 +527,12 @@ def test_claims_hold_then_fail_when_top1_is_edited(tree, tmp_path):
     set_top1(tree, "dmae_98", [5.0, 5.2])
     verdicts = claim_lines(report(tree, tmp_path))
     assert verdicts == {i: "does not hold" for i in CLAIM_IDS}  # 95% is now +2.8 pp from 75%: outside (-1, 1)
-    set_top1(tree, "dmae_75", [12.0, 12.6])  # differences to mae +2.0 and +2.4: t(0.975, 1) = 12.7 -> wide
+    # differences to mae -0.2 and +0.7: the pooled noise over mae and dmae 75/95/98 alone (2 seeds, dof 3) is
+    # sd 0.32, the interval +0.25 -/+ 3.18 * 0.32 * sqrt(2) / sqrt(2) = [-0.76, +1.26]: it straddles 0 and the bound
+    set_top1(tree, "dmae_75", [9.8, 10.9])
     text = report(tree, tmp_path)
-    assert claim_lines(text)["dmae_beats_mae"] == "inconclusive" and "Seeds to decide" in text
+    assert claim_lines(text)["dmae_beats_mae"] == "inconclusive" and "Seeds for 80% power at the observed" in text
+    assert re.search(r"\(pooled, \d+ dof\)", text)
 
 
 @pytest.mark.slow

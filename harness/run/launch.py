@@ -104,17 +104,33 @@ def chain_from(plan: Plan, first: Stage, state: Dict[str, str], busy: set) -> Li
     consumes the chain's last stage, is still to do and not in flight (`busy`), and needs nothing outside the chain
     that is not done. An evaluation follows its fine-tune; a pre-train with two consumers (the MAE baseline feeds
     the MAE and the KD rows) takes one along and leaves the other to a job of its own, which starts as soon as the
-    pre-train's result appears."""
+    pre-train's result appears. A probe (seconds of work) of a stage in the chain, or of a random initialisation
+    for a cell the chain serves (a scratch row), joins it at the end rather than start a job of its own."""
     chain, ids = [first], {first.id}
+
+    def ready(st: Stage, after) -> bool:
+        deps = plan.deps(st)
+        follows = any(a in deps for a in after) if deps else \
+            st.kind == "probe" and any(set(map(tuple, st.cells)) & set(map(tuple, c.cells)) for c in chain)
+        return st.id not in ids and st.id not in busy and state.get(st.id) == "todo" and follows \
+            and all(d in ids or state.get(d) == "done" for d in deps)
     while True:
-        last = chain[-1].id
-        nxt = next((st for sid, st in plan.stages.items()
-                    if sid not in ids and sid not in busy and state.get(sid) == "todo" and last in plan.deps(st)
-                    and all(d in ids or state.get(d) == "done" for d in plan.deps(st))), None)
+        nxt = next((st for st in plan.stages.values() if st.kind != "probe" and ready(st, [chain[-1].id])), None) \
+            or next((st for st in plan.stages.values() if st.kind == "probe" and ready(st, ids)), None)
         if nxt is None:
             return chain
         chain.append(nxt)
         ids.add(nxt.id)
+
+
+def _joins_a_chain(plan: Plan, stage: Stage, state: Dict[str, str], busy: set) -> bool:
+    """A probe of a random initialisation (no input) waits to join the job of a stage of its cell still to start
+    (chain_from), rather than take a job of its own."""
+    if stage.kind != "probe" or plan.deps(stage):
+        return False
+    cells = set(map(tuple, stage.cells))
+    return any(st.kind != "probe" and st.id not in busy and state.get(st.id) == "todo"
+               and cells & set(map(tuple, st.cells)) for st in plan.stages.values())
 
 
 class Progress:
@@ -559,7 +575,8 @@ def _drive(plan: Plan, cfg: DictConfig, ex, prog: Progress, running: Dict[str, o
                 busy.update(members[sid])
                 prog.set(sid, "re-attached", f"(running elsewhere: {holder})" + (
                     f", then {', '.join(rest)} in the same job" if rest else ""))
-            elif all(prog.state.get(d) == "done" for d in plan.deps(stage)):
+            elif all(prog.state.get(d) == "done" for d in plan.deps(stage)) and not (
+                    chain and _joins_a_chain(plan, stage, prog.state, busy)):
                 ready.append(stage)
         if limit:  # fewer slots than ready jobs: the order decides how the run ends (harness.run.dispatch)
             free = max(0, limit - len(running))

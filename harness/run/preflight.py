@@ -22,12 +22,12 @@ class PreflightError(RuntimeError):
 def check_inputs(plan: Plan, cfg: DictConfig) -> None:
     # local: torch (data, checkpoints); --help stays standard-library only
     from ..checkpoints import CheckpointError
+    from ..config import data_spec
     from ..data import DataError, check_data, num_classes_of
-    from ..spec import DataConfig
     from ..stages import load_classifier, load_teacher_encoder
 
     try:
-        check_data(DataConfig(**cfg.data))
+        check_data(data_spec(cfg))
         if cfg.data.name == "imagefolder":
             check_imagefolder_classes(cfg.data.root)
     except DataError as e:
@@ -42,7 +42,7 @@ def check_inputs(plan: Plan, cfg: DictConfig) -> None:
             try:
                 if role == "kd_teacher":
                     load_classifier(path, stage.spec.teacher_model, cfg.data.img_size,
-                                    num_classes_of(DataConfig(**cfg.data)))
+                                    num_classes_of(data_spec(cfg)))
                 else:
                     distill = getattr(stage.spec, "distill", None)
                     load_teacher_encoder(path, stage.spec.teacher_model, cfg.data.img_size,

@@ -71,7 +71,7 @@ def overrides(cfg: "DictConfig", steps: int, batch: int, write_data: bool) -> Tu
     n_steps = max(int(steps), 2 * accum)  # at least two optimizer updates in every stage
     n_train = n_steps * max(batches.values()) * world
     n_test = TEST_IMAGES * world
-    sizes += [f"data.train_subset={n_train}", f"data.test_subset={n_test}"]
+    sizes += [f"data.train_subset={n_train}", f"data.test_subset={n_test}", "data.finetune_subset=0"]
     if cfg.data.holdout:
         sizes.append(f"data.holdout={n_test}")
     inputs: List[str] = []
@@ -205,7 +205,11 @@ def write_report(path: Path, full_cfg: "DictConfig", full: "Plan", rehearsal: "P
         if not r:
             rows.append(f"| {sid} | - | no rehearsal measurement |")
             continue
-        if st.kind == "evaluate":
+        if st.kind == "probe":
+            rate = (r.get("n_eval", 0) + r.get("bank_images", 0)) / max(r.get("probe_s") or 0.0, 1e-9)
+            seconds = (n_train + n_test) / max(rate, 1e-9)
+            how = f"{n_train:,} bank + {n_test:,} test images at {rate:.1f} images/s (forward to the probed block)"
+        elif st.kind == "evaluate":
             seconds = n_test / max(r.get("images_per_s") or 0.0, 1e-9)
             how = f"{n_test:,} test images at {r.get('images_per_s', 0):.1f} images/s"
         else:
