@@ -541,7 +541,8 @@ def validate(cfg: DictConfig) -> None:
 
 
 CLAIM_TESTS, CLAIM_SOURCES = ("greater", "within"), ("paper", "official-default")
-METHODS = ("mae", "dmae", "kd", "scratch")
+CONTROL_METHOD = "scratch"  # the positive control: the same fine-tune from random initialisation, no pre-training
+METHODS = ("mae", "dmae", "kd", CONTROL_METHOD)
 
 
 def _recipe_rows(table: str) -> set:

@@ -9,7 +9,7 @@ judged (harness.report), from the recipe's `gates` section (harness.config.GateC
     (iii) the fine-tunes have converged: no row is still rising (harness.stats.RISING_PP)
 
 A gate passes, fails, or is not checked (its rows or probes are missing); a paper claim on a profile where any gate
-did not pass reads "not testable at this profile (gate … failed)" (harness.stats.gate_verdict), with its numbers
+did not pass reads "not testable at this profile (gate … did not pass)" (harness.stats.gate_verdict), with its numbers
 kept. Pure pandas, no torch.
 """
 from __future__ import annotations

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 
 from .collect import (NOT_AVAILABLE, NOT_IMAGENET, Collected, collect, export, load_paper_numbers, row_costs,
                       summarize, teacher_results)
-from .config import RECIPES_DIR, GateConfig
+from .config import CONTROL_METHOD, RECIPES_DIR, GateConfig
 from .figures import make_figures
 from .gates import Gate, check_gates, not_passed
 from .rundir import MANIFEST_FILE
@@ -117,20 +117,23 @@ def _paper_diff(a: List[str], b: List[str], by: Dict[str, dict]) -> Tuple[Option
 
 
 def distinct_rows(cells: pd.DataFrame) -> Tuple[List[str], Dict[str, str]]:
-    """The rows whose seed noise is independent, for the pooled noise: in table order, a row is left out when one of
-    its pre-train stages (collect's `pretrain_id`) belongs to a row already kept (the KD row fine-tunes the MAE row's
-    pre-train); a row without a pre-train (scratch) is distinct. Returns (kept rows, {left-out row: the kept row it
-    shares a pre-train with})."""
+    """The rows whose seed noise is independent and alike, for the pooled noise: in table order, a row is left out
+    when one of its pre-train stages (collect's `pretrain_id`) belongs to a row already kept (the KD row fine-tunes
+    the MAE row's pre-train), and a scratch row (the positive control: a fine-tune from random initialisation has
+    noise of its own, and no claim compares it) is left out too. Returns (kept rows, {left-out row: why})."""
     kept: List[str] = []
     owner: Dict[str, str] = {}
     left: Dict[str, str] = {}
     if not len(cells):
         return kept, left
     for row, g in cells.groupby("row", sort=False):
+        if "method" in g and (g["method"] == CONTROL_METHOD).all():
+            left[str(row)] = "the positive control, fine-tuned from random initialisation"
+            continue
         ids = {p for p in g.get("pretrain_id", pd.Series(dtype=object)) if isinstance(p, str) and p}
         shared = [owner[p] for p in sorted(ids) if p in owner]
         if shared:
-            left[str(row)] = shared[0]
+            left[str(row)] = f"shares a pre-train with `{shared[0]}`"
             continue
         kept.append(str(row))
         owner.update({p: str(row) for p in ids})
@@ -154,7 +157,7 @@ def noise_text(noise: Optional[Noise], left: Optional[Dict[str, str]] = None) ->
     else:
         out = "Noise from the whole report: not estimable (no finished cell)"
     if left:
-        out += "; left out, as sharing a pre-train: " + ", ".join(f"`{r}` (with `{o}`)" for r, o in left.items())
+        out += "; left out: " + ", ".join(f"`{r}` ({why})" for r, why in left.items())
     return out + "."
 
 

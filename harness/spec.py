@@ -4,7 +4,7 @@ config.json, and read back by the stage (harness.stages), the cost estimate and 
     PretrainStage   kind=pretrain: objective (mae | dmae), model, pretrain; dmae adds distill and teacher_model
     FinetuneStage   kind=finetune: model, finetune, kd (null unless the row distils logits; then teacher_model too)
     EvaluateStage   kind=evaluate: model, eval_batch_size
-    ProbeStage      kind=probe: model, block, k, temperature, split (a frozen encoder's kNN top-1, harness.probe)
+    ProbeStage      kind=probe: model, block, split, probe (k, temperature): a frozen encoder's kNN top-1
 
 Every stage also has name, seed, data, amp and inputs (role -> stage id or "file:<path>"). The sections are the
 recipe's sections as a stage uses them: `PretrainSpec` and `FinetuneSpec` are `Schedule`s (what train.fit reads)

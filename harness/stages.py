@@ -1,4 +1,4 @@
-"""Stage functions: pretrain, finetune, evaluate. Each takes a typed stage spec (harness.spec, built by
+"""Stage functions: pretrain, finetune, evaluate, probe. Each takes a typed stage spec (harness.spec, built by
 harness.plan), a run directory and the paths of its inputs' model files, and leaves in the run directory:
 
     config.json          the spec (its dict form), inputs and runtime

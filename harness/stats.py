@@ -39,7 +39,7 @@ anything else is "inconclusive", or "paper-size effect excluded" when the interv
 (holds / does not hold take precedence; a decided claim whose interval leaves out the paper's a - b says so in
 `paper_outside`). Fewer than two paired seeds is "not enough data" (no interval); a claim naming a row the run does
 not have is "not applicable". With zero spread and n >= 2 the interval is the point itself. gate_verdict turns a
-paper claim into "not testable at this profile (gate ... failed)" when a check of the profile failed.
+paper claim into "not testable at this profile (gate ... did not pass)" when a check of the profile did not pass.
 
 A bound makes a `greater` claim decidable at every observed mean: the interval has to clear only the farther of the
 margin and margin + bound, which are `bound` apart (boundary_distance). Without it a mean on the margin needs
@@ -63,7 +63,7 @@ HOLDS, FAILS, UNSURE, NO_DATA, NOT_APPLICABLE = "holds", "does not hold", "incon
     "not applicable"
 BELOW_BOUND = "does not hold (effect < bound)"
 PAPER_EXCLUDED = "paper-size effect excluded"
-NOT_TESTABLE = "not testable at this profile"  # gate_verdict: f"{NOT_TESTABLE} (gate ... failed)"
+NOT_TESTABLE = "not testable at this profile"  # gate_verdict: f"{NOT_TESTABLE} (gate ... did not pass)"
 DECIDED = (HOLDS, FAILS, BELOW_BOUND, PAPER_EXCLUDED)
 MIN_OWN_DOF = 6  # a claim's own sd is used from n - 1 >= 6 degrees of freedom on
 SEEDS_CAP = 1000  # seeds-needed search stops here ("> 1000")
@@ -309,15 +309,16 @@ def _against_paper(out: dict, paper: float, p: Paired, sd: float, test: str, mar
 
 
 def gate_verdict(result: Mapping, failed_gates: Sequence[str]) -> dict:
-    """A judged claim (judge's dict) under the profile's gates: when any gate failed and the claim's source is
-    `paper`, its verdict becomes f"{NOT_TESTABLE} (gate <names> failed)" (not decided; the statistics are kept, the
-    verdict it had is in `verdict_ungated`). Otherwise the claim unchanged (a copy)."""
+    """A judged claim (judge's dict) under the profile's gates: when any gate did not pass and the claim's source is
+    `paper`, its verdict becomes f"{NOT_TESTABLE} (gate <names> did not pass)" (not decided; the statistics are
+    kept, the verdict it had is in `verdict_ungated`). A claim with no interval to judge ("not enough data", "not
+    applicable") keeps that more basic state. Otherwise the claim unchanged (a copy)."""
     out = dict(result)
     failed = [str(g) for g in failed_gates if g]
-    if failed and out.get("source", "paper") == "paper":
+    if failed and out.get("source", "paper") == "paper" and out.get("verdict") not in (NO_DATA, NOT_APPLICABLE):
         out["verdict_ungated"] = out.get("verdict")
         out["gates_failed"] = failed
-        out["verdict"] = f"{NOT_TESTABLE} (gate {', '.join(failed)} failed)"
+        out["verdict"] = f"{NOT_TESTABLE} (gate {', '.join(failed)} did not pass)"
     return out
 
 

@@ -59,7 +59,7 @@ BAD_CONFIG = [
     (["kd.temperature=0"], r"kd.temperature=0.0 must be in \(0"),
     (["distill.alpha=-1"], r"distill.alpha=-1.0 must be >= 0"),
     (["distill.pairs=[[1]]"], r"\[1\] is not a \(student block, teacher block\) pair"),
-    (["rows.dmae_95.method=distill"], r"rows.dmae_95.method='distill': must be mae, dmae or kd"),
+    (["rows.dmae_95.method=distill"], r"rows.dmae_95.method='distill': must be one of mae, dmae, kd, scratch"),
     (["launcher.nodes=0"], r"launcher.nodes=0 must be >= 1"),
     (["launcher.timeout_min=5", "launcher.signal_delay_s=600"], r"signal_delay_s=600 must be in \[0, timeout_min"),
     (["run.nan_restarts=-1"], r"run.nan_restarts=-1 must be >= 0"),

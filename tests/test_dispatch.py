@@ -88,10 +88,13 @@ def test_running_jobs_count_with_the_time_they_have_left(tmp_path):
 
 
 def _tiny_seconds(plan):
-    """Median wall seconds per stage of the committed tiny table2 run (README), by what the stage is."""
+    """Median wall seconds per stage of the tiny-fast table2 run committed before the probes (README), by what the
+    stage is; a probe, not in that run, ~8 s."""
     out = {}
     for sid, st in plan.stages.items():
-        if st.role.startswith("teacher"):
+        if st.kind == "probe":
+            out[sid] = 8.0
+        elif st.role.startswith("teacher"):
             out[sid] = {"pretrain": 298.0, "finetune": 496.0, "evaluate": 16.0}[st.kind]
         elif st.kind == "evaluate":
             out[sid] = 4.0
@@ -102,12 +105,14 @@ def _tiny_seconds(plan):
     return out
 
 
-def test_tiny_table2_ends_sooner_than_in_plain_order(tmp_path):
-    cfg = load_config("table2", ["profile=tiny", f"results_root={tmp_path / 'results'}"])
+def test_tiny_table2_ends_no_later_than_in_plain_order_and_near_the_bound(tmp_path):
+    cfg = load_config("table2", ["profile=tiny-fast", f"results_root={tmp_path / 'results'}"])
     plan = build_plan(cfg)
     seconds = _tiny_seconds(plan)
     plain = replay(plan, seconds, 2, _plain)
     simulated = replay(plan, seconds, 2, _simulated(seconds, 2))
     bound = sum(seconds.values()) / 2
     print(f"tiny table2 on 2 slots: plain {plain:.0f} s, simulated {simulated:.0f} s, bound {bound:.0f} s")
-    assert plain - simulated >= 30.0 and simulated <= bound * 1.02
+    # with the probes and the scratch rows (short chains that fill the gaps) the plain order is already within 1% of
+    # the bound here (1935 s against 1921 s); before them the simulation saved 70 s (1762 -> 1692 s)
+    assert simulated <= plain and simulated <= bound * 1.02

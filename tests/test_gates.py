@@ -51,6 +51,6 @@ def test_a_failed_gate_makes_paper_claims_not_testable():
     assert not_passed(gates) == ["i"]
     r = {"verdict": HOLDS, "source": "paper", "mean": 1.0}
     out = gate_verdict(r, not_passed(gates))
-    assert out["verdict"].startswith(NOT_TESTABLE) and "gate i failed" in out["verdict"] and out["mean"] == 1.0
+    assert out["verdict"].startswith(NOT_TESTABLE) and "gate i did not pass" in out["verdict"] and out["mean"] == 1.0
     assert gate_verdict({"verdict": HOLDS, "source": "official-default"}, ["i"])["verdict"] == HOLDS
     assert not not_passed(check_gates(cells(gap=10.0), summary(), GATES))

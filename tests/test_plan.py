@@ -187,7 +187,9 @@ def test_paper_profile_requires_data_and_checkpoints():
     # 128 per GPU x 4 accum x 8 GPUs = 4096
     assert cfg.pretrain.batch_size * cfg.pretrain.accum_iter * cfg.launcher.gpus_per_node == 4096
     plan = build_plan(cfg)
-    assert not [s for s in plan.stages.values() if s.role.startswith("teacher")]
+    # no teacher is trained; the provided one is probed at its aligned block
+    assert [(s.role, s.inputs, s.spec.block) for s in plan.stages.values() if s.role.startswith("teacher")] == \
+        [("teacher-probe", {"encoder": "file:/a"}, 17)]
     assert {str(s.spec.distill.pairs) for s in plan.stages.values() if getattr(s.spec, "objective", "") == "dmae"} == \
         {"[[8, 17]]"}
     assert {s.inputs.get("teacher") for s in plan.stages.values() if s.role == "student-pretrain"} >= {"file:/a"}

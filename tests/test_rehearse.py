@@ -49,10 +49,10 @@ def test_smoke_rehearsal_writes_the_report_and_leaves_the_real_run_alone(tmp_pat
     assert report.startswith("# REHEARSAL of table2")
     assert "not done" not in report and "Estimated total:" in report
     results = [json.loads(p.read_text()) for p in (tmp_path / "results" / "rehearsal").rglob("result.json")]
-    assert len(results) == 17
+    assert len(results) == 25  # 17 trained or evaluated + 8 probes
     for r in results:
         assert r["peak_mem_mb"] > 0
-        if r["kind"] != "evaluate":
+        if r["kind"] not in ("evaluate", "probe"):
             assert r["steps"] == 3 and r["step_s"] > 0 and r["epochs"] == 1
             assert f"| {r['stage_id']} | done | 3 |" in report
 

@@ -95,9 +95,19 @@ def links(text: str):
 
 def fake_tree(tmp_path: Path, top1, table: str = "table2", seeds: int = 3, val=None, overrides=(),
               teacher_top1: float = 88.5) -> Path:
-    """A results tree of the smoke plan with made-up results: every stage done; evaluate top1 = top1(row, seed);
-    fine-tune logs val_top1 per epoch = val(row, seed) (default: flat, converged); a teacher-evaluate stage (added to
-    the manifest when the plan has none) with test top-1 `teacher_top1`."""
+    """A results tree of the smoke plan with made-up results: every stage done; evaluate top1 = top1(row, seed) (a
+    scratch row that `top1` does not know: 10 pp below the MAE row, so the gates pass); fine-tune logs val_top1 per
+    epoch = val(row, seed) (default: flat, converged); probes: 60 for students, 80 for the teacher (gate ii passes);
+    a teacher-evaluate stage (added to the manifest when the plan has none) with test top-1 `teacher_top1`."""
+    given = top1
+
+    def top1(row, seed):
+        try:
+            return given(row, seed)
+        except KeyError:
+            if row.startswith("scratch"):
+                return given("mae", seed) - 10.0
+            raise
     from harness.config import load_config
     from harness.plan import build_plan, write_manifest
     from harness.rundir import write_json
@@ -124,6 +134,8 @@ def fake_tree(tmp_path: Path, top1, table: str = "table2", seeds: int = 3, val=N
         if kind == "evaluate":
             v = teacher_top1 if role == "teacher-evaluate" else top1(*cells[0])
             res.update(top1=v, top5=99.0, n_eval=256, split="test")
+        elif kind == "probe":
+            res.update(top1=80.0 if role == "teacher-probe" else 60.0, n_eval=256, split="test", block=1)
         elif kind == "finetune":
             curve = val(*cells[0]) if role == "student-finetune" else [70.0, 80.0, 80.1]
             with (d / "log.jsonl").open("w") as f:
@@ -189,8 +201,11 @@ def test_claims_come_from_the_manifest_and_are_judged_on_paired_seeds(tmp_path):
     claims = claims_of(c)
     assert [cl["id"] for cl in claims] == CLAIM_IDS
     noise, left = report_noise(c.cells)  # as write_report does
-    # kd shares mae's pre-train: left out; every other row is distinct, 3 seeds each: dof = 3 rows - rows - 3 + 1
-    assert left == {"kd_finetuned_teacher": "mae"} and "kd_finetuned_teacher" not in noise.rows
+    # kd shares mae's pre-train and scratch is the control: both left out; every other row is distinct, 3 seeds
+    # each: dof = 3 rows - rows - 3 + 1
+    assert left == {"kd_finetuned_teacher": "shares a pre-train with `mae`",
+                    "scratch": "the positive control, fine-tuned from random initialisation"}
+    assert "kd_finetuned_teacher" not in noise.rows and "scratch" not in noise.rows
     assert {"mae", "dmae_75", "dmae_95", "dmae_98"} <= set(noise.rows) and noise.dof == 2 * noise.n_rows - 2
     res = {r["id"]: r for r in check_claims(claims, c.cells, summarize(c), noise)}
     # per-seed differences are constant up to the 0.05 noise: every interval is narrow although rows spread 6 pp
@@ -207,8 +222,9 @@ def test_claims_come_from_the_manifest_and_are_judged_on_paired_seeds(tmp_path):
     assert "(t(0.975, n−1) + t(0.8, n−1))·sd/√n" in text
     # the whole report's noise, over the distinct rows (kd shares mae's pre-train) x 3 seeds
     assert re.search(rf"^Noise from the whole report: residual sd σ = {noise.sd:.2f} pp \(two-way row \+ seed fit over "
-                     rf"{noise.n_rows} distinct rows × 3 seeds, dof {noise.dof}\); left out, as sharing a pre-train: "
-                     r"`kd_finetuned_teacher` \(with `mae`\)\.$", text, re.M)
+                     rf"{noise.n_rows} distinct rows × 3 seeds, dof {noise.dof}\); left out: `kd_finetuned_teacher` "
+                     r"\(shares a pre-train with `mae`\), `scratch` \(the positive control, fine-tuned from random "
+                     r"initialisation\)\.$", text, re.M)
     assert f"(pooled, {noise.dof} dof)" in line and "paired seeds run reach it" in text
     # claims.csv beside the report, and the dashboard line per claim
     csv = pd.read_csv(tmp_path / "reports" / "table2.smoke" / "claims.csv")
@@ -253,13 +269,13 @@ def test_a_row_whose_seeds_still_rise_on_average_is_flagged(tmp_path):
     assert "still rising at its last fine-tune epoch" in results
     assert "| `dmae_95` | 3 | +0.53 | +0.30, +1.00, +0.30 | **still rising** |" in results
     assert "| `dmae_75` | 3 | +0.30 | +0.30, +0.30, +0.30 | flat |" in results
-    assert "1 of 5 row(s) still rising." in results
+    assert "1 of 6 row(s) still rising." in results
     assert "`dmae_95` seed 1 (+1.00, stage `" in results and "`dmae_95` seed 0 (" not in results
     assert results.count("(still rising)") == 1  # the per-seed table marks the single fine-tune
     c = collect(fake_tree(tmp_path / "again", table2_top1, val=val))
     assert c.cells["still_rising"].sum() == 1
     s = summarize(c).set_index("row")
-    assert s["still_rising"].tolist() == [False, False, False, True, False]
+    assert s["still_rising"].tolist() == [False, False, False, True, False, False]
     assert s.at["dmae_95", "val_last_gain_mean"] == pytest.approx(1.6 / 3)
 
 
@@ -269,8 +285,8 @@ def test_one_rising_seed_does_not_flag_its_row(tmp_path):
     text = report(fake_tree(tmp_path, table2_top1, val=val), tmp_path)
     results = text.split("## Results", 1)[1].split("## Claims", 1)[0]
     assert "| `dmae_98` | 3 | +0.13 | -0.10, -0.10, +0.60 | flat |" in results
-    assert "No row still rising (5 checked)." in results and "**still rising**" not in results
-    assert re.search(r"the sd of all 15 last-epoch changes is 0\.\d\d pp\): `dmae_98` seed 2 \(\+0\.60", results)
+    assert "No row still rising (6 checked)." in results and "**still rising**" not in results
+    assert re.search(r"the sd of all 18 last-epoch changes is 0\.\d\d pp\): `dmae_98` seed 2 \(\+0\.60", results)
 
 
 def test_teacher_test_top1_is_shown(tmp_path):
@@ -315,6 +331,8 @@ rows:
   base: {label: "MAE", method: mae}
   d1: {label: "DMAE 75", method: dmae}
   d2: {label: "DMAE 90", method: dmae, pretrain: {mask_ratio: 0.9}}
+  control: {label: "from random init", method: scratch}
+gates: {mae_row: base, scratch_row: control}
 claims:
   - {id: dmae_group_beats_mae, text: "DMAE rows on average beat MAE", a: [d1, d2], b: [base], test: greater,
      margin: 0.5, source: paper, note: "a user's claim"}
@@ -322,7 +340,7 @@ claims:
      source: official-default}
 """)
     monkeypatch.setattr(config, "RECIPES_DIR", recipes)
-    vals = {"base": 60.0, "d1": 62.0, "d2": 61.0}
+    vals = {"base": 60.0, "d1": 62.0, "d2": 61.0, "control": 50.0}
     root = fake_tree(tmp_path, lambda row, seed: vals[row] + seed + 0.01 * seed * len(row), table="mine")
     text = report(root, tmp_path)
     assert claim_lines(text) == {"dmae_group_beats_mae": "holds", "ratio_does_not_matter": "does not hold"}
@@ -345,7 +363,9 @@ def test_manifest_without_claims_says_so(tmp_path):
 def test_removed_row_makes_its_claims_not_applicable(tmp_path):
     text = report(fake_tree(tmp_path, table2_top1, overrides=["~rows.mae"]), tmp_path)
     assert claim_lines(text)["dmae_beats_mae"] == "not applicable" and "This run has no row `mae`." in text
-    assert claim_lines(text)["dmae_beats_kd"] == "holds"
+    # without its MAE row the profile's positive control cannot be checked: the paper claims are not testable
+    assert claim_lines(text)["dmae_beats_kd"] == "not testable at this profile (gate i, ii did not pass)"
+    assert "| i | MAE pre-training beats scratch" in text and "no row `mae` in this run" in text
 
 
 def test_expected_values_within_and_outside_tolerance(tmp_path, capsys):
@@ -364,7 +384,7 @@ def test_expected_values_within_and_outside_tolerance(tmp_path, capsys):
     text = report(root, tmp_path, expected_dir=exp_dir)
     section = text.split("## Expected values", 1)[1].split("## Figures", 1)[0]
     assert "| row | expected (mean ± std, n) | ours | Δ | within tolerance? |" in section
-    assert section.count("| yes (±") == 5 and "**no**" not in section
+    assert section.count("| yes (±") == 6 and "**no**" not in section
     # mae drifts by +0.4 at every seed: 3·std/√3 ≈ 5.2 is the tolerance (std over seeds 3 pp) -> still within;
     # a tight reference (std 0.01) makes the floor 0.5 the tolerance -> +0.6 is outside
     exp.loc[exp["row"] == "mae", "std"] = 0.01
@@ -372,7 +392,7 @@ def test_expected_values_within_and_outside_tolerance(tmp_path, capsys):
     set_top1(root, "mae", [table2_top1("mae", s) + 0.6 for s in range(3)])
     section = report(root, tmp_path, expected_dir=exp_dir).split("## Expected values", 1)[1].split("## Figures")[0]
     line = next(x for x in section.splitlines() if x.startswith("| `mae` |"))
-    assert "| +0.60 | **no** (±0.50) |" in line and section.count("| yes (±") == 4
+    assert "| +0.60 | **no** (±0.50) |" in line and section.count("| yes (±") == 5
 
 
 def test_report_links_nothing_under_results(tmp_path):
@@ -388,7 +408,8 @@ def test_report_links_nothing_under_results(tmp_path):
 
 def test_dashboard_lists_claims_of_every_report(tmp_path):
     report(fake_tree(tmp_path / "a", table2_top1), tmp_path)
-    report(fake_tree(tmp_path / "b", lambda r, s: 50.0, table="teacher", seeds=2), tmp_path)
+    report(fake_tree(tmp_path / "b", lambda r, s: 40.0 if r == "scratch" else 50.0, table="teacher", seeds=2),
+           tmp_path)
     (tmp_path / "reports" / "old.md").write_text("# old: a report from before claims.csv\n")
     index = write_index(tmp_path / "reports").read_text()
     assert index.count("[table2.smoke](table2.smoke.md)") == 5 and index.count("[teacher.smoke](teacher.smoke.md)") == 4
@@ -398,18 +419,21 @@ def test_dashboard_lists_claims_of_every_report(tmp_path):
     assert "Reports without a claims.csv" in index and "[old](old.md)" in index
 
 
-def test_distinct_rows_leave_out_a_shared_pretrain_only():
+def test_distinct_rows_leave_out_a_shared_pretrain_and_the_control():
     from harness.report import distinct_rows
-    cells = pd.DataFrame([{"row": r, "seed": s, "pretrain_id": p(s)} for r, p in [
-        ("mae", lambda s: f"pt-mae-s{s}"), ("kd", lambda s: f"pt-mae-s{s}"), ("dmae", lambda s: f"pt-dmae-s{s}"),
-        ("scratch", lambda s: None), ("scratch2", lambda s: "")] for s in range(2)])
-    assert distinct_rows(cells) == (["mae", "dmae", "scratch", "scratch2"], {"kd": "mae"})
+    cells = pd.DataFrame([{"row": r, "seed": s, "pretrain_id": p(s), "method": m} for r, p, m in [
+        ("mae", lambda s: f"pt-mae-s{s}", "mae"), ("kd", lambda s: f"pt-mae-s{s}", "kd"),
+        ("dmae", lambda s: f"pt-dmae-s{s}", "dmae"), ("scratch", lambda s: None, "scratch"),
+        ("other", lambda s: "", "mae")] for s in range(2)])
+    assert distinct_rows(cells) == (["mae", "dmae", "other"], {
+        "kd": "shares a pre-train with `mae`",
+        "scratch": "the positive control, fine-tuned from random initialisation"})
 
 
 def test_dashboard_counts_a_comparison_shared_by_recipes_once(tmp_path):
     """table2 and masking share the MAE, DMAE 75/95/98 stages: their common claims are one comparison each."""
     def top1(row, seed):
-        return 50.0 + 3.0 * seed + 0.3 * len(row) + 0.05 * ((seed * 7 + len(row)) % 3)
+        return 50.0 + 3.0 * seed + 0.3 * len(row) + 0.05 * ((seed * 7 + len(row)) % 3) - 10.0 * (row == "scratch")
     report(fake_tree(tmp_path / "a", top1), tmp_path)
     report(fake_tree(tmp_path / "b", top1, table="masking"), tmp_path)
     t2 = pd.read_csv(tmp_path / "reports" / "table2.smoke" / "claims.csv").set_index("id")
@@ -440,7 +464,8 @@ def test_dashboard_counts_a_comparison_shared_by_recipes_once(tmp_path):
 def test_dashboard_names_the_code_versions_of_its_reports(tmp_path):
     import pandas as pd
     report(fake_tree(tmp_path / "a", table2_top1), tmp_path)
-    report(fake_tree(tmp_path / "b", lambda r, s: 50.0, table="teacher", seeds=2), tmp_path)
+    report(fake_tree(tmp_path / "b", lambda r, s: 40.0 if r == "scratch" else 50.0, table="teacher", seeds=2),
+           tmp_path)
     stages = tmp_path / "reports" / "teacher.smoke" / "stages.csv"
     df = pd.read_csv(stages, dtype=str, keep_default_na=False)
     one = "a" * 40

@@ -257,7 +257,7 @@ def test_gate_verdict_replaces_a_paper_verdict_and_keeps_the_numbers():
     claim, c = pair_claim([1.0, 1.1, 0.9])
     r = judge(claim, c)
     g = gate_verdict(r, ["mae_vs_scratch", "teacher_probe"])
-    assert g["verdict"] == f"{NOT_TESTABLE} (gate mae_vs_scratch, teacher_probe failed)"
+    assert g["verdict"] == f"{NOT_TESTABLE} (gate mae_vs_scratch, teacher_probe did not pass)"
     assert g["verdict"].startswith(NOT_TESTABLE) and g["verdict"] not in DECIDED
     assert g["verdict_ungated"] == HOLDS and (g["lo"], g["hi"], g["n"]) == (r["lo"], r["hi"], r["n"])
     assert r["verdict"] == HOLDS  # the input is not changed

@@ -33,14 +33,18 @@ def check_inputs(plan: Plan, cfg: DictConfig) -> None:
     except DataError as e:
         raise PreflightError(str(e)) from None
     checked, problems = set(), []
-    for stage in plan.stages.values():
+    # a probe reads a provided checkpoint as an encoder, as the DMAE stages do: checked once, under their name
+    for stage in sorted(plan.stages.values(), key=lambda s: s.kind == "probe"):
         for role, ref in stage.inputs.items():
-            if not ref.startswith("file:") or (ref, role) in checked:
+            if not ref.startswith("file:") or (ref, role) in checked or \
+                    (stage.kind == "probe" and any(ref == r for r, _ in checked)):
                 continue
             checked.add((ref, role))
             path = ref[len("file:"):]
             try:
-                if role == "kd_teacher":
+                if stage.kind == "probe":
+                    load_teacher_encoder(path, stage.spec.model, cfg.data.img_size, with_decoder=False)
+                elif role == "kd_teacher":
                     load_classifier(path, stage.spec.teacher_model, cfg.data.img_size,
                                     num_classes_of(data_spec(cfg)))
                 else:
