@@ -3,7 +3,8 @@ judged (harness.report), from the recipe's `gates` section (harness.config.GateC
 
     (i)   pre-training matters: the MAE baseline beats the same student fine-tuned from random initialisation
           (`scratch`) by at least `min_pretraining_gain` pp of test top-1: the paired interval's lower bound is above
-          it (harness.stats.judge, a `greater` claim with that margin, pooled noise as the claims use)
+          it (harness.stats.judge, a `greater` claim with that margin, on its own paired sd: the report's pooled
+          noise leaves the scratch row out, as its noise is its own)
     (ii)  the teacher has something to give: the kNN probe of the teacher's aligned block beats the probe of the MAE
           student's last block by at least `min_teacher_probe_gap` pp (mean over the student's seeds)
     (iii) the fine-tunes have converged: no row is still rising (harness.stats.RISING_PP)
@@ -35,14 +36,14 @@ class Gate:
         return "not checked" if self.passed is None else "passes" if self.passed else "fails"
 
 
-def pretraining_gate(cells: pd.DataFrame, g: Mapping, noise=None) -> Gate:
+def pretraining_gate(cells: pd.DataFrame, g: Mapping) -> Gate:
     text = f"MAE pre-training beats scratch by ≥ {g['min_pretraining_gain']:g} pp (paired, decided)"
     rows = set(cells["row"]) if len(cells) else set()
     missing = [r for r in (g["mae_row"], g["scratch_row"]) if r not in rows]
     if missing:
         return Gate("i", text, None, "—", f"no row {', '.join(f'`{r}`' for r in missing)} in this run")
     r = judge({"id": "gate_i", "a": [g["mae_row"]], "b": [g["scratch_row"]], "test": "greater",
-               "margin": float(g["min_pretraining_gain"])}, cells, noise=noise)
+               "margin": float(g["min_pretraining_gain"])}, cells)
     if r["lo"] is None:
         return Gate("i", text, None, "—", f"{r['n']} paired seed(s): not enough data")
     value = (f"{r['mean']:+.2f} pp [{r['lo']:+.2f}, {r['hi']:+.2f}] (`{g['mae_row']}` − `{g['scratch_row']}`, "
@@ -73,8 +74,8 @@ def convergence_gate(summary: pd.DataFrame) -> Gate:
                 + (": " + ", ".join(f"`{r}`" for r in rising) if rising else ""))
 
 
-def check_gates(cells: pd.DataFrame, summary: pd.DataFrame, gates: Mapping, noise=None) -> List[Gate]:
-    return [pretraining_gate(cells, gates, noise), probe_gate(summary, gates), convergence_gate(summary)]
+def check_gates(cells: pd.DataFrame, summary: pd.DataFrame, gates: Mapping) -> List[Gate]:
+    return [pretraining_gate(cells, gates), probe_gate(summary, gates), convergence_gate(summary)]
 
 
 def not_passed(gates: List[Gate]) -> List[str]:

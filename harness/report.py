@@ -433,9 +433,9 @@ def _gates(gates: List[Gate], res: Optional[List[dict]]) -> List[str]:
     return [head, "", md_table(["gate", "asks", "measured", "state", "detail"], rows), "",
             f"Claims: {len(decided)} of {len(res or [])} decided ({len(paper)} from the paper). Gates "
             "(harness/gates.py, the recipe's `gates:`): (i) the MAE row against the same student fine-tuned from "
-            "random initialisation, paired, interval's lower bound above the threshold; (ii) kNN probes (frozen "
-            "features, test split) of the teacher's aligned block against the MAE student's last block; (iii) "
-            "the convergence check below. "
+            "random initialisation, paired (its own sd), interval's lower bound above the threshold; (ii) kNN "
+            "probes (frozen features, test split) of the teacher's aligned block against the MAE student's last "
+            "block; (iii) the convergence check below. "
             "A gate whose rows or probes are missing is not checked, and counts as not passed."]
 
 
@@ -763,7 +763,7 @@ def write_report(root: Path, reports_dir: str | Path, figures: bool = True,
     claims = claims_of(c)
     noise, left = report_noise(c.cells)
     res = check_claims(claims, c.cells, summary, noise) if claims is not None else None
-    gates = check_gates(c.cells, summary, gates_of(c), noise)
+    gates = check_gates(c.cells, summary, gates_of(c))
     if res is not None:  # a paper claim on a profile whose positive controls did not pass is not testable here
         res = [gate_verdict(r, not_passed(gates)) for r in res]
     reports_dir = Path(reports_dir)

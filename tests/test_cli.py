@@ -131,7 +131,7 @@ def test_readme_sweep_runs_each_point_in_its_own_root_with_one_combined_report(t
     assert "reused from" in out  # the second point ran only what the swept key changes
     report = tmp_path / "reports" / "sweeps" / f"{name}.md"
     rows = _report_rows(report)
-    assert len(rows) == 2 * 5  # a row per (sweep value, table row)
+    assert len(rows) == 2 * 6  # a row per (sweep value, table row)
     assert sum(r.startswith("| `0.95` | `dmae_95`") for r in rows) == 1
     assert all(re.search(r"\| \d+\.\d\d \(one seed: no std\) \| 1 \| 1/1 done \|$", r) for r in rows), rows
     assert f"sweep report: {report}" in out and report.read_text().startswith(
@@ -142,7 +142,7 @@ def test_readme_sweep_runs_each_point_in_its_own_root_with_one_combined_report(t
 def test_help_sweep_example_runs(tmp_path):
     out = _sweep(tmp_path, HELP_SWEEP)
     rows = _report_rows(tmp_path / "reports" / "sweeps" / "table2.smoke-seed.md")  # profile=smoke: not swept
-    assert len(rows) == 2 * 5 and {r.split(" | ")[0] for r in rows} == {"| `0`", "| `1`"}
+    assert len(rows) == 2 * 6 and {r.split(" | ")[0] for r in rows} == {"| `0`", "| `1`"}
     assert "=== table2 seed=1" in out
     point = tmp_path / "results" / "sweeps" / "table2.smoke-seed" / "seed=1"
     assert (point / "table2" / "smoke" / "manifest.json").exists()

@@ -116,7 +116,7 @@ def test_driver_lock_is_taken_once_and_exclusive_across_processes(tmp_path):
 
 SMALL = ["profile=smoke", "launcher=local", "report=false", "teacher.train=false", "~rows.kd_finetuned_teacher",
          "~rows.dmae_75", "~rows.dmae_95", "~rows.dmae_98", "data.test_subset=128", "launcher.poll_s=0.5",
-         "launcher.max_parallel=1"]
+         "launcher.max_parallel=1", "~rows.scratch", "probe.enabled=false"]
 
 
 @pytest.mark.slow

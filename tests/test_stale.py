@@ -17,7 +17,8 @@ from harness.rundir import STALE_DIR, sha256_file
 pytestmark = pytest.mark.slow
 
 ARGS = ["profile=smoke", "launcher=debug", "report=false", "teacher.train=false", "~rows.kd_finetuned_teacher",
-        "~rows.dmae_75", "~rows.dmae_95", "~rows.dmae_98", "data.test_subset=128"]
+        "~rows.dmae_75", "~rows.dmae_95", "~rows.dmae_98", "data.test_subset=128", "~rows.scratch",
+        "probe.enabled=false"]
 
 
 def finished(tmp_path, name):
