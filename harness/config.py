@@ -66,6 +66,9 @@ class ProbeConfig(ProbeSpec):
 class GateConfig:
     """Positive controls checked before any paper claim is judged (harness.stats gates): a paper claim judged on a
     profile whose gate failed reads "not testable at this profile"."""
+    # false: no positive controls for this run (a pipeline check, a user's table without a scratch row): the report
+    # says the gates are off and judges paper claims without them
+    enabled: bool = True
     mae_row: str = "mae"  # the MAE baseline
     scratch_row: str = "scratch"  # the same student fine-tuned from random initialisation
     # (i) MAE pre-training is worth at least this much top-1 over scratch (paired interval's lower bound above it)

@@ -419,8 +419,11 @@ def gates_of(c: Collected) -> dict:
     return {**GateConfig().__dict__, **((c.manifest.get("config") or {}).get("gates") or {})}
 
 
-def _gates(gates: List[Gate], res: Optional[List[dict]]) -> List[str]:
+def _gates(gates: Optional[List[Gate]], res: Optional[List[dict]]) -> List[str]:
     """The positive controls first: can this profile see an effect of the kind the paper claims at all?"""
+    if gates is None:
+        return ["**Gates are off for this run** (`gates.enabled=false`): no positive control was checked, so a "
+                "verdict below says nothing about whether this profile could have seen the paper's effect."]
     failed = not_passed(gates)
     paper = [r for r in (res or []) if r["source"] == "paper"]
     decided = [r for r in (res or []) if r["verdict"] in DECIDED]
@@ -763,8 +766,8 @@ def write_report(root: Path, reports_dir: str | Path, figures: bool = True,
     claims = claims_of(c)
     noise, left = report_noise(c.cells)
     res = check_claims(claims, c.cells, summary, noise) if claims is not None else None
-    gates = check_gates(c.cells, summary, gates_of(c))
-    if res is not None:  # a paper claim on a profile whose positive controls did not pass is not testable here
+    gates = check_gates(c.cells, summary, gates_of(c)) if gates_of(c)["enabled"] else None
+    if res is not None and gates:  # a paper claim on a profile whose positive controls did not pass is not testable
         res = [gate_verdict(r, not_passed(gates)) for r in res]
     reports_dir = Path(reports_dir)
     name = report_name(c.table, c.profile)

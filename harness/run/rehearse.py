@@ -98,13 +98,13 @@ def prepare_inputs(todo: dict, plan: "Plan") -> List[str]:
         folder, n_train, n_test, size = todo["imagefolder"]
         notes.append(write_imagefolder(folder, n_train, n_test, size))
     ckpt_dir = Path(todo["root"]) / "checkpoints"
-    for stage in plan.stages.values():
+    for stage in sorted(plan.stages.values(), key=lambda s: s.kind == "probe"):  # a probe reads what DMAE reads
         for role, ref in stage.inputs.items():
             path = Path(ref[len("file:"):]) if ref.startswith("file:") else None
             if path is None or path.parent != ckpt_dir or path.exists():
                 continue
-            notes.append(write_random_checkpoint(path, stage.spec.teacher_model, stage.spec.data,
-                                                 finetuned="finetuned" in path.name))
+            model = stage.spec.model if stage.kind == "probe" else stage.spec.teacher_model
+            notes.append(write_random_checkpoint(path, model, stage.spec.data, finetuned="finetuned" in path.name))
     return notes
 
 
