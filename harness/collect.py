@@ -349,7 +349,11 @@ def export(c: Collected, out_dir: Path, summary: Optional[pd.DataFrame] = None) 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(c) if summary is None else summary
-    frames = {"cells": c.cells, "stages": c.stages, "rows": summary.drop(columns=["seeds_top1"])}
+    # paths relative to the results root (<table>/<profile>/<stage>/config.json): a clone cannot follow this machine's
+    local = {"config_path": lambda df: df["config_path"].map(
+        lambda p: Path(p).relative_to(c.root.parent.parent).as_posix() if isinstance(p, str) and p else p)}
+    frames = {"cells": c.cells.assign(**local), "stages": c.stages.assign(**local),
+              "rows": summary.drop(columns=["seeds_top1"])}
     try:
         import pyarrow  # noqa: F401  (local: optional dependency, probed for the .parquet exports)
         parquet = True

@@ -70,12 +70,13 @@ def md_table(headers: List[str], rows: List[list]) -> str:
 
 
 def shown_path(p: Path) -> str:
-    """A path as plain text: relative to the working directory when under it (results/table2/tiny/...)."""
-    p = Path(p).resolve()
-    try:
-        return p.relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return p.as_posix()
+    """A path of a results tree as plain text, never the computing machine's absolute path: from the results root on
+    (results/<table>/<profile>/..., the tree a run leaves, wherever its root was)."""
+    parts = Path(p).resolve().parts
+    for i in range(len(parts) - 1, -1, -1):
+        if (Path(*parts[:i + 1]) / "manifest.json").is_file():  # <root>/<table>/<profile>
+            return Path("results", *parts[i - 1:]).as_posix()
+    return Path(p).name
 
 
 def reproduced(r: dict) -> str:
