@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
@@ -338,6 +339,22 @@ def num_classes_of(spec: DataConfig) -> int:
     return len([c for c in (Path(spec.root) / "train").iterdir() if c.is_dir()])
 
 
+# The scheduler's requeue and stop signals: USR2 (time limit near / preemption, submitit's and harness.stages'
+# requeue handlers) and TERM (preemption, scancel)
+WORKER_IGNORED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader workers are forked from a rank's main process and inherit its Python signal handlers, and Slurm
+    signals every process of a job step: each worker would run submitit's requeue too. A worker ignores USR2 and
+    TERM instead (SIG_IGN, not SIG_DFL: a worker killed by them makes the main process's DataLoader raise 'worker
+    exited unexpectedly' from its SIGCHLD handler, possibly inside the requeue handler, turning a preemption into a
+    failure). Workers end with their main process (the loader's shutdown, or its exit); only the main process of
+    rank 0 requeues."""
+    for sig in WORKER_IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def loader(ds: Dataset, batch_size: int, train: bool, epoch_seed: Optional[int], num_workers: int = 0,
            rank: int = 0, world: int = 1, seed: int = 0):
     """One epoch's batches. Training shuffles with (seed, epoch) (DistributedSampler.set_epoch), so an epoch's order
@@ -347,11 +364,12 @@ def loader(ds: Dataset, batch_size: int, train: bool, epoch_seed: Optional[int],
         return TensorBatches(ds, batch_size, train, epoch_seed or 0, seed, rank, world)
     if not train:
         shard = Subset(ds, list(range(rank, len(ds), world)))
-        return torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        return torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                           worker_init_fn=worker_init)
     from torch.utils.data.distributed import DistributedSampler
     sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
     if epoch_seed is not None:
         sampler.set_epoch(epoch_seed)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True,
                                        num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                                       persistent_workers=False)
+                                       persistent_workers=False, worker_init_fn=worker_init)

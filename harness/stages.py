@@ -42,8 +42,8 @@ from .rundir import (CONFIG_FILE, ERROR_FILE, MODEL_FILE, RESULT_FILE, StageLock
                      input_record, sha256_file, spec_hash, stage_lock, write_json, write_stage_config)
 from .spec import (AnySpec, EvaluateStage, FinetuneStage, ModelConfig, PretrainStage, ProbeStage, StageRuntime,
                    kd_teacher_logits_cached, spec_dict, stage_runtime, stage_spec)
-from .train import (NonFiniteLoss, Runtime, evaluate_classifier, fit, peak_memory_mb, reset_peak_memory, seed_all,
-                    setup_runtime)
+from .train import (NonFiniteLoss, Runtime, end_process_group, evaluate_classifier, fit, peak_memory_mb,
+                    reset_peak_memory, seed_all, setup_runtime)
 
 
 def _img(spec: AnySpec) -> dict:
@@ -312,14 +312,32 @@ def _requeue_on_usr2() -> None:
         signal.signal(signal.SIGUSR2, handler)
 
 
-def main() -> None:
-    """Re-run a stage from its run directory's config.json (debugging aid)."""
-    run_dir = Path(sys.argv[1])
+def main(argv=None) -> None:
+    """Re-run a stage from its run directory's config.json (debugging aid; what an sbatch script of
+    launcher.write_sbatch runs)."""
+    import argparse  # local: only for the command line
+    p = argparse.ArgumentParser(
+        prog="python -m harness.stages", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run (or resume) one stage from its run directory's config.json: the spec, inputs and runtime "
+                    "the planner wrote there. Prints the stage's result as JSON.",
+        epilog="Example: python -m harness.stages results/table2/smoke/<stage-id>\n"
+               "A finished stage (result.json) is not run again; an unfinished one resumes from checkpoint-last.pth. "
+               "Under Slurm (srun of a multi-task job) the tasks join one torch.distributed group.")
+    p.add_argument("run_dir", type=Path, help=f"a stage directory holding {CONFIG_FILE} (results/<table>/<profile>/"
+                                              "<stage-id>)")
+    args = p.parse_args(argv)
+    run_dir = args.run_dir
+    if not (run_dir / CONFIG_FILE).is_file():
+        p.error(f"{run_dir / CONFIG_FILE} not found: give a stage directory the planner wrote (its {CONFIG_FILE} "
+                "holds the spec); `python -m harness.reproduce <table> --dry-run` lists the stage ids")
     cfg = json.loads((run_dir / CONFIG_FILE).read_text())
     _requeue_on_usr2()
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:  # srun of a multi-GPU sbatch job
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    print(json.dumps(run_stage(cfg["spec"], run_dir, cfg["inputs"], cfg["runtime"], cfg["stage_id"]), indent=2))
+    try:
+        print(json.dumps(run_stage(cfg["spec"], run_dir, cfg["inputs"], cfg["runtime"], cfg["stage_id"]), indent=2))
+    finally:  # every rank stopped together (train.fit), so no collective is in flight
+        end_process_group()
 
 
 if __name__ == "__main__":

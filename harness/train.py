@@ -1,21 +1,28 @@
 """The one training loop. MAE, DMAE, fine-tuning and KD are objectives that plug into `fit`.
 
 Per epoch it appends a line to `log.jsonl` and writes `checkpoint-last.pth` atomically (model, optimizer, scaler,
-epoch, RNG states, history, the stage's config hash); on start it resumes from it, refusing a checkpoint written
-for another config. Schedules are per iteration: linear warmup, then half-cosine to min_lr (MAE's lr_sched formula, set
-where the official engine sets it, see lr_at).
+epoch, every rank's RNG states, history, the stage's config hash); on start it resumes from it, refusing a checkpoint
+written for another config or another world size. Schedules are per iteration: linear warmup, then half-cosine to
+min_lr (MAE's lr_sched formula, set where the official engine sets it, see lr_at).
+
+Across ranks every decision to stop is taken together: each step the ranks exchange a status (loss finite, step
+raised) before the backward pass, so a NaN or an exception on one rank stops (or, with run.nan_restarts, restarts)
+every rank at the same step, naming the failing rank, instead of leaving the others waiting in the next gradient
+all-reduce until the collective timeout.
 
     lr = blr * effective_batch / 256,   effective_batch = batch_size * accum_iter * world_size
     e.g. paper pre-training: 128 * 4 * 8 GPUs = 4096 -> lr = 1.5e-4 * 4096 / 256 = 2.4e-3
 """
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
 import random
 import resource
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +41,12 @@ from .spec import Schedule
 
 
 class NonFiniteLoss(FloatingPointError):
-    """The loss became NaN/inf; the message names the epoch, step and loss terms."""
+    """The loss became NaN/inf; the message names the epoch, step and loss terms (and the rank, on several ranks)."""
+
+
+class RankFailed(RuntimeError):
+    """A rank of a multi-process stage raised (in its training step, or while writing the epoch's log line and
+    checkpoint); every rank raises this together, naming the failing rank(s) and the first one's error."""
 
 
 @dataclass
@@ -46,6 +58,7 @@ class Runtime:
     local_rank: int = 0
     log_every: int = 20
     num_workers: int = 0
+    owns_process_group: bool = False  # setup_runtime started torch.distributed: close() ends it
 
     @property
     def distributed(self) -> bool:
@@ -58,6 +71,46 @@ class Runtime:
     def log(self, msg: str) -> None:
         if self.is_main:
             print(msg, flush=True)
+
+    def close(self) -> None:
+        """End torch.distributed when setup_runtime started it (a group the caller started is left to the caller).
+        Every rank must be done with collectives: destroying a group with one in flight can hang (NCCL). A later
+        setup_runtime starts a new group from the same env:// variables."""
+        if self.owns_process_group:
+            end_process_group()
+            self.owns_process_group = False
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def end_process_group() -> None:
+    """End torch.distributed if it is running (once a job's last stage is done: its stages share one group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+_bf16_warned = False
+
+
+def _warn_without_native_bf16(dev: torch.device, rank: int) -> None:
+    """bf16 autocast on a GPU without native bf16 (compute capability below 8.0: V100, T4, ...) is emulated, many
+    times slower, or fails in some kernels: say so once per process (rank 0), with what to use instead."""
+    global _bf16_warned
+    if _bf16_warned or rank != 0:
+        return
+    cap = torch.cuda.get_device_capability(dev)
+    if torch.cuda.is_bf16_supported() and tuple(cap) >= (8, 0):
+        return
+    _bf16_warned = True
+    msg = (f"WARNING: run.amp=bf16 on {torch.cuda.get_device_name(dev)} (compute capability {cap[0]}.{cap[1]}), "
+           "which has no native bf16 (needs 8.0+, e.g. A100, H100): autocast emulates it, slowly, or fails; "
+           "use run.amp=fp16 (loss scaling) or run.amp=none on this GPU")
+    warnings.warn(msg)
+    print(msg, flush=True)
 
 
 def setup_runtime(device: str = "auto", amp: str = "auto", threads: int = 0, log_every: int = 20,
@@ -73,15 +126,24 @@ def setup_runtime(device: str = "auto", amp: str = "auto", threads: int = 0, log
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        # modulo: sites that bind one GPU per task (CUDA_VISIBLE_DEVICES of one device) still give LOCAL_RANK 0..n-1
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
+    owns = False
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://")
+        owns = True
+        # a process that ends without Runtime.close() (an exception, the last stage of a job) still ends the group
+        # cleanly; every rank stopped together (fit), so no collective is left in flight
+        atexit.register(end_process_group)
     if amp == "auto":
         amp = "bf16" if dev.type == "cuda" else "none"
     if amp not in ("none", "bf16", "fp16"):
         raise ValueError(f"run.amp must be auto|none|bf16|fp16, got {amp!r}")
-    return Runtime(dev, amp, rank, world, local_rank, log_every, num_workers)
+    if amp == "bf16" and dev.type == "cuda":
+        _warn_without_native_bf16(dev, rank)
+    return Runtime(dev, amp, rank, world, local_rank, log_every, num_workers, owns_process_group=owns)
 
 
 def seed_all(seed: int) -> None:
@@ -107,6 +169,31 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_rng_state(rt: Runtime):
+    """What a checkpoint stores under "rng": this process's state on one process (the single-process format), or
+    every rank's, a list indexed by rank (each rank draws its own augmentation, Mixup and masks, and must resume its
+    own streams). A collective on several ranks: every rank calls it."""
+    own = rng_state()
+    if not rt.distributed:
+        return own
+    states = [None] * rt.world
+    dist.all_gather_object(states, own)
+    return states
+
+
+def own_rng_state(state: dict, rt: Runtime, where) -> dict:
+    """This rank's RNG state from a checkpoint; one written at another world size is refused (its ranks' streams,
+    and the effective batch and lr, belong to that many processes)."""
+    rng = state["rng"]
+    saved = int(state.get("world_size", len(rng) if isinstance(rng, list) else 1))
+    if saved != rt.world or (isinstance(rng, list) and len(rng) != saved):
+        raise CheckpointError(f"{where} was written by a run on world size {saved} ({saved} process(es)); this run "
+                              f"has world size {rt.world}: refusing to resume (each rank's random streams, the "
+                              "effective batch and the lr belong to the world size that wrote it). Run the stage on "
+                              f"{saved} process(es) again, or move the checkpoint away to restart it from scratch.")
+    return rng[rt.rank] if isinstance(rng, list) else rng
 
 
 def _autocast(rt: Runtime):
@@ -202,10 +289,11 @@ def resume(run_dir: Path, spec_hash: str, model: nn.Module, optimizer, scaler, r
             raise CheckpointError(f"{run_dir}/checkpoint-last.pth was written for another configuration "
                                   f"(hash {state.get('spec_hash')} vs {spec_hash}); refusing to resume. Move it away "
                                   "or use a fresh run directory.")
+        rng = own_rng_state(state, rt, f"{run_dir}/checkpoint-last.pth")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        set_rng_state(rng)
         result.resumed_from_epoch = int(state["epoch"])
         result.history = list(state.get("history", []))
         result.earlier_seconds = float(state.get("train_seconds", 0.0))
@@ -224,29 +312,108 @@ def resume(run_dir: Path, spec_hash: str, model: nn.Module, optimizer, scaler, r
     return result
 
 
+# A rank's status at a decision point, exchanged by stop_together
+_OK, _NONFINITE, _RAISED = 0, 1, 2
+
+
+def _ranks(ranks: List[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+
+
+def _failure_report(failure: Optional[BaseException]) -> Optional[tuple]:
+    """(message, traceback) of this rank's failure, for the other ranks: a non-finite loss by its message alone (it
+    names the epoch, step and terms), an exception with its type."""
+    if failure is None:
+        return None
+    text = str(failure) if isinstance(failure, NonFiniteLoss) else f"{type(failure).__name__}: {failure}"
+    return text, "".join(traceback.format_exception(failure))
+
+
+def stop_together(rt: Runtime, failure: Optional[BaseException], where: str, name: str) -> None:
+    """The decision point of every rank: return when no rank failed, else raise on every rank.
+
+    One process: raises `failure` as it is. Several: one all_reduce of a world-sized int tensor (rank r writes its
+    status at r: a few bytes per step); when a rank failed, the failing ranks' messages follow (all_gather_object,
+    on that path only) and every rank raises the same error: NonFiniteLoss when the only failures are non-finite
+    losses (so run.nan_restarts restarts all ranks together), else RankFailed with the first raising rank's error
+    (its traceback attached as a note)."""
+    if not rt.distributed:
+        if failure is not None:
+            raise failure
+        return
+    status = torch.zeros(rt.world, dtype=torch.int32, device=rt.device)
+    if failure is not None:
+        status[rt.rank] = _NONFINITE if isinstance(failure, NonFiniteLoss) else _RAISED
+    dist.all_reduce(status)
+    codes = status.tolist()
+    failed = [r for r, c in enumerate(codes) if c != _OK]
+    if not failed:
+        return
+    reports: List[Optional[tuple]] = [None] * rt.world
+    dist.all_gather_object(reports, _failure_report(failure))
+    raised = [r for r in failed if codes[r] == _RAISED]
+    if not raised:
+        raise NonFiniteLoss(f"{reports[failed[0]][0]}, on {_ranks(failed)} of {rt.world}") from None
+    first = raised[0]
+    err = RankFailed(f"{_ranks(raised)} of {rt.world} failed {where} in {name}: {reports[first][0]}")
+    if rt.rank != first:
+        err.add_note(f"traceback on rank {first}:\n{reports[first][1].rstrip()}")
+    raise err from (failure if rt.rank == first else None)
+
+
+def _nonfinite(loss: torch.Tensor, terms: Dict[str, torch.Tensor], epoch: int, step: int, name: str) -> NonFiniteLoss:
+    detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+    if terms and all(torch.isfinite(v).all() for v in terms.values()):
+        detail += "; every term is finite, so a weight combining them is not (e.g. distill.alpha)"
+    return NonFiniteLoss(f"non-finite loss {loss.item()} at epoch {epoch} step {step} (0-based; {detail}) in {name}")
+
+
+def _mean_over_ranks(means: Dict[str, float], rt: Runtime) -> Dict[str, float]:
+    """The epoch's mean loss terms over every rank (each rank runs the same number of steps), not rank 0's alone."""
+    if not rt.distributed or not means:
+        return means
+    t = torch.tensor(list(means.values()), dtype=torch.float64, device=rt.device)
+    dist.all_reduce(t)
+    return dict(zip(means, (t / rt.world).tolist()))
+
+
 def train_one_epoch(train_model: nn.Module, model: nn.Module, objective: Callable, optimizer, scaler, data,
                     schedule: Schedule, lr: float, epoch: int, steps_per_epoch: int, rt: Runtime, name: str) -> dict:
     """One pass over `data` (MAE's engine_*.train_one_epoch): per-step lr, autocast, the non-finite check, gradient
-    accumulation, clipping and the (scaled) optimizer step. Returns the epoch's mean loss terms, images seen and
-    seconds."""
+    accumulation, clipping and the (scaled) optimizer step. Returns the epoch's mean loss terms (over every rank),
+    images seen and seconds.
+
+    Every rank runs exactly steps_per_epoch steps, and fetching the batch, the forward pass and the loss of each step
+    end at stop_together (before the backward pass and its gradient all-reduce): a NaN or an exception on one rank
+    stops every rank at that step."""
     train_model.train()
     sums: Dict[str, float] = {}
     n_steps, seen, step_s = 0, 0, []
     t0 = t_step = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    for step, (imgs, labels) in enumerate(data):
-        if step % schedule.accum_iter == 0:
-            set_lr(optimizer, lr_at(schedule, lr, epoch, step, steps_per_epoch))
-        imgs = imgs.to(rt.device, non_blocking=True)
-        labels = labels.to(rt.device, non_blocking=True)
-        with _autocast(rt):
-            loss, terms = objective(train_model, imgs, labels)
-        if not torch.isfinite(loss):
-            detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-            if terms and all(torch.isfinite(v).all() for v in terms.values()):
-                detail += "; every term is finite, so a weight combining them is not (e.g. distill.alpha)"
-            raise NonFiniteLoss(f"non-finite loss {loss.item()} at epoch {epoch} step {step} (0-based; {detail}) "
-                                f"in {name}")
+    batches = None
+    for step in range(steps_per_epoch):
+        failure = None
+        try:
+            if batches is None:
+                batches = iter(data)
+            batch = next(batches, None)
+            if batch is None:
+                raise RuntimeError(f"the data of epoch {epoch} ended after {step} of {steps_per_epoch} batches")
+            imgs, labels = batch
+            if step % schedule.accum_iter == 0:
+                set_lr(optimizer, lr_at(schedule, lr, epoch, step, steps_per_epoch))
+            imgs = imgs.to(rt.device, non_blocking=True)
+            labels = labels.to(rt.device, non_blocking=True)
+            with _autocast(rt):
+                loss, terms = objective(train_model, imgs, labels)
+            if not torch.isfinite(loss):
+                failure = _nonfinite(loss, terms, epoch, step, name)
+        except Exception as e:
+            if not rt.distributed:
+                raise
+            failure = e
+        stop_together(rt, failure, f"at epoch {epoch} step {step} (0-based)", name)
         scaler.scale(loss / schedule.accum_iter).backward()
         if (step + 1) % schedule.accum_iter == 0:
             if schedule.clip_grad:
@@ -266,8 +433,8 @@ def train_one_epoch(train_model: nn.Module, model: nn.Module, objective: Callabl
             ips = seen * rt.world / (time.perf_counter() - t0)
             rt.log(f"[{name}] epoch {epoch + 1}/{schedule.epochs} step {step + 1}/{steps_per_epoch} "
                    f"loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} {ips:.0f} img/s")
-    return {"means": {k: v / max(1, n_steps) for k, v in sums.items()}, "seen": seen,
-            "seconds": time.perf_counter() - t0, "step_s": step_s}
+    means = _mean_over_ranks({k: v / max(1, n_steps) for k, v in sums.items()}, rt)
+    return {"means": means, "seen": seen, "seconds": time.perf_counter() - t0, "step_s": step_s}
 
 
 def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, schedule: Schedule, run_dir: Path,
@@ -315,15 +482,22 @@ def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, s
         if eval_fn is not None:
             row.update(eval_fn(model))
         result.history.append(row)
-        if rt.is_main:
-            with open(run_dir / LOG_FILE, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            save_last({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scaler": scaler.state_dict(), "epoch": epoch + 1, "rng": rng_state(),
-                       "history": result.history, "spec_hash": spec_hash,
-                       "train_seconds": prior_seconds + time.perf_counter() - t_start}, run_dir)
-        if rt.distributed:
-            dist.barrier()
+        rng = checkpoint_rng_state(rt)
+        failure = None
+        try:
+            if rt.is_main:
+                with open(run_dir / LOG_FILE, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                save_last({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scaler": scaler.state_dict(), "epoch": epoch + 1, "rng": rng, "world_size": rt.world,
+                           "history": result.history, "spec_hash": spec_hash,
+                           "train_seconds": prior_seconds + time.perf_counter() - t_start}, run_dir)
+        except Exception as e:
+            if not rt.distributed:
+                raise
+            failure = e
+        # instead of a barrier: the other ranks wait for the checkpoint, and stop with rank 0 if writing it failed
+        stop_together(rt, failure, f"after epoch {epoch + 1} (writing its log line and checkpoint)", name)
         extra = "".join(f" {k} {v:.2f}" for k, v in row.items() if k.startswith("top"))
         rt.log(f"[{name}] epoch {epoch + 1}/{schedule.epochs} done: loss {row.get('loss', float('nan')):.4f}"
                f"{extra} ({epoch_s:.1f} s, {throughputs[-1]:.0f} img/s)")

@@ -37,6 +37,7 @@ from ..rundir import (ERROR_FILE, JOB_FILE, RESULT_FILE, StageLocked, epochs_log
                      write_json)
 from ..spec import AnySpec, Schedule, StageRuntime
 from ..stages import run_stage
+from ..train import end_process_group
 
 LOCKED = "locked"  # a job's result when a stage of it was found running in another process
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "UNKNOWN"}
@@ -91,6 +92,9 @@ class StageJob(submitit.helpers.Checkpointable):
         except StageLocked as e:  # another job runs it (e.g. one submitted by a driver killed before it wrote
             # job.json): not a failure; the driver waits for that run instead
             return {"status": LOCKED, "stage_id": e.stage_id, "holder": e.holder}
+        finally:  # the job's stages shared one process group; every rank stopped together (train.fit)
+            if self.distributed:
+                end_process_group()
         return result
 
 
