@@ -9,9 +9,11 @@ Compose a table's config exactly as the command line does:
 """
 from __future__ import annotations
 
+import difflib
 import math
 import re
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
 from hydra import compose, initialize_config_dir
@@ -161,7 +163,9 @@ class ClaimConfig:
     # greater only, optional: the smallest effect of interest (top-1 points, >= 0); the claim also ends as "does not
     # hold (effect < bound)" when the interval's upper limit is below margin + bound (harness/stats.py)
     bound: Optional[float] = None
-    source: str = "paper"  # paper | official-default (the official code's default is at least as good)
+    # paper: the paper says it | official-default: the official code's default is at least as good | user: a user's
+    # own hypothesis (judged like the others, reported as the user's, never set against a paper number)
+    source: str = "paper"
     note: str = ""  # where the paper says it, or why this margin
 
 
@@ -217,12 +221,15 @@ def tables() -> List[str]:
 
 def load_config(table: str, overrides: Optional[List[str]] = None, check: bool = True) -> DictConfig:
     """Compose recipes/<table>.yaml with command-line style overrides (hydra's compose API); check=False skips the
-    semantic checks (validate), for a caller that completes the config first (--rehearse)."""
+    semantic checks (validate, and launcher keys the chosen launcher would ignore), for a caller that completes the
+    config first (--rehearse)."""
     if table not in tables():
-        raise ConfigError(f"unknown table {table!r}; recipes: {', '.join(tables())}")
+        raise ConfigError(f"unknown table {table!r}{did_you_mean(table, tables())} (recipes: {', '.join(tables())})")
     overrides = list(overrides or [])
+    parsed = []
     try:
-        for o in OverridesParser.create().parse_overrides(overrides):
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        for o in parsed:
             # compose() accepts hydra.* and hydra/<group> and drops them: this harness has no hydra app to use them
             if o.key_or_group.replace("/", ".").split(".")[0] == "hydra":
                 raise ConfigError(
@@ -234,6 +241,9 @@ def load_config(table: str, overrides: Optional[List[str]] = None, check: bool =
             cfg = compose(config_name=table, overrides=overrides)
     except (HydraException, OmegaConfBaseException, YAMLError) as e:
         msg = str(e)
+        hint = _override_error(table, parsed, msg)
+        if hint:
+            raise ConfigError(hint) from None
         cause = e.__cause__ or e.__context__  # hydra's "Error merging override x=y" hides the reason here
         reason = str(cause).strip().split("\n")[0] if cause is not None else ""
         if reason and reason not in msg:
@@ -242,7 +252,147 @@ def load_config(table: str, overrides: Optional[List[str]] = None, check: bool =
         raise ConfigError(msg) from None
     if check:
         validate(cfg)
+        check_launcher_overrides(cfg, parsed)
     return cfg
+
+
+# ------------------------------------------------------------------------------------ unknown keys: did you mean
+def closest(word: str, choices) -> List[str]:
+    """The known names closest to `word` (difflib, cutoff 0.6): every one tied with the best, at most three, in the
+    order given; [] when nothing is close."""
+    choices = [str(c) for c in choices]
+    best = difflib.get_close_matches(str(word), choices, n=1)
+    if not best:
+        return []
+    score = lambda c: difflib.SequenceMatcher(None, str(word), c).ratio()  # noqa: E731
+    top = score(best[0])
+    return [c for c in choices if score(c) == top][:3]
+
+
+def did_you_mean(word: str, choices, prefix: str = "") -> str:
+    """'; did you mean <prefix><closest>?' (or 'a or b'), '' when nothing is close."""
+    close = closest(word, choices)
+    return f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
+
+
+# a row's override sections are free dicts in RowConfig, checked against the table-level section's schema
+ROW_SECTIONS = {"pretrain": PretrainConfig, "distill": DistillConfig, "finetune": FinetuneConfig, "kd": KDConfig,
+                "student": ModelConfig, "teacher": TeacherConfig}
+_ROWS = "rows"  # the walk's marker for TableConfig.rows: its keys are the recipe's rows
+
+
+@dataclass
+class UnknownKey:
+    """The first component of a dotted key that the table's schema has no place for."""
+    key: str  # the dotted key as given
+    section: str  # the dotted path above the unknown component ('' = the top level)
+    part: str  # the unknown component
+    choices: List[str]  # what the section has
+    row: bool  # the component names a row of the table
+
+    @property
+    def suggestion(self) -> Optional[str]:
+        """The key with the unknown component replaced by the closest known one(s), 'a or b' on a tie (None when
+        nothing is close)."""
+        parts = self.key.split(".")
+        i = len(self.section.split(".")) if self.section else 0
+        close = [".".join(parts[:i] + [c] + parts[i + 1:]) for c in closest(self.part, self.choices)]
+        return " or ".join(close) or None
+
+    def describe(self, table: str) -> str:
+        better = self.suggestion
+        if self.row:
+            return (f"table {table!r} has no row {self.part!r}" + (f"; did you mean {better}?" if better else "")
+                    + f" (rows: {', '.join(self.choices)}; a new row is added in recipes/{table}.yaml, not on the "
+                    "command line)")
+        where = self.section or "the top level of the config"
+        return (f"no key {self.part!r} in {where}" + (f"; did you mean {better}?" if better else
+                                                     f" (its keys: {', '.join(self.choices)})"))
+
+
+def _child(node, name: str):
+    """The schema below field `name` of dataclass `node`: a dataclass, _ROWS, or None (a value or a free mapping,
+    whose keys are not checked here)."""
+    if node is TableConfig and name == "rows":
+        return _ROWS
+    if node is RowConfig and name in ROW_SECTIONS:
+        return ROW_SECTIONS[name]
+    hint = typing.get_type_hints(node).get(name)
+    if typing.get_origin(hint) is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0] if len(args) == 1 else None
+    return hint if isinstance(hint, type) and is_dataclass(hint) else None
+
+
+def unknown_key(key: str, rows, schema=TableConfig, section: str = "") -> Optional[UnknownKey]:
+    """Walk the dotted `key` (below `section`, whose schema is `schema`; TableConfig and the top level by default)
+    down the schema, `rows` being the table's row keys: the first component with no place in it, or None when every
+    checkable component exists. Below a free mapping or a value nothing is checked (launcher.additional_parameters.*,
+    models.*, checkpoints.*)."""
+    parts, head = key.split("."), [section] if section else []
+    node = schema
+    for i, part in enumerate(parts):
+        if node is _ROWS:
+            choices, row = sorted(rows), True
+            nxt = RowConfig
+        elif node is not None:
+            choices, row = [f.name for f in fields(node)], False
+            nxt = _child(node, part) if part in choices else None
+        else:
+            return None
+        if part not in choices:
+            return UnknownKey(".".join(head + parts), ".".join(head + parts[:i]), part, choices, row)
+        node = nxt
+    return None
+
+
+def _override_error(table: str, parsed, msg: str) -> Optional[str]:
+    """One clear message for hydra's refusal of an override, when it comes from an unknown key, row or group option:
+    the key, what is wrong and the closest known name; None for any other error (hydra's own message is kept).
+    Replaces hydra's hint 'To append to your config use +key=value' where appending would fail too."""
+    m = re.search(r"Could not find '([^'/]+)/([^']*)'", msg)
+    if m:
+        group, name = m.groups()
+        options = sorted(p.stem for p in (RECIPES_DIR / group).glob("*.yaml")) if (RECIPES_DIR / group).is_dir() \
+            else []
+        return (f"{group}={name}: Could not find '{group}/{name}'{did_you_mean(name, options, f'{group}=')}"
+                + (f" ({group} options: {', '.join(options)})" if options else ""))
+    rows = _recipe_rows(table)
+    for o in parsed:
+        key = o.key_or_group
+        if f"'{key}'" not in msg and o.input_line not in msg:
+            continue
+        u = unknown_key(key, rows)
+        if u is None:
+            return None
+        verb = "delete" if o.is_delete() else "add" if o.is_add() or o.is_force_add() else "override"
+        return f"Could not {verb} '{key}': {u.describe(table)}"
+    return None
+
+
+# Launcher keys only the Slurm launcher (or a launcher.write_sbatch script) reads: local and debug ignore them
+# (harness.run.launch.local_executor passes timeout_min, max_requeues, gpus_per_node, tasks_per_node and
+# signal_delay_s; launch.execute reads max_parallel, chain and poll_s).
+SLURM_ONLY = ("partition", "account", "qos", "nodes", "cpus_per_task", "mem_gb", "array_parallelism",
+              "additional_parameters", "setup", "snapshot")
+
+
+def check_launcher_overrides(cfg: DictConfig, parsed) -> None:
+    """A Slurm-only launcher key set on the command line under launcher=local|debug would be ignored: refused. (A
+    profile may set them for every launcher; only what the user asked for is checked.)"""
+    name = cfg.launcher.name
+    if name == "slurm" or cfg.launcher.write_sbatch:
+        return
+    given = []
+    for o in parsed:
+        parts = o.key_or_group.split(".")
+        if len(parts) >= 2 and parts[0] == "launcher" and parts[1] in SLURM_ONLY and not o.is_delete():
+            given.append(o.input_line)
+    if given:
+        raise ConfigError(f"{', '.join(given)}: would be ignored by launcher={name}, which runs "
+                          f"{'the stages in this process' if name == 'debug' else 'jobs on this machine'} "
+                          f"(Slurm-only launcher keys: {', '.join(SLURM_ONLY)}). Drop "
+                          f"{'it' if len(given) == 1 else 'them'}, or add launcher=slurm")
 
 
 def merged(section: DictConfig, overrides: Dict[str, Any], schema, where: str) -> dict:
@@ -254,7 +404,9 @@ def merged(section: DictConfig, overrides: Dict[str, Any], schema, where: str) -
         out = OmegaConf.merge(base, OmegaConf.create(dict(overrides)))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
-        raise ConfigError(f"{where}{'.' + key if key else ''}: {str(e).splitlines()[0]}") from None
+        u = unknown_key(str(key), (), schema, where) if key else None
+        better = f"; did you mean {u.suggestion}?" if u is not None and u.suggestion else ""
+        raise ConfigError(f"{where}{'.' + key if key else ''}: {str(e).splitlines()[0]}{better}") from None
     return OmegaConf.to_container(out, resolve=True)
 
 
@@ -444,7 +596,9 @@ def validate(cfg: DictConfig) -> None:
         OmegaConf.merge(OmegaConf.structured(TableConfig), OmegaConf.to_container(cfg, resolve=False))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or "?"
-        raise ConfigError(f"{key}: {str(e).splitlines()[0]} (unknown key or wrong type)") from None
+        u = unknown_key(key, set(cfg.rows.keys()) | _recipe_rows(cfg.table)) if key != "?" else None
+        better = f"; did you mean {u.suggestion}?" if u is not None and u.suggestion else ""
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]} (unknown key or wrong type){better}") from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"missing mandatory value(s): {', '.join(missing)} (set them on the command line, "
@@ -543,7 +697,8 @@ def validate(cfg: DictConfig) -> None:
     validate_claims(cfg)
 
 
-CLAIM_TESTS, CLAIM_SOURCES = ("greater", "within"), ("paper", "official-default")
+# claim sources: only `paper` claims are set against the paper's numbers and gated (harness.stats)
+CLAIM_TESTS, CLAIM_SOURCES = ("greater", "within"), ("paper", "official-default", "user")
 CONTROL_METHOD = "scratch"  # the positive control: the same fine-tune from random initialisation, no pre-training
 METHODS = ("mae", "dmae", "kd", CONTROL_METHOD)
 
@@ -576,8 +731,9 @@ def validate_claims(cfg: DictConfig) -> None:
                 raise ConfigError(f"{where}: {side} is empty; give one row or a group of rows")
             unknown = [r for r in cl[side] if r not in known]
             if unknown:
-                raise ConfigError(f"{where}: {side} names unknown row(s) {', '.join(map(repr, unknown))}; rows of "
-                                  f"{cfg.table!r}: {', '.join(sorted(known))}")
+                raise ConfigError(f"{where}: {side} names unknown row(s) {', '.join(map(repr, unknown))}"
+                                  f"{did_you_mean(unknown[0], known)}; rows of {cfg.table!r}: "
+                                  f"{', '.join(sorted(known))}")
         both = sorted(set(cl.a) & set(cl.b))
         if both:
             raise ConfigError(f"{where}: row(s) {', '.join(both)} on both sides")
@@ -594,4 +750,6 @@ def validate_claims(cfg: DictConfig) -> None:
             if not math.isfinite(cl.bound) or cl.bound < 0:
                 raise ConfigError(f"{where}: bound={cl.bound} must be a finite number >= 0 (top-1 points)")
         if cl.source not in CLAIM_SOURCES:
-            raise ConfigError(f"{where}: source={cl.source!r} must be one of {', '.join(CLAIM_SOURCES)}")
+            raise ConfigError(f"{where}: source={cl.source!r} must be one of {', '.join(CLAIM_SOURCES)} (user: "
+                              "your own hypothesis, judged like the others and never set against a paper number)"
+                              f"{did_you_mean(cl.source, CLAIM_SOURCES)}")

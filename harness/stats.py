@@ -58,7 +58,10 @@ from scipy import stats as _st
 LEVEL = 0.95
 POWER = 0.8
 TESTS = ("greater", "within")
-SOURCES = ("paper", "official-default")
+# where a claim comes from: the paper | the official code's default (at least as good as the alternative) | the
+# user's own hypothesis. Only a paper claim is set against the paper's a - b and turned "not testable" by a failed gate
+SOURCES = ("paper", "official-default", "user")
+USER = "user"
 HOLDS, FAILS, UNSURE, NO_DATA, NOT_APPLICABLE = "holds", "does not hold", "inconclusive", "not enough data", \
     "not applicable"
 BELOW_BOUND = "does not hold (effect < bound)"
@@ -256,6 +259,7 @@ def judge(claim: Mapping, cells: pd.DataFrame, noise: Optional[Noise] = None, pa
     undecided claim the seeds for 80% power at the observed mean (seeds_needed). `paper`, the paper's a - b when
     known, turns an inconclusive verdict whose interval leaves it out into "paper-size effect excluded" and gives the
     seeds for 80% power were the true difference the paper's (seeds_paper; paper_powered: whether n reaches them).
+    A user's claim (source `user`) is never set against a paper number: `paper` is ignored for it (paper_value None).
 
     Keys: id text source note a b test margin bound | n mean seeds unpaired missing_rows | sd (the claim's own, ddof 1)
     sd_pooled (sigma * sqrt(1/|a| + 1/|b|); None without noise) noise_sd noise_dof | sd_used dof sd_source (own |
@@ -265,6 +269,8 @@ def judge(claim: Mapping, cells: pd.DataFrame, noise: Optional[Noise] = None, pa
     test, margin = claim["test"], float(claim["margin"])
     bound = claim.get("bound")
     bound = None if bound is None or (isinstance(bound, float) and math.isnan(bound)) else float(bound)
+    if claim.get("source") == USER:
+        paper = None
     out = {"id": claim.get("id", ""), "text": claim.get("text", ""), "source": claim.get("source", "paper"),
            "note": claim.get("note") or "", "a": a, "b": b, "test": test, "margin": margin, "bound": bound,
            "n": 0, "mean": None, "sd": None, "sd_pooled": None, "sd_used": None, "dof": None, "sd_source": "",

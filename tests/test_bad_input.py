@@ -200,7 +200,9 @@ def test_bad_imagefolder_is_refused(capsys, tmp_path, results, name, make, messa
 
 
 def test_good_imagefolder_passes_the_checks(tmp_path):
-    root = imagefolder(tmp_path / "imagenet", classes=tuple("abcdef"))
+    # 6 x 54 = 324 training images: the smoke profile's holdout (256) and one batch of 64 (harness.run.preflight
+    # refuses fewer: the stages would fail at run time)
+    root = imagefolder(tmp_path / "imagenet", classes=tuple("abcdef"), per_class=54)
     cfg = load_config("table2", ["profile=smoke", "data.name=imagefolder", f"data.root={root}",
                                  f"results_root={tmp_path / 'results'}"])
     check_inputs(build_plan(cfg), cfg)

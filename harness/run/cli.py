@@ -11,14 +11,20 @@ code; harness/reproduce.py is its entry point).
     python -m harness.reproduce table2 -m rows.dmae_95.pretrain.mask_ratio=0.9,0.95
     python -m harness.reproduce all                         # every recipe
     python -m harness.reproduce table2 profile=paper launcher=slurm --rehearse   # a few steps per stage first
+    python -m harness.reproduce table2 profile=smoke seeds=3 --cfg job   # the composed config as YAML; runs nothing
 
-Every input is checked before a job is submitted, and by --dry-run: config keys and values, the dataset, provided
-teacher checkpoints (loaded with weights_only=True and fitted to the recipe's teacher), and, for launcher=slurm,
-that the cluster answers and the partition exists. A rerun skips finished stages and resumes unfinished ones.
+Every input is checked before a job is submitted, and by --dry-run: config keys and values (an unknown key or row
+gets the closest known one; a Slurm-only launcher key under launcher=local|debug is refused), the dataset and that
+each training stage's images hold one optimizer update (batch size x accumulation x devices), provided teacher
+checkpoints (loaded with weights_only=True and fitted to the recipe's teacher; an error names the key that gave the
+file), and, for launcher=slurm, that the cluster answers and the partition exists. A rerun skips finished stages
+and resumes unfinished ones.
 
 -m (anywhere on the line) sweeps comma-separated values and range(a,b): each point is run as its own results root,
 <results_root>/sweeps/<table>.<profile>-<keys>/<key>=<value>/, stages the points share run once, and one combined
 report, <reports_dir>/sweeps/<table>.<profile>-<keys>.md, gives top-1 mean +- std and n per (point, row).
+--cfg job (hydra's flag) prints the composed, validated and resolved config of each run as YAML (one document per
+table or sweep point) and exits: no plan, no input check, nothing written or submitted.
 Exit codes: 0 done, 1 a stage failed, 2 bad input (nothing submitted), 3 another driver holds the results root.
 """
 from __future__ import annotations
@@ -124,10 +130,11 @@ def prepare_rehearsal(job: _Job, steps: int, batch: int) -> None:
     job.rehearsal = {"cfg": full_cfg, "plan": full_plan, "notes": notes, "generated_data": "imagefolder" in todo}
 
 
-def plan_jobs(names: Sequence[str], overrides: List[str], multirun: bool, rehearse: Optional[Tuple[int, int]] = None
-              ) -> List[_Job]:
+def plan_jobs(names: Sequence[str], overrides: List[str], multirun: bool, rehearse: Optional[Tuple[int, int]] = None,
+              compose_only: bool = False) -> List[_Job]:
     """Every run of the invocation, composed, planned and checked (preflight) before any of them runs.
-    rehearse: (steps, batch per device) for --rehearse."""
+    rehearse: (steps, batch per device) for --rehearse; compose_only: each run's config composed and validated, not
+    planned or checked (--cfg job)."""
     jobs: List[_Job] = []
     for table in names:
         if rehearse is not None:
@@ -157,7 +164,10 @@ def plan_jobs(names: Sequence[str], overrides: List[str], multirun: bool, rehear
             sweep["jobs"].append(job)
             jobs.append(job)
     for job in jobs:
-        if rehearse is not None:
+        if compose_only:
+            from ..config import load_config  # local: hydra; --help stays standard-library only
+            job.cfg = load_config(job.table, job.overrides)
+        elif rehearse is not None:
             prepare_rehearsal(job, *rehearse)
         else:
             job.cfg, job.plan = prepare(job.table, job.overrides)
@@ -197,6 +207,21 @@ def run_jobs(jobs: List[_Job], dry_run: bool, command: str) -> int:
     return code
 
 
+def show_config(jobs: List[_Job]) -> int:
+    """--cfg job: each run's composed, validated and resolved config as YAML (a comment naming the run and `---`
+    between documents when there are several); nothing is planned, checked, written or submitted."""
+    from omegaconf import OmegaConf  # local: omegaconf; --help stays standard-library only
+    docs = []
+    for job in jobs:
+        text = OmegaConf.to_yaml(job.cfg, resolve=True)
+        if len(jobs) > 1:
+            text = f"# {job.table}" + (f" {job.point.name}" if job.point is not None else "") + "\n" + text
+        docs.append(text)
+    sys.stdout.write("---\n".join(docs))
+    sys.stdout.flush()
+    return 0
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     prog = "dmae-reproduce" if Path(sys.argv[0]).name == "dmae-reproduce" else "python -m harness.reproduce"
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
@@ -215,6 +240,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="training steps per rehearsed stage (at least two optimizer updates; default 4)")
     p.add_argument("--rehearse-batch", type=int, default=0, metavar="B",
                    help="per-device batch of the rehearsal (default: the profile's; e.g. 2 on a CPU)")
+    p.add_argument("-c", "--cfg", metavar="job",
+                   help="`job`: print the composed, validated and resolved config as YAML and exit (hydra's flag); "
+                        "nothing is planned, checked or submitted")
+    p.add_argument("--resolve", action="store_true",
+                   help="accepted as hydra accepts it with --cfg; the config --cfg job prints is always resolved")
     args = p.parse_intermixed_args(list(argv))  # options anywhere: `table2 -m key=a,b` as in hydra
     if "=" in args.table or args.table[:1] in "+~":  # `-m key=a,b` without a table: the default table
         args.overrides.insert(0, args.table)
@@ -234,6 +264,15 @@ def main(argv: List[str] | None = None) -> int:
     try:
         if (args.rehearse_steps is not None or args.rehearse_batch) and not args.rehearse:
             raise ConfigError("--rehearse-steps / --rehearse-batch only apply with --rehearse")
+        if args.resolve and args.cfg is None:
+            raise ConfigError("--resolve only applies with --cfg job")
+        if args.cfg is not None:
+            if args.cfg != "job":
+                raise ConfigError(f"--cfg {args.cfg}: only --cfg job is supported (the composed config of the table "
+                                  "run); hydra's own settings (--cfg hydra / all) are not used by this harness")
+            if args.rehearse:
+                raise ConfigError("--cfg job prints the run's config; drop --rehearse (or drop --cfg job)")
+            return show_config(plan_jobs(names, args.overrides, args.multirun, compose_only=True))
         jobs = plan_jobs(names, args.overrides, args.multirun,
                          (args.rehearse_steps or 4, args.rehearse_batch) if args.rehearse else None)
         return run_jobs(jobs, args.dry_run, command)
