@@ -5,6 +5,9 @@
     >>> c.stages     # one row per stage of the plan: status (with the reason), cost, provenance
     >>> summarize(c) # one row per table row: mean +- std over finished seeds, n, the paper's number, delta
     >>> c.warnings   # unreadable files and stray stage directories, each naming its path
+    >>> c.epochs     # one row per stage and logged epoch: the losses and validation top-1 the figures draw
+    >>> c.specs      # per row: the resolved specs (config.json) of its pre-train and fine-tune stages
+    >>> export(c, d) # cells/stages/rows/epochs CSVs + run.json; load_export(d) gives the Collected back (no tree)
 
 Every planned stage and cell appears with a status, never silently dropped:
 
@@ -23,7 +26,7 @@ out of the training images; results written before that split existed (`top1`, `
 the same way. A fine-tune whose validation top-1 rose by >= 0.5 pp over its last epoch is flagged `still_rising`;
 so is a row (summarize) whose finished seeds rose by >= 0.5 pp on average, i.e. whose mean curve did.
 
-    python -m harness.collect results/table2/tiny [--csv out/]      # print the per-cell frame, export CSVs
+    python -m harness.collect results/table2/tiny [--csv out/]      # print the per-cell frame, export CSVs + run.json
 """
 from __future__ import annotations
 
@@ -57,11 +60,21 @@ RESULT_ALIASES = {"best_val_top1": ("best_val_top1", "best_top1"), "last_val_top
 
 @dataclass
 class Collected:
-    root: Path
+    """A table's results: from its tree (collect) or from the data a report keeps beside it (load_export)."""
+    root: Path  # the results tree <...>/<table>/<profile>; for load_export, the folder the data was read from
     manifest: dict
     stages: pd.DataFrame
     cells: pd.DataFrame
     warnings: List[str] = field(default_factory=list)
+    # per stage and logged epoch, what the figures draw (EPOCH_COLUMNS; from each stage's log.jsonl)
+    epochs: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=EPOCH_COLUMNS))
+    # row -> {"pretrain": spec, "finetune": spec}: the resolved stage specs (config.json) of the row's first cell
+    specs: Dict[str, dict] = field(default_factory=dict)
+    # row -> parameters and FLOPs per image (harness.artefacts.model_costs), when an export recorded them
+    models: Dict[str, dict] = field(default_factory=dict)
+    # the tree as a report names it, never this machine's path: results/<table>/<profile>
+    results: str = ""
+    _logs: Optional[Dict[str, List[dict]]] = field(default=None, repr=False, compare=False)
 
     @property
     def profile(self) -> str:
@@ -70,6 +83,16 @@ class Collected:
     @property
     def table(self) -> str:
         return self.manifest.get("table", self.root.parent.name)
+
+    def log(self, stage_id: str) -> List[dict]:
+        """A stage's per-epoch records as the figures read them (epoch, loss, loss_pix, loss_feat, val_top1; a key
+        the stage did not log is absent), from `epochs`."""
+        if self._logs is None:
+            self._logs = {}
+            for rec in self.epochs.to_dict("records"):
+                self._logs.setdefault(rec["stage_id"], []).append(
+                    {k: v for k, v in rec.items() if k != "stage_id" and not missing_num(v)})
+        return self._logs.get(stage_id, [])
 
 
 def _read_json(path: Path):
@@ -90,7 +113,7 @@ def read_stage(d: Path, warnings: List[str]) -> dict:
     log = read_log(d, warnings)
     status = stage_status(d)
     rec: Dict[str, object] = {"status": "not started", "reason": "", "config_path": str(d / CONFIG_FILE),
-                              "epochs_logged": len(log), "val_last_gain": last_epoch_gain(log)}
+                              "epochs_logged": len(log), "val_last_gain": last_epoch_gain(log), LOG_KEY: log}
     if status == DONE:
         try:
             res = _read_json(d / RESULT_FILE)
@@ -123,7 +146,48 @@ STAGE_COLUMNS = ["stage_id", "kind", "role", "serves", "status", "reason", "epoc
                  "best_val_top1", "best_epoch", "last_val_top1", "last_val_top5", "val_last_gain", "final_loss",
                  "final_loss_pix", "final_loss_feat", "block", "split",
                  "wall_s", "device_hours", "images_per_s", "device", "device_name", "world_size", "host", "torch",
-                 "python", "git_commit", "finished_at", "config_path"]
+                 "python", "git_commit", "finished_at", "config_path",
+                 # added later (stages.csv files written before lack them); git_dirty: where a result records it
+                 "git_dirty"]
+# epochs.csv: what the figures draw of each stage's log.jsonl (val_top1: `top1` in logs written before the split;
+# losses to 6 significant digits)
+EPOCH_COLUMNS = ["stage_id", "epoch", "loss", "loss_pix", "loss_feat", "val_top1"]
+LOG_KEY = "_log"  # read_stage's records of log.jsonl, taken out by collect
+
+
+def _epoch_rows(sid: str, log: List[dict]) -> List[dict]:
+    val = dict(val_curve(log))
+    out = []
+    for r in log:
+        try:
+            epoch = int(r["epoch"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        rec = {"stage_id": sid, "epoch": epoch, "val_top1": val.get(epoch)}
+        for k in ("loss", "loss_pix", "loss_feat"):
+            v = r.get(k)
+            # 6 significant digits: what a curve needs, and half the bytes of a kept epochs.csv
+            rec[k] = float(f"{v:.6g}") if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) \
+                else None
+        out.append(rec)
+    return out
+
+
+def _row_specs(root: Path, manifest: dict) -> Dict[str, dict]:
+    """row -> {"pretrain": spec, "finetune": spec} from the config.json of the row's first cell that has one (None
+    for a stage the row does not have or that never started)."""
+    out: Dict[str, dict] = {}
+    for cell in manifest["cells"]:
+        got = out.setdefault(cell["row"], {"pretrain": None, "finetune": None})
+        for stage in ("pretrain", "finetune"):
+            sid = cell.get(stage)
+            if got[stage] is None and sid:
+                try:
+                    spec = _read_json(root / sid / CONFIG_FILE).get("spec")
+                except (OSError, ValueError):
+                    continue
+                got[stage] = spec if isinstance(spec, dict) else None
+    return out
 
 
 def collect(root: Path) -> Collected:
@@ -140,8 +204,10 @@ def collect(root: Path) -> Collected:
         served = [cell_order.get(tuple(x), len(cell_order)) for x in st.get("cells", [])]
         return ROLES.index(st["role"]) if st["role"] in ROLES else len(ROLES), min(served, default=0), sid
 
+    epochs: List[dict] = []
     for sid, st in sorted(manifest["stages"].items(), key=order):
         rec = read_stage(root / sid, warnings)
+        epochs += _epoch_rows(sid, rec.pop(LOG_KEY))
         rec.update(stage_id=sid, kind=st["kind"], role=st["role"],
                    serves=", ".join(f"{r}/s{s}" for r, s in st.get("cells", [])))
         recs.append(rec)
@@ -155,7 +221,9 @@ def collect(root: Path) -> Collected:
     for ev in cells.loc[bad, "evaluate_id"]:
         warnings.append(f"{root / ev / RESULT_FILE}: no numeric top1; cell skipped")
     cells.loc[bad, ["status", "reason"]] = ["unreadable", f"{RESULT_FILE} has no numeric top1"]
-    return Collected(root, manifest, stages, cells, warnings)
+    return Collected(root, manifest, stages, cells, warnings,
+                     epochs=pd.DataFrame(epochs, columns=EPOCH_COLUMNS), specs=_row_specs(root, manifest),
+                     results=f"results/{root.parent.name}/{root.name}")
 
 
 def _mark_stale(root: Path, manifest: dict, recs: List[dict]) -> None:
@@ -344,16 +412,53 @@ def row_costs(c: Collected) -> pd.DataFrame:
     return pd.DataFrame(recs)
 
 
-def export(c: Collected, out_dir: Path, summary: Optional[pd.DataFrame] = None) -> List[Path]:
-    """cells.csv, stages.csv and rows.csv (plus .parquet when pyarrow is importable) into out_dir."""
+EXPORT_FORMAT = 1
+RUN_FILE = "run.json"  # beside the CSVs: the manifest, warnings, row specs and model costs (load_export reads it)
+# how load_export types the CSV columns (everything else: text, an empty field read as None)
+FLOAT_COLUMNS = {"mask_ratio", "pretrain_epochs", "finetune_epochs", "top1", "top5", "val_top1_best",
+                 "val_top1_best_epoch", "val_top1_last", "val_last_gain", "pretrain_final_loss", "probe_top1",
+                 "teacher_probe_top1", "wall_s", "device_hours", "pretrain_images_per_s", "finetune_images_per_s",
+                 "epochs_logged", "n_eval", "best_val_top1", "best_epoch", "last_val_top1", "last_val_top5",
+                 "final_loss", "final_loss_pix", "final_loss_feat", "block", "images_per_s", "world_size", "loss",
+                 "loss_pix", "loss_feat", "val_top1"}
+INT_COLUMNS = {"seed", "epoch"}
+BOOL_COLUMNS = {"still_rising"}
+TEXT_COLUMNS = {"status", "reason"}  # an empty field stays ""
+
+
+def _relative(obj, root: Path, shown: str):
+    """obj with every string that names a path under the results tree `root` rewritten from `shown` on
+    (results/<table>/<profile>/...), and one naming its results root as `results`: what a report keeps holds no
+    path of the machine that computed it."""
+    if isinstance(obj, str):
+        base = str(root.parent.parent)
+        out = obj.replace(str(root), shown)
+        return "results" if out == base else out.replace(base + "/", "results/")
+    if isinstance(obj, list):
+        return [_relative(x, root, shown) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _relative(v, root, shown) for k, v in obj.items()}
+    return obj
+
+
+def export(c: Collected, out_dir: Path, summary: Optional[pd.DataFrame] = None, rows: bool = True,
+           models: Optional[Dict[str, dict]] = None) -> List[Path]:
+    """cells.csv, stages.csv, rows.csv (rows=False: not), epochs.csv (plus .parquet when pyarrow is importable) and
+    run.json (the manifest, the warnings, the rows' stage specs and `models`) into out_dir: everything a report is
+    drawn from, so that load_export gives the report back without the results tree. Paths under the results tree
+    are written from results/<table>/<profile> on."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize(c) if summary is None else summary
+    shown = c.results or f"results/{c.root.parent.name}/{c.root.name}"
     # paths relative to the results root (<table>/<profile>/<stage>/config.json): a clone cannot follow this machine's
     local = {"config_path": lambda df: df["config_path"].map(
-        lambda p: Path(p).relative_to(c.root.parent.parent).as_posix() if isinstance(p, str) and p else p)}
-    frames = {"cells": c.cells.assign(**local), "stages": c.stages.assign(**local),
-              "rows": summary.drop(columns=["seeds_top1"])}
+        lambda p: Path(p).relative_to(c.root.parent.parent).as_posix()
+        if isinstance(p, str) and p and Path(p).is_absolute() else p)}
+    frames = {"cells": c.cells.assign(**local), "stages": c.stages.assign(**local)}
+    if rows:
+        summary = summarize(c) if summary is None else summary
+        frames["rows"] = summary.drop(columns=["seeds_top1"])
+    frames["epochs"] = c.epochs.reindex(columns=EPOCH_COLUMNS)
     try:
         import pyarrow  # noqa: F401  (local: optional dependency, probed for the .parquet exports)
         parquet = True
@@ -366,7 +471,65 @@ def export(c: Collected, out_dir: Path, summary: Optional[pd.DataFrame] = None) 
         if parquet:
             paths.append(out_dir / f"{name}.parquet")
             df.to_parquet(paths[-1], index=False)
+    run = {"format": EXPORT_FORMAT, "results": shown, "manifest": c.manifest, "warnings": c.warnings,
+           "specs": c.specs, "models": models if models is not None else c.models}
+    if c.root.is_absolute() and (c.root / MANIFEST_FILE).exists():
+        run = _relative(run, c.root, shown)
+    paths.append(out_dir / RUN_FILE)
+    paths[-1].write_text(json.dumps(run, indent=1, sort_keys=True, allow_nan=False) + "\n")
     return paths
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    def num(kind):
+        def conv(x: str):
+            if x == "":
+                return None if kind is not float else np.nan
+            try:
+                return kind(float(x)) if kind is int else float(x)
+            except ValueError:
+                return np.nan if kind is float else None
+        return conv
+    out = {}
+    for col in df.columns:
+        s = df[col]
+        if col in FLOAT_COLUMNS:
+            out[col] = s.map(num(float)).astype(float)
+        elif col in INT_COLUMNS:
+            vals = s.map(num(int))
+            out[col] = vals.astype(int) if vals.notna().all() else vals
+        elif col in BOOL_COLUMNS:
+            out[col] = s.map(lambda x: x == "True").astype(bool)
+        elif col in TEXT_COLUMNS:
+            out[col] = s
+        else:
+            out[col] = s.map(lambda x: None if x == "" else x).astype(object)
+    return pd.DataFrame(out, columns=df.columns)
+
+
+def _read_csv(path: Path, columns: Optional[List[str]] = None) -> pd.DataFrame:
+    df = pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else pd.DataFrame(
+        columns=columns or [], dtype=str)
+    return _typed(df.reindex(columns=columns) if columns else df)
+
+
+def load_export(folder: Path) -> Collected:
+    """A Collected from the files export wrote (run.json, cells.csv, stages.csv, epochs.csv): the same frames the
+    results tree gave, as far as a CSV keeps them (numbers exactly; an empty text field comes back as None). The
+    report is drawn from this both after a run and from a clone's committed data, so the two are identical."""
+    folder = Path(folder)
+    path = folder / RUN_FILE
+    try:
+        run = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{path}: no readable report data ({type(e).__name__}: {e}); export writes it") \
+            from None
+    if run.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path}: format {run.get('format')!r}, this code reads {EXPORT_FORMAT}")
+    stages = _read_csv(folder / "stages.csv").reindex(columns=STAGE_COLUMNS)
+    return Collected(folder, run["manifest"], stages, _read_csv(folder / "cells.csv"), list(run.get("warnings", [])),
+                     epochs=_read_csv(folder / "epochs.csv", EPOCH_COLUMNS), specs=run.get("specs") or {},
+                     models=run.get("models") or {}, results=run.get("results", ""))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,17 +1,26 @@
-"""The Markdown report of a table: results against the paper, the recipe's claims checked on paired seeds, expected
-values, plots, cost, provenance.
+"""The Markdown report of a table: a summary block, the gates, results against the paper, the recipe's claims checked
+on paired seeds, expected values, plots, cost (with the rows' model sizes and FLOPs), provenance.
 
     python -m harness.report table2 [--profile tiny] [--results-root results] [--reports-dir reports]
     python -m harness.report table2 --write-expected     # + recipes/expected/<table>.<profile>.csv from these results
+    python -m harness.report table2 --from-reports       # from the data kept in reports/<name>/, no results tree
 
-writes <reports-dir>/<name>.md, its figures and CSVs (claims.csv among them) in <reports-dir>/<name>/ (linked
-relatively), and the dashboard <reports-dir>/README.md. name is <table> for the profile the recipe's defaults list
-names, <table>.<profile> for any other. `reproduce` calls write_report(results/<table>/<profile>, reports_dir) when a
-run ends. Given the results tree the report is deterministic except for its "generated" line.
+writes <reports-dir>/<name>.md, its figures and data in <reports-dir>/<name>/ (linked relatively), and the dashboard
+<reports-dir>/README.md. name is <table> for the profile the recipe's defaults list names, <table>.<profile> for any
+other. `reproduce` calls write_report(results/<table>/<profile>, reports_dir) when a run ends.
+
+The data kept beside a report: cells.csv, stages.csv, epochs.csv (what the figures draw of each stage's log.jsonl)
+and run.json (the run's manifest, the warnings, the rows' resolved stage specs, their model sizes and FLOPs), written
+by harness.collect.export, from which the report is then drawn (render_report); rows.csv, claims.csv and summary.json
+(the report's numbers for machines: rows, claims, gates, provenance) are drawn with it. So a clone, which has no
+results/, gets the same report back from the committed data (`--from-reports`, or by default when
+<results-root>/<table> has no results): the same inputs give the same bytes, except the "Report generated" line
+(SOURCE_DATE_EPOCH fixes it) and, in the provenance, the versions and git state of the code writing the report.
 
 The report knows no recipe: the claims come from the run's manifest (the recipe's `claims:` section, resolved), and
-are judged by harness.stats. Nothing under results/ is linked (results/ is not committed): stage ids and the
-config/manifest paths are written as plain text.
+are judged by harness.stats; the setting a table's rows vary (drawn as top-1 against it) is found from their resolved
+specs (harness.ablation). Nothing under results/ is linked (results/ is not committed): stage ids and the
+config/manifest paths are written as plain text, from results/<table>/<profile> on, never as this machine's path.
 """
 from __future__ import annotations
 
@@ -20,22 +29,27 @@ import csv
 import importlib.metadata
 import json
 import math
+import os
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import pandas as pd
 from omegaconf import OmegaConf
 
-from .collect import (NOT_AVAILABLE, NOT_IMAGENET, Collected, collect, export, load_paper_numbers, row_costs,
-                      summarize, teacher_results)
+from .ablation import ablation_axes, row_settings
+from .artefacts import jsonable, model_costs, write_json, writer_state
+from .collect import (NOT_AVAILABLE, NOT_IMAGENET, RUN_FILE, Collected, collect, export, load_export,
+                      load_paper_numbers, row_costs, summarize, teacher_results)
 from .config import CONTROL_METHOD, RECIPES_DIR, GateConfig
 from .figures import make_figures
 from .gates import Gate, check_gates, not_passed
 from .rundir import MANIFEST_FILE
-from .stats import (DECIDED, LEVEL, MIN_OWN_DOF, NOT_APPLICABLE, NOT_TESTABLE, RISING_PP, TOLERANCE_FLOOR,
-                    TOLERANCE_SE, Noise, boundary_distance, expected_check, gate_verdict, judge, two_way_noise)
+from .stats import (BELOW_BOUND, DECIDED, FAILS, HOLDS, LEVEL, MIN_OWN_DOF, NO_DATA, NOT_APPLICABLE, NOT_TESTABLE,
+                    PAPER_EXCLUDED, RISING_PP, TOLERANCE_FLOOR, TOLERANCE_SE, UNSURE, USER, Noise, boundary_distance,
+                    expected_check, gate_verdict, judge, paired, two_way_noise)
 
 PACKAGES = ("torch", "timm", "submitit", "pandas", "numpy", "scipy", "hydra-core", "matplotlib")
 EXPECTED_DIR = RECIPES_DIR / "expected"
@@ -77,6 +91,14 @@ def shown_path(p: Path) -> str:
         if (Path(*parts[:i + 1]) / "manifest.json").is_file():  # <root>/<table>/<profile>
             return Path("results", *parts[i - 1:]).as_posix()
     return Path(p).name
+
+
+def recipe_path(p: Path) -> str:
+    """A file of the recipes as the repository names it (recipes/expected/...); elsewhere, its name."""
+    try:
+        return "recipes/" + Path(p).resolve().relative_to(Path(RECIPES_DIR).resolve()).as_posix()
+    except ValueError:
+        return Path(p).name
 
 
 def reproduced(r: dict) -> str:
@@ -170,7 +192,10 @@ def check_claims(claims: List[dict], cells: pd.DataFrame, summary: pd.DataFrame,
     by = {r["row"]: r for r in summary.to_dict("records")}
     out = []
     for cl in claims:
-        value, text = _paper_diff([str(x) for x in cl["a"]], [str(x) for x in cl["b"]], by)
+        if cl.get("source") == USER:  # a user's own hypothesis is never set against a paper number
+            value, text = None, "— (user's claim)"
+        else:
+            value, text = _paper_diff([str(x) for x in cl["a"]], [str(x) for x in cl["b"]], by)
         r = judge(cl, cells, noise, paper=value)
         r.update(paper_value=value, paper_text=text)
         out.append(r)
@@ -234,7 +259,8 @@ RULES = (
     "*paper*: the paper says it (the note says where). Source *official default*: the paper's ablation table is not "
     "available, so the claim is only that the official code's default choice is at least as good as the "
     "alternative; a negative margin m in such a `greater` claim reads \"not worse than the alternative by more than "
-    "|m| pp\". A claim naming a row this run does not have is not applicable. The paper's differences are "
+    "|m| pp\". Source *user*: a user's own hypothesis, judged the same way, never set against a paper number. "
+    "A claim naming a row this run does not have is not applicable. The paper's differences are "
     "ImageNet-1K points, shown for direction only.")
 
 
@@ -252,6 +278,9 @@ def _detail(i: int, r: dict) -> str:
     if r["source"] == "official-default":
         bits.append("Official default, not a paper result: the paper's ablation is not available; this checks "
                     "that the official code's default is at least as good as the alternative.")
+    if r["source"] == USER:
+        bits.append("The user's own hypothesis, not a paper result: judged on the paired seeds, never against a "
+                    "paper number.")
     if r["note"]:
         bits.append(f"Note: {r['note'].rstrip('.')}.")
     if r["verdict"] == NOT_APPLICABLE:
@@ -347,10 +376,12 @@ def _commit(c: Collected) -> str:
     return str(commits.mode().iloc[0]) if len(commits) else str(c.manifest.get("git_commit") or "")
 
 
-def write_expected(root: Path, expected_dir: Path = EXPECTED_DIR, tolerance: float = TOLERANCE_FLOOR) -> Path:
-    """recipes/expected/<table>.<profile>.csv from the finished seeds of results/<table>/<profile> (rows with no
-    finished seed are left out). The committed file is the reference later runs are checked against."""
-    c = collect(Path(root))
+def write_expected(root: Path | Collected, expected_dir: Path = EXPECTED_DIR,
+                   tolerance: float = TOLERANCE_FLOOR) -> Path:
+    """recipes/expected/<table>.<profile>.csv from the finished seeds of results/<table>/<profile> (or of a
+    Collected: a report's kept data) (rows with no finished seed are left out). The committed file is the reference
+    later runs are checked against."""
+    c = root if isinstance(root, Collected) else collect(Path(root))
     summary = summarize(c)
     commit = _commit(c)
     note = f"written by python -m harness.report --write-expected; rule: {TOLERANCE_RULE}"
@@ -376,13 +407,17 @@ def check_expected(summary: pd.DataFrame, expected: pd.DataFrame) -> List[dict]:
     return out
 
 
-def _expected(c: Collected, summary: pd.DataFrame, expected_dir: Path) -> List[str]:
+def expected_results(c: Collected, summary: pd.DataFrame, expected_dir: Path) -> Tuple[Path, Optional[List[dict]]]:
+    """(the expected-values file, check_expected's results or None when the file does not exist)."""
     path = expected_path(c.table, c.profile, expected_dir)
-    if not path.is_file():
+    return path, (check_expected(summary, read_expected(path)) if path.is_file() else None)
+
+
+def _expected(c: Collected, path: Path, res: Optional[List[dict]]) -> List[str]:
+    if res is None:
         return [f"No expected values for `{c.table}` / `{c.profile}`: {shown_path(path)} does not exist. Write it "
                 f"from these results with `python -m harness.report {c.table} --profile {c.profile} "
                 "--write-expected` and commit it; later reports are then checked against it."]
-    res = check_expected(summary, read_expected(path))
     rows = []
     for r in res:
         exp = f"{fmt(r['mean'])} ± {fmt(r['std'])} (n={int(r['n']) if not missing(r['n']) else '?'})"
@@ -445,7 +480,8 @@ def _gates(gates: Optional[List[Gate]], res: Optional[List[dict]]) -> List[str]:
 
 def _teacher(c: Collected) -> List[str]:
     res = teacher_results(c)
-    if not res:
+    st = c.stages
+    if not res and not st["role"].astype(str).str.startswith("teacher").any():
         return ["Teacher: no teacher stages in this plan (provided checkpoints)."]
     out = []
     ev = [r for r in res if r["role"] == "teacher-evaluate"]
@@ -455,8 +491,8 @@ def _teacher(c: Collected) -> List[str]:
                    f"Teacher (fine-tuned) test top-1: not available — stage `{r['stage_id']}` is {r['status']}"
                    + (f": {str(r['reason'])[:160]}" if r["reason"] else ""))
     if not ev:
-        out.append("Teacher (fine-tuned) test top-1: not available — this plan has no `teacher-evaluate` stage.")
-    st = c.stages
+        out.append("Teacher (fine-tuned) test top-1: not available — this plan has no `teacher-evaluate` stage "
+                   "(its rows distil the pre-trained teacher and none needs the fine-tuned one).")
     for r in st[st["role"] == "teacher-probe"].to_dict("records"):
         out.append(f"Teacher kNN probe (block {fmt(r.get('block'), 0)}, frozen, test split): **{fmt(r['top1'])}** "
                    f"(stage `{r['stage_id']}`)" if r["status"] == "done" else
@@ -565,7 +601,38 @@ def _cost(c: Collected, summary: pd.DataFrame, papers: Dict[str, dict]) -> List[
         out += ["", "A row's cost includes its own pre-training: DMAE's pays the teacher's forward pass, the KD row's "
                 "fine-tuning pays it every step. On a CPU profile (one thread per stage, tiny models, no data-loading "
                 "workers) these ratios say little about the paper's 8-GPU ImageNet claim."]
-    return out
+    return out + _model_sizes(c, summary)
+
+
+def si(x, unit: str = "") -> str:
+    """1234567 -> '1.23 M'; '—' when missing."""
+    if missing(x):
+        return "—"
+    for div, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}".rstrip()
+
+
+def _model_sizes(c: Collected, summary: pd.DataFrame) -> List[str]:
+    """Parameters and FLOPs per image of each row's models (harness.artefacts.model_costs, kept in run.json)."""
+    if not c.models:
+        return []
+    rows = []
+    for r in summary.to_dict("records"):
+        m = c.models.get(r["row"], {})
+        count = lambda k: "—" if missing(m.get(k)) else f"{int(m[k]):,}"  # noqa: E731
+        rows.append([f"`{r['row']}`", count("params"), count("params_pretrain"),
+                     si(m.get("pretrain_flops_per_image"), "FLOP"), si(m.get("finetune_flops_per_image"), "FLOP"),
+                     si(m.get("eval_flops_per_image"), "FLOP"), m.get("error", "")])
+    return ["", "Model size and compute per image, from each row's resolved stage specs (harness/artefacts.py): "
+            "trainable parameters of the models built on the meta device; FLOPs per image counted by "
+            "harness/bench/flops.py for the step the benchmark builds from the same specs (forward + backward for a "
+            "training step, forward for the evaluation). A DMAE pre-training step includes the teacher's forward up to "
+            "its aligned block; a KD fine-tuning step the teacher's forward (on CPU at 28 px the harness looks its "
+            "logits up instead).", "",
+            md_table(["row", "parameters: fine-tuned classifier", "parameters: pre-training model (encoder, decoder, "
+                      "projection heads)", "pre-training step", "fine-tuning step", "evaluation", "note"], rows)]
 
 
 def _stages(c: Collected) -> List[str]:
@@ -574,14 +641,16 @@ def _stages(c: Collected) -> List[str]:
         rows.append([f"`{r['stage_id']}`", r["role"], r["status"], fmt(r["wall_s"], 1), fmt(r["device_hours"], 4),
                      fmt(r["images_per_s"], 0), r["device_name"] if isinstance(r["device_name"], str) else "—",
                      (r["reason"] or "")[:200]])
-    return [f"Each stage's merged spec is <stage>/config.json under {shown_path(c.root)} (results/ is not committed, "
+    return [f"Each stage's merged spec is <stage>/config.json under {c.results} (results/ is not committed, "
             "so nothing there is linked).", "",
             md_table(["stage", "role", "status", "wall (s)", "device-h", "images/s", "device", "reason"], rows)]
 
 
-def _provenance(c: Collected) -> List[str]:
+def _provenance(c: Collected, writer: dict) -> List[str]:
     m, cfg, st = c.manifest, c.manifest.get("config", {}), c.stages
     commits = st["git_commit"].dropna().value_counts().sort_index()
+    dirty = st.loc[st["git_dirty"].map(lambda v: v is True or str(v) == "True"), "stage_id"] \
+        if "git_dirty" in st else pd.Series(dtype=object)
     key = {"profile": cfg.get("profile"), "data": cfg.get("data"), "teacher": {k: v for k, v in cfg.get(
         "teacher", {}).items() if k in ("model", "train", "pretrained_ckpt", "finetuned_ckpt")},
            "student": cfg.get("student"), "pretrain": cfg.get("pretrain"), "distill": cfg.get("distill"),
@@ -599,8 +668,9 @@ def _provenance(c: Collected) -> List[str]:
     out = [f"- Command: `{m.get('command') or '(not recorded: run from Python)'}`",
            f"- Overrides: `{' '.join(m.get('overrides', [])) or '(none)'}`",
            f"- Git commit at launch: `{m.get('git_commit')}`; in stage results: "
-           + (", ".join(f"`{k}` ({v} stages)" for k, v in commits.items()) or "none"),
-           f"- Resolved config: {shown_path(c.root / 'config.yaml')} and {shown_path(c.root / 'manifest.json')} "
+           + (", ".join(f"`{k}` ({v} stages)" for k, v in commits.items()) or "none")
+           + (f"; {len(dirty)} stage(s) computed from a working tree with uncommitted changes" if len(dirty) else ""),
+           f"- Resolved config: {c.results}/config.yaml and {c.results}/{MANIFEST_FILE} "
            "(not linked: results/ is not committed), so the key values are embedded here:", "", "```"]
     out += [f"{k}: {json.dumps(v, sort_keys=True)}" for k, v in key.items()] + ["```", ""]
     out.append("- Hardware (finished stages): " + ("; ".join(
@@ -609,9 +679,22 @@ def _provenance(c: Collected) -> List[str]:
     out.append("- Runs used torch " + ", ".join(sorted(st["torch"].dropna().unique())) + ", python "
                + ", ".join(sorted(st["python"].dropna().unique())))
     out.append("- Packages where this report was written: " + ", ".join(versions))
+    out.append(f"- Written by {writer['package']} {writer['package_version']}, code at commit "
+               f"`{writer['git_commit'] or 'unknown (not a git checkout)'}`" + (
+                   "" if writer["git_dirty"] is None else
+                   " with uncommitted changes (`git status --porcelain` lists files outside the reports folder)"
+                   if writer["git_dirty"] else ", working tree clean"))
     out.append(f"- Stages finished between {fin.min() if len(fin) else '—'} and {fin.max() if len(fin) else '—'}")
-    out.append(f"- Report generated: {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    out.append(f"- Report generated: {generated_at()}")
     return out
+
+
+def generated_at() -> str:
+    """Now, or SOURCE_DATE_EPOCH (seconds, UTC) when set: a reproducible build of the report."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if epoch.isdigit():
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(epoch)))
+    return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
 # ---------------------------------------------------------------------------------------------------- names, index
@@ -756,12 +839,190 @@ def write_index(reports_dir: Path) -> Path:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------- summary
+def _duration(seconds: Optional[float]) -> str:
+    """'42.3 s', '29 min 03 s', '2 h 01 min 39 s'; '—' when unknown."""
+    if missing(seconds):
+        return "—"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    total = int(round(seconds))
+    h, rest = divmod(total, 3600)
+    m, sec = divmod(rest, 60)
+    return (f"{h} h {m:02d} min {sec:02d} s" if h else f"{m} min {sec:02d} s")
+
+
+def _stage_times(st: pd.DataFrame) -> dict:
+    """Finished stages: summed wall time, and the span from the first start (a stage's finish minus its wall time:
+    results record when a stage finished and how long it ran) to the last finish."""
+    done = st[st["status"] == "done"]
+    wall = pd.to_numeric(done["wall_s"], errors="coerce")
+    out = {"wall_s": float(wall.sum()) if wall.notna().any() else None, "first_start": None, "last_finish": None,
+           "span_s": None}
+    ends, starts = [], []
+    for fin, w in zip(done["finished_at"], wall):
+        try:
+            end = datetime.fromisoformat(str(fin))
+        except (TypeError, ValueError):
+            continue
+        ends.append(end)
+        if not missing(w):
+            starts.append(end - timedelta(seconds=float(w)))
+    if ends and starts:
+        first, last = min(starts), max(ends)
+        out.update(first_start=first.isoformat(timespec="seconds"), last_finish=last.isoformat(timespec="seconds"),
+                   span_s=(last - first).total_seconds())
+    return out
+
+
+def overview(c: Collected, res: Optional[List[dict]], gates: Optional[List[Gate]], exp_path: Path,
+             exp_res: Optional[List[dict]]) -> dict:
+    """The numbers of the report's summary block (and summary.json's `overview`)."""
+    verdicts = [r["verdict"] for r in res or []]
+    count = lambda v: sum(x == v for x in verdicts)  # noqa: E731
+    claims = {"total": len(verdicts) if res is not None else None, "decided": sum(v in DECIDED for v in verdicts),
+              "holds": count(HOLDS), "does_not_hold": count(FAILS) + count(BELOW_BOUND),
+              "paper_size_effect_excluded": count(PAPER_EXCLUDED), "inconclusive": count(UNSURE),
+              "not_testable": sum(v.startswith(NOT_TESTABLE) for v in verdicts), "not_enough_data": count(NO_DATA),
+              "not_applicable": count(NOT_APPLICABLE)}
+    expected = {"file": recipe_path(exp_path), "rows": None, "within": None, "outside": [], "unchecked": []}
+    if exp_res is not None:
+        expected.update(rows=len(exp_res), within=sum(r["within"] is True for r in exp_res),
+                        outside=[r["row"] for r in exp_res if r["within"] is False],
+                        unchecked=[r["row"] for r in exp_res if r["within"] is None])
+    st = c.stages
+    by_status = {str(k): int(v) for k, v in st["status"].value_counts().sort_index().items()}
+    stages = {"total": len(st), "done": by_status.get("done", 0), "by_status": by_status, **_stage_times(st)}
+    failed = not_passed(gates) if gates else []
+    gate = {"enabled": gates is not None, "passed": None if gates is None else not failed, "not_passed": failed,
+            "verdict": "off (gates.enabled=false)" if gates is None else "all pass" if not failed else
+            f"gate{'s' if len(failed) > 1 else ''} {', '.join(failed)} did not pass"}
+    return {"claims": claims, "expected": expected, "stages": stages, "gates": gate}
+
+
+def _overview_lines(ov: dict) -> List[str]:
+    cl, ex, st, g = ov["claims"], ov["expected"], ov["stages"], ov["gates"]
+    if cl["total"] is None:
+        claims = "none in this run's manifest"
+    elif not cl["total"]:
+        claims = "the recipe has none"
+    else:
+        claims = (f"{cl['decided']} of {cl['total']} decided — {cl['holds']} hold, {cl['does_not_hold']} do not hold, "
+                  f"{cl['paper_size_effect_excluded']} paper-size effect excluded; {cl['inconclusive']} inconclusive, "
+                  f"{cl['not_testable']} not testable at this profile")
+        extra = [f"{cl[k]} {k.replace('_', ' ')}" for k in ("not_enough_data", "not_applicable") if cl[k]]
+        claims += "".join(f", {x}" for x in extra)
+    if ex["rows"] is None:
+        expected = f"none for this profile ({ex['file']} does not exist)"
+    else:
+        expected = f"{ex['within']} of {ex['rows']} rows within tolerance ({ex['file']})"
+        if ex["outside"]:
+            expected += "; outside: " + ", ".join(f"`{r}`" for r in ex["outside"])
+        if ex["unchecked"]:
+            expected += "; no finished seed or not in this run: " + ", ".join(f"`{r}`" for r in ex["unchecked"])
+    others = [f"{n} {s}" for s, n in st["by_status"].items() if s != "done"]
+    stages = f"{st['done']} of {st['total']} done" + (f" ({', '.join(others)})" if others else "")
+    if st["wall_s"] is not None:
+        stages += f"; {_duration(st['wall_s'])} of stage wall time summed"
+    if st["span_s"] is not None:
+        stages += (f", {_duration(st['span_s'])} from the first start to the last finish ({st['first_start']} → "
+                   f"{st['last_finish']}; a start is its stage's finish minus its wall time)")
+    return [f"- **Claims:** {claims}.", f"- **Expected values:** {expected}.", f"- **Stages:** {stages}.",
+            f"- **Gates:** {g['verdict']}."]
+
+
+def _interval_of(values: List[float]) -> Optional[List[float]]:
+    p = paired(values)
+    return None if p.lo is None else [p.lo, p.hi]
+
+
+def summary_json(c: Collected, name: str, summary: pd.DataFrame, res: Optional[List[dict]],
+                 gates: Optional[List[Gate]], exp_res: Optional[List[dict]], ov: dict, writer: dict) -> dict:
+    """reports/<name>/summary.json: the report's numbers for machines (no time of generation, so the same inputs
+    give the same bytes)."""
+    exp_by = {r["row"]: r for r in exp_res or []}
+    cells = c.cells
+    rows = []
+    for r in summary.to_dict("records"):
+        done = cells[(cells["row"] == r["row"]) & (cells["status"] == "done")].dropna(subset=["top1"])
+        e = exp_by.get(r["row"])
+        rows.append({
+            "row": r["row"], "label": r["label"], "method": r["method"], "n": int(r["n"]),
+            "n_planned": int(r["n_planned"]), "mean": r["mean"], "sd": r["std"],
+            "ci": _interval_of(list(r["seeds_top1"])), "top1_per_seed": {str(s): v for s, v in zip(done["seed"],
+                                                                                                   done["top1"])},
+            "expected": None if e is None else {k: e.get(k) for k in ("mean", "std", "n", "tolerance", "delta",
+                                                                     "within")},
+            "paper": r["paper_value"], "paper_key": r["paper_key"], "probe_top1": r["probe_mean"],
+            "probe_sd": r["probe_std"], "probe_n": int(r["n_probe"]), "still_rising": bool(r["still_rising"]),
+            **{k: v for k, v in c.models.get(r["row"], {}).items()}})
+    claims = [{"name": r["id"], "text": r["text"], "source": r["source"], "test": r["test"], "margin": r["margin"],
+               "bound": r.get("bound"), "a": r["a"], "b": r["b"], "verdict": r["verdict"], "estimate": r["mean"],
+               "interval": None if r["lo"] is None else [r["lo"], r["hi"]], "n": r["n"], "sd_used": r.get("sd_used"),
+               "sd_source": r.get("sd_source"), "dof": r.get("dof"), "paper_diff": r.get("paper_value")}
+              for r in res or []]
+    teacher = next((t for t in teacher_results(c) if t["role"] == "teacher-evaluate"), None)
+    tprobe = summary["teacher_probe"].dropna() if len(summary) else pd.Series(dtype=float)
+    methods = dict(zip(cells["row"], cells["method"])) if len(cells) else {}
+    axes = ablation_axes(row_settings(c.specs), methods)
+    m, st = c.manifest, c.stages
+    versions = {}
+    for p in PACKAGES:
+        try:
+            versions[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            versions[p] = None
+    fin = st["finished_at"].dropna()
+    return jsonable({
+        "table": c.table, "profile": c.profile, "report": name, "title": m.get("title", ""), "results": c.results,
+        "overview": ov, "rows": rows,
+        "teacher": {"top1": None if teacher is None else teacher["top1"],
+                    "probe_top1": float(tprobe.iloc[0]) if len(tprobe) else None},
+        "claims": None if res is None else claims,
+        "gates": {**ov["gates"], "gates": [{"key": g.key, "asks": g.text, "state": g.state, "measured": g.value,
+                                            "detail": g.detail} for g in gates or []]},
+        "ablations": [{"setting": a.key, "label": a.label, "moves_with": list(a.keys[1:]),
+                       "series": [{"name": s.name, "points": [{"row": r, "value": x} for r, x in s.points]}
+                                  for s in a.series]} for a in axes],
+        "provenance": {
+            "command": m.get("command"), "overrides": m.get("overrides", []),
+            "git_commit_at_launch": m.get("git_commit"),
+            "stage_git_commits": {str(k): int(v) for k, v in st["git_commit"].dropna().value_counts()
+                                  .sort_index().items()},
+            "stages_finished": [fin.min(), fin.max()] if len(fin) else None,
+            "runs_torch": sorted(st["torch"].dropna().unique()), "runs_python": sorted(st["python"].dropna().unique()),
+            "report_writer": writer, "packages": versions}})
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def _data_files(fig_dir: Path) -> List[Path]:
+    """The data kept beside a report, in a fixed order, those that exist."""
+    names = [f"{base}.{ext}" for base in ("cells", "stages", "rows", "epochs") for ext in ("csv", "parquet")]
+    names += [RUN_FILE, "claims.csv", "summary.json"]
+    return [fig_dir / n for n in names if (fig_dir / n).is_file()]
+
+
 def write_report(root: Path, reports_dir: str | Path, figures: bool = True,
-                 expected_dir: Path = EXPECTED_DIR) -> Path:
-    """results/<table>/<profile> -> <reports_dir>/<name>.md (+ figures and CSVs, claims.csv among them, in
-    <reports_dir>/<name>/), where name = report_name(table, profile); then the dashboard <reports_dir>/README.md.
+                 expected_dir: Path = EXPECTED_DIR, costs: bool = True) -> Path:
+    """results/<table>/<profile> -> <reports_dir>/<name>.md (+ figures and data, in <reports_dir>/<name>/), where
+    name = report_name(table, profile); then the dashboard <reports_dir>/README.md. The tree is first exported
+    (harness.collect.export: cells, stages, epochs, run.json; with costs, the rows' parameters and FLOPs) and the
+    report is drawn from that export (render_report), so a clone's committed data gives the same report back.
     figures=False skips drawing (the slow part), for tests of the text."""
     c = collect(Path(root))
+    name = report_name(c.table, c.profile)
+    export(c, Path(reports_dir) / name, rows=False, models=model_costs(c.specs) if costs else {})
+    return render_report(reports_dir, name, figures=figures, expected_dir=expected_dir)
+
+
+def render_report(reports_dir: str | Path, name: str, figures: bool = True,
+                  expected_dir: Path = EXPECTED_DIR) -> Path:
+    """<reports_dir>/<name>.md, its figures, rows.csv, claims.csv and summary.json from the data kept in
+    <reports_dir>/<name>/ (harness.collect.load_export: run.json, cells.csv, stages.csv, epochs.csv); then the
+    dashboard. No results tree is read."""
+    reports_dir = Path(reports_dir)
+    fig_dir = reports_dir / name
+    c = load_export(fig_dir)
     papers = load_paper_numbers()
     summary = summarize(c, papers)
     claims = claims_of(c)
@@ -770,42 +1031,69 @@ def write_report(root: Path, reports_dir: str | Path, figures: bool = True,
     gates = check_gates(c.cells, summary, gates_of(c)) if gates_of(c)["enabled"] else None
     if res is not None and gates:  # a paper claim on a profile whose positive controls did not pass is not testable
         res = [gate_verdict(r, not_passed(gates)) for r in res]
-    reports_dir = Path(reports_dir)
-    name = report_name(c.table, c.profile)
-    fig_dir = reports_dir / name
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    drawn = make_figures(c, summary, fig_dir, res) if figures else []
-    data = export(c, fig_dir, summary)
-    claims_csv = fig_dir / "claims.csv"
-    claims_frame(res, c, name).to_csv(claims_csv, index=False)
-    data.append(claims_csv)
+    exp_path, exp_res = expected_results(c, summary, expected_dir)
+    teacher = next((t["top1"] for t in teacher_results(c) if t["role"] == "teacher-evaluate"
+                    and not missing(t["top1"])), None)
+    expected = {r["row"]: r["mean"] for r in exp_res or [] if not missing(r["mean"])}
+    drawn = make_figures(c, summary, fig_dir, res, expected=expected, teacher=teacher) if figures else []
+    summary.drop(columns=["seeds_top1"]).to_csv(fig_dir / "rows.csv", index=False)
+    claims_frame(res, c, name).to_csv(fig_dir / "claims.csv", index=False)
+    writer = writer_state(exclude=[reports_dir])
+    ov = overview(c, res, gates, exp_path, exp_res)
+    write_json(summary_json(c, name, summary, res, gates, exp_res, ov, writer), fig_dir / "summary.json")
+    data = _data_files(fig_dir)
     warn = [f"- {w}" for w in c.warnings] or ["None."]
-    parts = [[f"# {c.table}: {c.manifest.get('title', '')}", ""], _banner(c), ["", "## Gates", ""],
-             _gates(gates, res),
+    parts = [[f"# {c.table}: {c.manifest.get('title', '')}", "", "## Summary", ""], _overview_lines(ov), [""],
+             _banner(c), ["", "## Gates", ""], _gates(gates, res),
              ["", "Statuses: done · failed (reason from error.json) · partial (running or interrupted) · unreadable "
               "(result file could not be read; skipped) · stale (computed from an input that has since failed or "
               "changed; the reason names it; the next run moves it aside and recomputes it) · not started.", "",
               "## Warnings", ""], warn,
              ["", "## Results", ""], _results(summary, c), ["", "## Claims", ""], _claims(res, noise, left),
-             ["", "## Expected values", ""], _expected(c, summary, expected_dir),
+             ["", "## Expected values", ""], _expected(c, exp_path, exp_res),
              ["", "## Figures", ""],
              [f"![{cap}]({name}/{png})" for cap, png in drawn]
              or ["Nothing to plot." if figures else "Figures not drawn (write_report(figures=False))."],
-             ["", "Data: " + ", ".join(f"[{p.name}]({name}/{p.name})" for p in data), "", "## Cost", ""],
+             ["", "Data: " + ", ".join(f"[{p.name}]({name}/{p.name})" for p in data) + f". The report comes back "
+              f"from these without the results tree: `python -m harness.report {c.table} --profile {c.profile} "
+              "--from-reports`.", "", "## Cost", ""],
              _cost(c, summary, papers), ["", "## Stages", ""], _stages(c), ["", "## Provenance", ""],
-             _provenance(c)]
+             _provenance(c, writer)]
     out = reports_dir / f"{name}.md"
     out.write_text("\n".join(line for part in parts for line in part) + "\n")
     write_index(reports_dir)
     return out
 
 
+def kept_reports(reports_dir: Path, table: str) -> Dict[str, str]:
+    """{profile: report name} of the reports of `table` whose data is kept in <reports_dir>/<name>/ (run.json)."""
+    out: Dict[str, str] = {}
+    reports_dir = Path(reports_dir)
+    if not reports_dir.is_dir():
+        return out
+    for d in sorted(reports_dir.iterdir()):
+        if not (d.name == table or d.name.startswith(f"{table}.")) or not (d / RUN_FILE).is_file():
+            continue
+        try:
+            m = json.loads((d / RUN_FILE).read_text()).get("manifest", {})
+        except (OSError, ValueError):
+            continue
+        if m.get("table") == table and m.get("profile"):
+            out[str(m["profile"])] = d.name
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harness.report", description=__doc__.split("\n")[0])
     p.add_argument("table")
-    p.add_argument("--profile", default=None, help="default: the single profile with results")
+    p.add_argument("--profile", default=None, help="default: the single profile with results (without a results "
+                   "tree: the single kept report, else the recipe's default profile's)")
     p.add_argument("--results-root", default="results")
     p.add_argument("--reports-dir", default="reports")
+    p.add_argument("--from-reports", action="store_true",
+                   help="redraw the report from the data kept beside it (<reports-dir>/<name>/: run.json, cells.csv, "
+                        "stages.csv, epochs.csv), not from a results tree; the default when <results-root>/<table> "
+                        "has no results (a clone)")
     p.add_argument("--write-expected", action="store_true",
                    help="also write recipes/expected/<table>.<profile>.csv from these results (then commit it)")
     p.add_argument("--expected-dir", type=Path, default=EXPECTED_DIR, help=argparse.SUPPRESS)
@@ -813,9 +1101,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     base = Path(args.results_root) / args.table
     found = sorted(d.name for d in base.iterdir() if (d / MANIFEST_FILE).exists()) if base.is_dir() else []
     profile = args.profile
+    if args.from_reports or not found:
+        kept = kept_reports(Path(args.reports_dir), args.table)
+        if profile is None:
+            default = default_profile(args.table)
+            profile = next(iter(kept)) if len(kept) == 1 else default if default in kept else None
+            if profile is None:
+                p.error(f"{base}: no results, and {args.reports_dir} keeps "
+                        + (f"several reports of {args.table} ({', '.join(kept)}); choose one with --profile"
+                           if kept else f"no report data of {args.table} ({args.reports_dir}/<name>/{RUN_FILE})"))
+        if profile not in kept:
+            p.error(f"{args.reports_dir}: no kept data for {args.table} / {profile} ({RUN_FILE}); kept: "
+                    f"{', '.join(kept) or 'none'}")
+        if args.write_expected:
+            print(write_expected(load_export(Path(args.reports_dir) / kept[profile]), args.expected_dir))
+        print(render_report(args.reports_dir, kept[profile], expected_dir=args.expected_dir))
+        return 0
     if profile is None and len(found) != 1:
-        p.error(f"{base}: {'several profiles' if found else 'no results'} ({', '.join(found) or 'none'}); "
-                "choose one with --profile")
+        p.error(f"{base}: several profiles ({', '.join(found)}); choose one with --profile")
     if profile is not None and profile not in found:
         p.error(f"{base / profile}: no manifest.json; profiles with results: {', '.join(found) or 'none'}")
     root = base / (profile or found[0])

@@ -94,11 +94,13 @@ def links(text: str):
 
 
 def fake_tree(tmp_path: Path, top1, table: str = "table2", seeds: int = 3, val=None, overrides=(),
-              teacher_top1: float = 88.5) -> Path:
+              teacher_top1: float = 88.5, real_specs: bool = False, times: bool = False) -> Path:
     """A results tree of the smoke plan with made-up results: every stage done; evaluate top1 = top1(row, seed) (a
     scratch row that `top1` does not know: 10 pp below the MAE row, so the gates pass); fine-tune logs val_top1 per
     epoch = val(row, seed) (default: flat, converged); probes: 60 for students, 80 for the teacher (gate ii passes);
-    a teacher-evaluate stage (added to the manifest when the plan has none) with test top-1 `teacher_top1`."""
+    a teacher-evaluate stage (added to the manifest when the plan has none) with test top-1 `teacher_top1`.
+    real_specs: each stage's config.json holds its planned spec (else an empty one: no model sizes, no ablation
+    axes); times: stage i (in plan order) finished at 2026-01-01 00:00:00 + i s (each ran wall_s = 1 s)."""
     given = top1
 
     def top1(row, seed):
@@ -127,10 +129,13 @@ def fake_tree(tmp_path: Path, top1, table: str = "table2", seeds: int = 3, val=N
         manifest["stages"][sid] = {"kind": "evaluate", "role": "teacher-evaluate", "name": "teacher-evaluate-fake",
                                    "inputs": {"model": ft}, "cells": []}
         (plan.root / "manifest.json").write_text(json.dumps(manifest))
-    for sid, (kind, role, cells, name) in stages.items():
+    from harness.spec import spec_dict
+    for i, (sid, (kind, role, cells, name)) in enumerate(stages.items()):
         d = plan.root / sid
         d.mkdir(parents=True)
         res = dict(base, stage_id=sid, kind=kind, name=name)
+        if times:
+            res["finished_at"] = f"2026-01-01T00:{i // 60:02d}:{i % 60:02d}"
         if kind == "evaluate":
             v = teacher_top1 if role == "teacher-evaluate" else top1(*cells[0])
             res.update(top1=v, top5=99.0, n_eval=256, split="test")
@@ -148,7 +153,8 @@ def fake_tree(tmp_path: Path, top1, table: str = "table2", seeds: int = 3, val=N
             res.update(final_loss=1.0)
             (d / "log.jsonl").write_text(json.dumps({"epoch": 1, "loss": 1.0}) + "\n")
         write_json(res, d / "result.json")
-        write_json({"stage_id": sid, "spec": {}}, d / "config.json")
+        spec = spec_dict(plan.stages[sid].spec) if real_specs and sid in plan.stages else {}
+        write_json({"stage_id": sid, "spec": spec}, d / "config.json")
     return plan.root
 
 
@@ -480,6 +486,278 @@ def test_dashboard_names_the_code_versions_of_its_reports(tmp_path):
     assert "different versions of the code" not in write_index(tmp_path / "reports").read_text()
 
 
+# ------------------------------------------------------------------------------------------ summary, artefacts, figures
+def summary_block(text: str) -> list:
+    return text.split("## Summary\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+
+
+def test_summary_block_counts_claims_expected_values_stages_and_gates(tmp_path):
+    root = fake_tree(tmp_path, table2_top1, times=True)
+    exp_dir = tmp_path / "expected"
+    assert main(["table2", "--results-root", str(root.parent.parent), "--reports-dir", str(tmp_path / "reports"),
+                 "--write-expected", "--expected-dir", str(exp_dir)]) == 0
+    exp = pd.read_csv(exp_dir / "table2.smoke.csv")
+    exp.loc[exp["row"] == "mae", "std"] = 0.01  # a tight reference: +0.6 pp is outside its 0.5 floor
+    exp.to_csv(exp_dir / "table2.smoke.csv", index=False)
+    set_top1(root, "mae", [table2_top1("mae", s) + 0.6 for s in range(3)])
+    text = report(root, tmp_path, expected_dir=exp_dir)
+    n = len(json.loads((root / "manifest.json").read_text())["stages"])  # each ran 1 s, one after the other
+    assert 60 <= n < 120
+    dur = f"1 min {n - 60:02d} s"
+    assert text.index("## Summary") < text.index("**Profile:") < text.index("## Gates")
+    assert summary_block(text) == [
+        "- **Claims:** 4 of 4 decided — 4 hold, 0 do not hold, 0 paper-size effect excluded; 0 inconclusive, 0 not "
+        "testable at this profile.",
+        "- **Expected values:** 5 of 6 rows within tolerance (table2.smoke.csv); outside: `mae`.",
+        f"- **Stages:** {n} of {n} done; {dur} of stage wall time summed, {dur} from the first start to the last "
+        f"finish (2025-12-31T23:59:59 → 2026-01-01T00:{(n - 1) // 60:02d}:{(n - 1) % 60:02d}; a start is its "
+        "stage's finish minus its wall time).",
+        "- **Gates:** all pass."]
+    # a removed MAE row: its claim is not applicable, the gates that need it do not pass, the paper claims are not
+    # testable; no expected values for this profile
+    text = report(fake_tree(tmp_path / "b", table2_top1, overrides=["~rows.mae"]), tmp_path / "b")
+    lines = summary_block(text)
+    assert lines[0] == ("- **Claims:** 0 of 4 decided — 0 hold, 0 do not hold, 0 paper-size effect excluded; 0 "
+                        "inconclusive, 3 not testable at this profile, 1 not applicable.")
+    assert lines[1] == "- **Expected values:** none for this profile (table2.smoke.csv does not exist)."
+    n = len(json.loads((tmp_path / "b" / "results" / "table2" / "smoke" / "manifest.json").read_text())["stages"])
+    assert lines[2] == f"- **Stages:** {n} of {n} done; 1 min {n - 60:02d} s of stage wall time summed."  # no times
+    assert lines[3] == "- **Gates:** gates i, ii did not pass."
+
+
+def test_summary_json_holds_rows_claims_gates_and_provenance(tmp_path):
+    import importlib.metadata
+    import subprocess
+    from harness.stats import paired
+    root = fake_tree(tmp_path, table2_top1, real_specs=True)
+    report(root, tmp_path)
+    out = tmp_path / "reports" / "table2.smoke"
+    js = json.loads((out / "summary.json").read_text())
+    assert list(js) == ["table", "profile", "report", "title", "results", "overview", "rows", "teacher", "claims",
+                        "gates", "ablations", "provenance"]
+    assert (js["table"], js["profile"], js["report"], js["results"]) == ("table2", "smoke", "table2.smoke",
+                                                                          "results/table2/smoke")
+    rows = {r["row"]: r for r in js["rows"]}
+    assert list(rows) == ROWS
+    s = summarize(collect(root)).set_index("row")
+    for row, r in rows.items():
+        vals = [table2_top1(row, k) for k in range(3)]
+        p = paired(vals)
+        assert r["n"] == 3 and math.isclose(r["mean"], s.at[row, "mean"]) and math.isclose(r["sd"], s.at[row, "std"])
+        assert r["ci"] == pytest.approx([p.lo, p.hi]) and r["top1_per_seed"] == {str(k): v for k, v in enumerate(vals)}
+        assert r["probe_top1"] == 60.0 and r["expected"] is None  # no expected values in the tmp dir
+        assert isinstance(r["params"], int) and r["params"] > 0 and r["finetune_flops_per_image"] > 0
+    assert rows["dmae_75"]["paper"] == 84.0 and rows["mae"]["paper"] is None
+    assert "params_pretrain" not in rows["scratch"] and rows["dmae_75"]["params_pretrain"] > rows["mae"][
+        "params_pretrain"]  # + the projection head
+    assert rows["dmae_75"]["pretrain_flops_per_image"] > rows["mae"]["pretrain_flops_per_image"]  # + the teacher
+    assert js["teacher"] == {"top1": 88.5, "probe_top1": 80.0}
+    csv = pd.read_csv(out / "claims.csv")
+    assert [c["name"] for c in js["claims"]] == CLAIM_IDS == list(csv["id"])
+    for c, (_, line) in zip(js["claims"], csv.iterrows()):
+        assert c["verdict"] == line["verdict"] == "holds" and math.isclose(c["estimate"], line["mean"])
+        assert c["interval"] == pytest.approx([line["ci_lo"], line["ci_hi"]]) and c["source"] == "paper"
+    assert js["gates"]["verdict"] == "all pass" and [g["key"] for g in js["gates"]["gates"]] == ["i", "ii", "iii"]
+    assert js["overview"]["claims"]["holds"] == 4 and js["overview"]["stages"]["done"] == js["overview"]["stages"][
+        "total"]
+    assert js["ablations"][0]["setting"] == "pretrain:pretrain.mask_ratio"
+    prov = js["provenance"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                          text=True).stdout.strip()
+    assert prov["report_writer"]["git_commit"] == head and isinstance(prov["report_writer"]["git_dirty"], bool)
+    try:
+        version = importlib.metadata.version("dmae-harness")
+    except importlib.metadata.PackageNotFoundError:
+        version = "not installed"
+    assert prov["report_writer"]["package_version"] == version
+    assert prov["stage_git_commits"] == {"abc1234": len(json.loads((root / "manifest.json").read_text())["stages"])}
+    # the meta-device count is the real model's
+    from harness.models import build_classifier, get_arch
+    spec = json.loads((root / cells_of(root, "mae")[0]["finetune"] / "config.json").read_text())["spec"]
+    model = build_classifier(get_arch(spec["model"]["preset"]), 10, spec["data"]["img_size"],
+                             spec["model"]["patch_size"])
+    assert rows["mae"]["params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    text = (tmp_path / "reports" / "table2.smoke.md").read_text()
+    assert f"| `mae` | {rows['mae']['params']:,} |" in text and "Written by dmae-harness" in text
+
+
+def test_top1_figure_is_zoomed_and_marks_expected_and_teacher(tmp_path):
+    from harness.figures import top1_figure
+    summary = pd.DataFrame([{"row": r, "method": m, "n": 3, "seeds_top1": [v - 0.4, v, v + 0.5]}
+                            for r, m, v in [("mae", "mae", 70.0), ("dmae", "dmae", 71.2), ("kd", "kd", 70.6)]])
+    fig = top1_figure(summary, "tiny", teacher=74.0, expected={"mae": 70.3})
+    lo, hi = fig.axes[0].get_ylim()
+    assert 65 < lo < 69.6 and 74.0 < hi < 80  # not from 0: the differences stay visible
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "teacher (fine-tuned) test top-1 74.00" in labels and "expected mean (recipes/expected)" in labels
+    assert "method dmae: mean, 95% t-interval" in labels and "seeds" in labels
+    assert top1_figure(summary.assign(n=0, seeds_top1=[[]] * 3), "tiny") is None
+    # in a report: written, linked, captioned
+    text = report(fake_tree(tmp_path, table2_top1, real_specs=True), tmp_path, figures=True)
+    assert "![Test top-1 per row: seeds, mean and its 95% t-interval on a zoomed axis, the teacher]" \
+           "(table2.smoke/top1_by_row.png)" in text
+    png = (tmp_path / "reports" / "table2.smoke" / "top1_by_row.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "(table2.smoke/top1_vs_pretrain.mask_ratio.png)" in text
+    assert (tmp_path / "reports" / "table2.smoke" / "top1_vs_pretrain.mask_ratio.png").is_file()
+
+
+def test_training_curves_put_the_feature_loss_on_its_own_axes(tmp_path):
+    root = fake_tree(tmp_path, table2_top1)
+    for cell in cells_of(root, "dmae_75"):  # a DMAE pre-training logs its pixel and feature parts
+        (root / cell["pretrain"] / "log.jsonl").write_text("".join(json.dumps(
+            {"epoch": e, "loss": 2.0 / e + 0.05 / e, "loss_pix": 2.0 / e, "loss_feat": 0.05 / e}) + "\n"
+            for e in (1, 2, 3)))
+    report(root, tmp_path, figures=True)
+
+    def width(name):  # a PNG's width, from its IHDR chunk
+        return int.from_bytes((tmp_path / "reports" / "table2.smoke" / name).read_bytes()[16:20], "big")
+    assert width("curves-dmae_75.png") == 1350 and width("curves-mae.png") == 900  # 3 panels vs 2
+    c = collect(root)
+    assert [r.get("loss_feat") for r in c.log(cells_of(root, "dmae_75")[0]["pretrain"])] == [0.05, 0.025, 0.0166667]
+
+
+def test_ablation_axis_is_the_one_setting_the_rows_vary():
+    from harness.ablation import ablation_axes, row_settings
+    base = {"objective": "dmae", "pretrain": {"mask_ratio": 0.75, "epochs": 8, "warmup_epochs": 1.0},
+            "distill": {"alpha": 1.0, "distance": "l1", "pairs": [[2, 4]]}, "model": {"preset": "s"}}
+
+    def spec(**changes):
+        out = json.loads(json.dumps(base))
+        for path, v in changes.items():
+            sec, key = path.split("__")
+            out[sec][key] = v
+        return {"pretrain": dict(out, name="x", seed=0, inputs={"teacher": "t"}), "finetune": {"finetune": {"e": 3}}}
+    specs = {"dmae_75": spec(), "dmae_90": spec(pretrain__mask_ratio=0.9), "dmae_95": spec(pretrain__mask_ratio=0.95),
+             "mae": {"pretrain": {"objective": "mae", "pretrain": base["pretrain"], "model": base["model"]},
+                     "finetune": {"finetune": {"e": 3}}},
+             "two": spec(pretrain__mask_ratio=0.85, distill__alpha=2.0),  # two settings: in no series
+             "scratch": {"pretrain": None, "finetune": {"finetune": {"e": 3}}}}
+    methods = {"dmae_75": "dmae", "dmae_90": "dmae", "dmae_95": "dmae", "two": "dmae", "mae": "mae"}
+    axes = ablation_axes(row_settings(specs), methods)
+    assert len(axes) == 1 and axes[0].keys == ("pretrain:pretrain.mask_ratio",)
+    assert axes[0].series[0].name == "dmae" and axes[0].series[0].points == (
+        ("dmae_75", 0.75), ("dmae_90", 0.9), ("dmae_95", 0.95))
+    assert axes[0].label == "pretrain.mask_ratio" and axes[0].slug == "pretrain.mask_ratio"
+    # seed, name and inputs never make two rows different; a non-numeric setting is no axis
+    assert ablation_axes(row_settings({"a": spec(), "b": spec(distill__distance="l2")})) == []
+    # settings that move together (the warm-up scaled with the epochs) are one axis; a two-row series along the same
+    # settings joins it
+    sched = {f"d{e}": spec(pretrain__epochs=e, pretrain__warmup_epochs=e / 8) for e in (2, 4, 8)}
+    sched.update({f"m{e}": {"pretrain": {"objective": "mae", "pretrain": dict(base["pretrain"], epochs=e,
+                                                                              warmup_epochs=e / 8)}} for e in (2, 8)})
+    axes = ablation_axes(row_settings(sched), {**{f"d{e}": "dmae" for e in (2, 4, 8)}, "m2": "mae", "m8": "mae"})
+    assert [a.keys for a in axes] == [("pretrain:pretrain.epochs", "pretrain:pretrain.warmup_epochs")]
+    assert [s.name for s in axes[0].series] == ["dmae", "mae"] and axes[0].rows == ["d2", "d4", "d8", "m2", "m8"]
+    assert axes[0].label == "pretrain.epochs (with pretrain.warmup_epochs)"
+    # two rows differing in two settings are not an axis
+    assert ablation_axes(row_settings({"a": spec(), "b": spec(pretrain__mask_ratio=0.9, distill__alpha=2.0)})) == []
+
+
+@pytest.mark.parametrize("table, key, rows", [
+    ("masking", "pretrain:pretrain.mask_ratio", ["dmae_75", "dmae_80", "dmae_85", "dmae_90", "dmae_95", "dmae_98"]),
+    ("schedule", "pretrain:pretrain.epochs", ["dmae_25", "dmae_50", "dmae_100", "mae_25", "mae_100"]),
+    ("distance", "pretrain:distill.alpha", ["alpha_0p5", "l1_norm", "alpha_2"]),
+    ("student_size", None, []), ("aligned_layer", None, [])])
+def test_recipes_ablation_axes_come_from_their_resolved_specs(tmp_path, table, key, rows):
+    from harness.figures import ablation_files
+    # the smoke profile's single pre-training epoch scales to 1 at every schedule length: 8 here (warm-up 1)
+    c = collect(fake_tree(tmp_path, lambda r, s: 50.0 + s, table=table, seeds=1, real_specs=True,
+                          overrides=["pretrain.epochs=8", "pretrain.warmup_epochs=1"]))
+    axes = [a for a, _ in ablation_files(c)]
+    assert [a.key for a in axes] == ([key] if key else []) and (not key or axes[0].rows == rows)
+    if table == "schedule":  # the warm-up is scaled with the epochs: one axis, both
+        assert axes[0].keys == ("pretrain:pretrain.epochs", "pretrain:pretrain.warmup_epochs")
+        assert [x for _, x in axes[0].series[0].points] == [2.0, 4.0, 8.0]
+
+
+def test_sweep_figure_draws_top1_against_the_swept_value(tmp_path):
+    from harness.figures import sweep_axes, sweep_figures
+    points = [(f"m={m}", collect(fake_tree(tmp_path / m, table2_top1, seeds=2, real_specs=True,
+                                           overrides=[f"rows.dmae_95.pretrain.mask_ratio={m}"])))
+              for m in ("0.9", "0.95")]
+    axes, top1, _ = sweep_axes(points)
+    assert [a.key for a in axes] == ["pretrain:pretrain.mask_ratio"]
+    # rows the swept key does not touch are one computation at both points: counted once
+    assert axes[0].rows == ["dmae_75 @ m=0.9", "dmae_95 @ m=0.9", "dmae_95 @ m=0.95", "dmae_98 @ m=0.9"]
+    assert [x for _, x in axes[0].series[0].points] == [0.75, 0.9, 0.95, 0.98]
+    drawn = sweep_figures(points, tmp_path / "fig")
+    assert [name for _, name in drawn] == ["top1_vs_pretrain.mask_ratio.png"]
+    assert (tmp_path / "fig" / "top1_vs_pretrain.mask_ratio.png").is_file()
+
+
+def test_git_state_dirty_flag(tmp_path):
+    import subprocess
+    from harness.artefacts import git_state
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = lambda *a: subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=repo,  # noqa: E731
+                                    check=True, capture_output=True)
+    git("init", "-q")
+    (repo / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-q", "-m", "one")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    assert git_state(repo=repo) == {"commit": head, "dirty": False}
+    (repo / "reports").mkdir()
+    (repo / "reports" / "t.md").write_text("a report being written\n")
+    assert git_state(repo=repo)["dirty"] is True  # an untracked file counts (git status --porcelain lists it)
+    assert git_state([repo / "reports"], repo=repo)["dirty"] is False  # ... but not in the folder being written
+    (repo / "code.py").write_text("x = 2\n")
+    assert git_state([repo / "reports"], repo=repo) == {"commit": head, "dirty": True}
+    assert git_state(repo=tmp_path / "nowhere") == {"commit": None, "dirty": None}
+
+
+def test_report_comes_back_from_its_kept_data_byte_for_byte(tmp_path, monkeypatch):
+    """A clone has the committed reports/<name>/ data and no results tree: the same report, figures and data."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")
+    root = fake_tree(tmp_path, table2_top1, real_specs=True, times=True)
+    set_top1(root, "dmae_95", [table2_top1("dmae_95", 0), "n/a", table2_top1("dmae_95", 2)])  # a warning, too
+    results, reports = root.parent.parent, tmp_path / "reports"
+    assert main(["table2", "--results-root", str(results), "--reports-dir", str(reports)]) == 0
+    out = reports / "table2.smoke"
+    first = {p.name: p.read_bytes() for p in out.iterdir()} | {"md": (reports / "table2.smoke.md").read_bytes()}
+    assert {"cells.csv", "stages.csv", "epochs.csv", "run.json", "rows.csv", "claims.csv", "summary.json",
+            "top1_by_row.png", "top1_vs_pretrain.mask_ratio.png", "curves-dmae_75.png"} <= set(first)
+    assert "Report generated: 2026-01-01 00:00:00" in first["md"].decode()
+    for name in ("md", "run.json", "summary.json", "cells.csv", "stages.csv", "epochs.csv"):
+        assert str(tmp_path).encode() not in first[name], name  # no path of this machine
+    assert b"- results/table2/smoke/evaluate-" in first["md"]  # the warning names the file from results/ on
+    shutil.rmtree(results)
+    for png in out.glob("*.png"):
+        png.unlink()
+    assert main(["table2", "--results-root", str(results), "--reports-dir", str(reports)]) == 0
+    again = {p.name: p.read_bytes() for p in out.iterdir()} | {"md": (reports / "table2.smoke.md").read_bytes()}
+    assert again.keys() == first.keys()
+    assert [k for k in first if first[k] != again[k]] == []
+    assert main(["table2", "--results-root", str(results), "--reports-dir", str(reports), "--from-reports",
+                 "--profile", "smoke"]) == 0
+    assert (reports / "table2.smoke.md").read_bytes() == first["md"]
+    with pytest.raises(SystemExit):
+        main(["table2", "--results-root", str(results), "--reports-dir", str(tmp_path / "empty")])
+
+
+def test_load_export_gives_back_the_collected_frames(tmp_path):
+    from harness.collect import load_export
+    root = fake_tree(tmp_path, table2_top1, real_specs=True)
+    c = collect(root)
+    export(c, tmp_path / "data")
+    back = load_export(tmp_path / "data")
+    for a, b in ((c.cells, back.cells), (c.stages, back.stages), (c.epochs, back.epochs)):
+        assert list(a.columns) == list(b.columns) and len(a) == len(b)
+        for col in a.columns:
+            x = [None if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in a[col]]
+            y = [None if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in b[col]]
+            if col == "config_path":
+                x = [Path(v).relative_to(root.parent.parent).as_posix() if v else v for v in x]
+            assert x == y or (col == "reason" and [v or "" for v in x] == [v or "" for v in y]), col
+    assert back.specs == c.specs and back.results == "results/table2/smoke"
+    # this machine's results root is written as `results`
+    assert c.manifest["config"]["results_root"] == str(root.parent.parent)
+    assert back.manifest == dict(c.manifest, config=dict(c.manifest["config"], results_root="results"))
+    assert back.log(c.stages["stage_id"].iloc[1]) == c.log(c.stages["stage_id"].iloc[1])
+
+
 # ------------------------------------------------------------------------------------------ on real smoke runs
 @pytest.mark.slow
 def test_collect_reads_every_stage_and_cell(smoke):
@@ -513,9 +791,11 @@ def test_report_table_banner_and_every_link_exists(tree, tmp_path):
     assert "| `dmae_75` DMAE, 75% masking | 84.0 [" in text and NOT_IMAGENET in text
     found = links(text)
     figures = [f.split("/", 1)[1] for f in found if f.endswith(".png")]
-    expected = ["claims_forest.png", "top1_by_row.png"] + (["val_curves.png"] if has_val_curves(tree) else []) \
-        + ["curves-teacher.png"] + [f"curves-{r}.png" for r in ROWS]
-    assert figures == expected and "top1_vs_mask" not in text  # the twin-axis plot is gone
+    # top1_vs_<setting>: the rows dmae_75/95/98 differ in the mask ratio alone (harness.ablation)
+    expected = ["claims_forest.png", "top1_by_row.png", "top1_vs_pretrain.mask_ratio.png"] \
+        + (["val_curves.png"] if has_val_curves(tree) else []) + ["curves-teacher.png"] \
+        + [f"curves-{r}.png" for r in ROWS]
+    assert figures == expected and "top1_vs_mask.png" not in text  # the twin-axis plot is gone
     base = tmp_path / "reports"
     for link in found:
         assert (base / link).is_file(), link
@@ -532,7 +812,7 @@ def test_report_table_banner_and_every_link_exists(tree, tmp_path):
 def test_report_is_deterministic_apart_from_its_date(tree, tmp_path):
     first = report(tree, tmp_path, figures=True)
     pngs = {p.name: p.read_bytes() for p in (tmp_path / "reports" / "table2.smoke").glob("*.png")}
-    assert len(pngs) == 3 + has_val_curves(tree) + len(ROWS)
+    assert len(pngs) == 4 + has_val_curves(tree) + len(ROWS)
     second = report(tree, tmp_path, figures=True)
     assert GEN.sub("", first) == GEN.sub("", second) and len(GEN.findall(first)) == 1
     assert pngs == {p.name: p.read_bytes() for p in (tmp_path / "reports" / "table2.smoke").glob("*.png")}
@@ -625,9 +905,11 @@ def test_corrupt_result_is_named_and_skipped(tree, tmp_path):
         f.write(json.dumps({"epoch": 2, "loss": 1.0, "loss_pix": 0.9, "loss_feat": 0.1}) + '\n{"epoch": 3, "lo')
     text = report(tree, tmp_path, figures=True)
     warnings = text.split("## Warnings", 1)[1].split("## Results", 1)[0]
-    assert f"- {bad}: unreadable result file" in warnings and "stage skipped" in warnings
-    assert "student-pretrain-stale-0000000000: stage directory not in the manifest" in warnings
-    assert f"{log}: line 3 is not a JSON record; skipped" in warnings and "no numeric top1; cell skipped" in warnings
+    shown = lambda p: "results/table2/smoke/" + p.relative_to(tree).as_posix()  # noqa: E731  (no machine path)
+    assert f"- {shown(bad)}: unreadable result file" in warnings and "stage skipped" in warnings
+    assert "- results/table2/smoke/student-pretrain-stale-0000000000: stage directory not in the manifest" in warnings
+    assert f"{shown(log)}: line 3 is not a JSON record; skipped" in warnings
+    assert "no numeric top1; cell skipped" in warnings and str(tree) not in text
     assert re.search(r"^\| `dmae_75` .* \(n=1\) \| .* \| 1/2 done; 1/2 unreadable \|$", text, re.M)
     assert re.search(r"^\| `mae` .* \| 12.50 \(n=1\) \| .* \| 1/2 done; 1/2 unreadable \|$", text, re.M)
     assert (tmp_path / "reports" / "table2.smoke" / "curves-dmae_75.png").is_file()

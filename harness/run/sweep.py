@@ -29,6 +29,7 @@ from hydra.errors import HydraException
 
 from ..collect import collect, load_paper_numbers, summarize
 from ..config import ConfigError
+from ..figures import sweep_figures
 
 SWEEP_DIR = "sweeps"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.,=+-]")
@@ -115,7 +116,7 @@ def write_sweep_report(path: Path, table: str, keys: Sequence[str], points: Sequ
     or None)."""
     papers = load_paper_numbers()
     path = Path(path)
-    notes, lines, profiles = [], [], []
+    notes, lines, profiles, collected = [], [], [], []
     header = [f"`{k}`" for k in keys] + ["row", "top-1 (mean ± std)", "n", "status"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for point, root, report in points:
@@ -125,6 +126,7 @@ def write_sweep_report(path: Path, table: str, keys: Sequence[str], points: Sequ
         except FileNotFoundError as e:
             lines.append("| " + " | ".join(vals + ["—", "—", "0", f"no results ({e})"]) + " |")
             continue
+        collected.append((point.name, c))
         profiles += [c.profile] if c.profile not in profiles else []
         note = c.manifest.get("profile_note")
         if note and note not in notes:
@@ -132,6 +134,8 @@ def write_sweep_report(path: Path, table: str, keys: Sequence[str], points: Sequ
         for r in summarize(c, papers).to_dict("records"):
             lines.append("| " + " | ".join(vals + [f"`{r['row']}` {r['label']}", _fmt(r["mean"], r["std"], r["n"]),
                                                    str(r["n"]), r["status"]]) + " |")
+    drawn = sweep_figures(collected, path.parent / path.stem) if collected else []
+    figures = ["## Figures", "", *[f"![{cap}]({path.stem}/{name})" for cap, name in drawn], ""] if drawn else []
     rel = lambda p: Path(os.path.relpath(Path(p).resolve(), path.parent.resolve())).as_posix()  # noqa: E731
     out = [f"# Sweep of {table} ({', '.join(profiles) or 'no results'}): {', '.join(keys)}", "",
            f"Command: `{command}`" if command else "", "",
@@ -140,7 +144,7 @@ def write_sweep_report(path: Path, table: str, keys: Sequence[str], points: Sequ
            "point ran as its own results root; its own report has the paper's numbers, claims, costs and provenance.",
            "", *lines, "", "Points:", "",
            *[f"- `{p.name}`: results `{root}`" + (f", [report]({rel(rep)})" if rep else "") for p, root, rep in points],
-           ""]
+           "", *figures]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(x for x in out if x is not None) + "\n")
     return path
