@@ -2,8 +2,9 @@
 
 Per epoch it appends a line to `log.jsonl` and writes `checkpoint-last.pth` atomically (model, optimizer, scaler,
 epoch, every rank's RNG states, history, the stage's config hash); on start it resumes from it, refusing a checkpoint
-written for another config or another world size. Schedules are per iteration: linear warmup, then half-cosine to
-min_lr (MAE's lr_sched formula, set where the official engine sets it, see lr_at).
+written for another config or another world size. Rank 0 also writes TensorBoard curves to `tb/` (harness.tblog:
+the loss terms, lr and img/s every run.tb_every steps, the log line per epoch). Schedules are per iteration: linear
+warmup, then half-cosine to min_lr (MAE's lr_sched formula, set where the official engine sets it, see lr_at).
 
 Across ranks every decision to stop is taken together: each step the ranks exchange a status (loss finite, step
 raised) before the backward pass, so a NaN or an exception on one rank stops (or, with run.nan_restarts, restarts)
@@ -37,7 +38,8 @@ from .build import optimizer as build_optimizer
 from .checkpoints import CheckpointError, load_last, save_last
 from .data import loader
 from .rundir import LOG_FILE
-from .spec import Schedule
+from .spec import Schedule, StageRuntime
+from .tblog import TBLog
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -59,6 +61,8 @@ class Runtime:
     log_every: int = 20
     num_workers: int = 0
     owns_process_group: bool = False  # setup_runtime started torch.distributed: close() ends it
+    tensorboard: bool = False  # rank 0 writes <run_dir>/tb/ (harness.tblog); a bare Runtime writes none
+    tb_every: int = 0  # steps between per-step TensorBoard points (0: per-epoch points only)
 
     @property
     def distributed(self) -> bool:
@@ -114,7 +118,8 @@ def _warn_without_native_bf16(dev: torch.device, rank: int) -> None:
 
 
 def setup_runtime(device: str = "auto", amp: str = "auto", threads: int = 0, log_every: int = 20,
-                  num_workers: int = 0) -> Runtime:
+                  num_workers: int = 0, tensorboard: bool = StageRuntime.tensorboard,
+                  tb_every: int = StageRuntime.tb_every) -> Runtime:
     """Device, precision and torch.distributed from the environment (torchrun's env:// variables, or those that
     submitit.helpers.TorchDistributedEnvironment().export() sets inside a Slurm job)."""
     if threads:
@@ -143,7 +148,8 @@ def setup_runtime(device: str = "auto", amp: str = "auto", threads: int = 0, log
         raise ValueError(f"run.amp must be auto|none|bf16|fp16, got {amp!r}")
     if amp == "bf16" and dev.type == "cuda":
         _warn_without_native_bf16(dev, rank)
-    return Runtime(dev, amp, rank, world, local_rank, log_every, num_workers, owns_process_group=owns)
+    return Runtime(dev, amp, rank, world, local_rank, log_every, num_workers, owns_process_group=owns,
+                   tensorboard=tensorboard, tb_every=tb_every)
 
 
 def seed_all(seed: int) -> None:
@@ -378,14 +384,17 @@ def _mean_over_ranks(means: Dict[str, float], rt: Runtime) -> Dict[str, float]:
 
 
 def train_one_epoch(train_model: nn.Module, model: nn.Module, objective: Callable, optimizer, scaler, data,
-                    schedule: Schedule, lr: float, epoch: int, steps_per_epoch: int, rt: Runtime, name: str) -> dict:
+                    schedule: Schedule, lr: float, epoch: int, steps_per_epoch: int, rt: Runtime, name: str,
+                    tb: Optional[TBLog] = None) -> dict:
     """One pass over `data` (MAE's engine_*.train_one_epoch): per-step lr, autocast, the non-finite check, gradient
     accumulation, clipping and the (scaled) optimizer step. Returns the epoch's mean loss terms (over every rank),
     images seen and seconds.
 
     Every rank runs exactly steps_per_epoch steps, and fetching the batch, the forward pass and the loss of each step
     end at stop_together (before the backward pass and its gradient all-reduce): a NaN or an exception on one rank
-    stops every rank at that step."""
+    stops every rank at that step. tb: the TensorBoard writer, handed each step's values (the floats read for the
+    epoch means: no other device sync)."""
+    tb_steps = tb is not None and tb.per_step
     train_model.train()
     sums: Dict[str, float] = {}
     n_steps, seen, step_s = 0, 0, []
@@ -424,15 +433,19 @@ def train_one_epoch(train_model: nn.Module, model: nn.Module, objective: Callabl
             optimizer.zero_grad(set_to_none=True)
         n_steps += 1
         seen += imgs.shape[0]
-        sums["loss"] = sums.get("loss", 0.0) + loss.item()  # .item() waits for the device: the step is done
+        values = {"loss": loss.item()}  # .item() waits for the device: the step is done
         for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v.item()
+            values[k] = v.item()
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
         step_s.append(time.perf_counter() - t_step)  # data loading included, as a run pays it
         t_step = time.perf_counter()
+        if tb_steps:
+            tb.step(epoch, step, values, imgs.shape[0], step_s[-1], optimizer)
         if rt.log_every and (step + 1) % rt.log_every == 0:
             ips = seen * rt.world / (time.perf_counter() - t0)
             rt.log(f"[{name}] epoch {epoch + 1}/{schedule.epochs} step {step + 1}/{steps_per_epoch} "
-                   f"loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} {ips:.0f} img/s")
+                   f"loss {values['loss']:.4f} lr {optimizer.param_groups[0]['lr']:.2e} {ips:.0f} img/s")
     means = _mean_over_ranks({k: v / max(1, n_steps) for k, v in sums.items()}, rt)
     return {"means": means, "seen": seen, "seconds": time.perf_counter() - t0, "step_s": step_s}
 
@@ -468,39 +481,45 @@ def fit(*, model: nn.Module, objective: Callable, param_groups: list, dataset, s
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
+    # rank 0's curves in <run_dir>/tb/: a new event file per attempt, continuing at this attempt's first step
+    tb = TBLog(run_dir, rt, steps_per_epoch, result.resumed_from_epoch, name)
     t_start = time.perf_counter()
     throughputs, step_s = [], []
-    for epoch in range(result.resumed_from_epoch, schedule.epochs):
-        data = loader(dataset, schedule.batch_size, True, epoch, rt.num_workers, rt.rank, rt.world, seed=seed)
-        ep = train_one_epoch(train_model, model, objective, optimizer, scaler, data, schedule, lr, epoch,
-                             steps_per_epoch, rt, name)
-        epoch_s = ep["seconds"]
-        step_s += ep["step_s"]
-        throughputs.append(ep["seen"] * rt.world / epoch_s)
-        row = {"epoch": epoch + 1, **ep["means"],
-               "lr": optimizer.param_groups[0]["lr"], "epoch_s": epoch_s, "images_per_s": throughputs[-1]}
-        if eval_fn is not None:
-            row.update(eval_fn(model))
-        result.history.append(row)
-        rng = checkpoint_rng_state(rt)
-        failure = None
-        try:
-            if rt.is_main:
-                with open(run_dir / LOG_FILE, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                save_last({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scaler": scaler.state_dict(), "epoch": epoch + 1, "rng": rng, "world_size": rt.world,
-                           "history": result.history, "spec_hash": spec_hash,
-                           "train_seconds": prior_seconds + time.perf_counter() - t_start}, run_dir)
-        except Exception as e:
-            if not rt.distributed:
-                raise
-            failure = e
-        # instead of a barrier: the other ranks wait for the checkpoint, and stop with rank 0 if writing it failed
-        stop_together(rt, failure, f"after epoch {epoch + 1} (writing its log line and checkpoint)", name)
-        extra = "".join(f" {k} {v:.2f}" for k, v in row.items() if k.startswith("top"))
-        rt.log(f"[{name}] epoch {epoch + 1}/{schedule.epochs} done: loss {row.get('loss', float('nan')):.4f}"
-               f"{extra} ({epoch_s:.1f} s, {throughputs[-1]:.0f} img/s)")
+    try:
+        for epoch in range(result.resumed_from_epoch, schedule.epochs):
+            data = loader(dataset, schedule.batch_size, True, epoch, rt.num_workers, rt.rank, rt.world, seed=seed)
+            ep = train_one_epoch(train_model, model, objective, optimizer, scaler, data, schedule, lr, epoch,
+                                 steps_per_epoch, rt, name, tb)
+            epoch_s = ep["seconds"]
+            step_s += ep["step_s"]
+            throughputs.append(ep["seen"] * rt.world / epoch_s)
+            row = {"epoch": epoch + 1, **ep["means"],
+                   "lr": optimizer.param_groups[0]["lr"], "epoch_s": epoch_s, "images_per_s": throughputs[-1]}
+            if eval_fn is not None:
+                row.update(eval_fn(model))
+            result.history.append(row)
+            rng = checkpoint_rng_state(rt)
+            failure = None
+            try:
+                if rt.is_main:
+                    with open(run_dir / LOG_FILE, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    save_last({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scaler": scaler.state_dict(), "epoch": epoch + 1, "rng": rng, "world_size": rt.world,
+                               "history": result.history, "spec_hash": spec_hash,
+                               "train_seconds": prior_seconds + time.perf_counter() - t_start}, run_dir)
+            except Exception as e:
+                if not rt.distributed:
+                    raise
+                failure = e
+            # instead of a barrier: the other ranks wait for the checkpoint, and stop with rank 0 if writing it failed
+            stop_together(rt, failure, f"after epoch {epoch + 1} (writing its log line and checkpoint)", name)
+            tb.epoch(epoch, row)
+            extra = "".join(f" {k} {v:.2f}" for k, v in row.items() if k.startswith("top"))
+            rt.log(f"[{name}] epoch {epoch + 1}/{schedule.epochs} done: loss {row.get('loss', float('nan')):.4f}"
+                   f"{extra} ({epoch_s:.1f} s, {throughputs[-1]:.0f} img/s)")
+    finally:
+        tb.close()
     result.train_seconds = prior_seconds + time.perf_counter() - t_start
     result.earlier_seconds = prior_seconds
     result.images_per_s = float(np.median(throughputs)) if throughputs else 0.0

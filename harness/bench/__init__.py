@@ -11,4 +11,5 @@ One concept per module; importing the package imports none of them, so `harness.
     run.py       run / run_shape: a benchmark run and its result dict
     results.py   the files: directory, schema, device keys, loading, the issue's targets and the Markdown summary
     cli.py       the command line (`python -m harness.bench`, __main__.py)
+    tblog.py     the TensorBoard writer's cost per step (`--tensorboard`), and the run.tb_every it allows
 """

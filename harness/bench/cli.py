@@ -7,6 +7,7 @@ full-teacher step and the hardware's matmul peak.
     python -m harness.bench --shapes paper --steps 5 --batch 8 --threads 1
     python -m harness.bench --device cuda           # bf16 autocast, the profiles' batch sizes (paper: 128)
     python -m harness.bench --shapes paper --only mae_m75,dmae_partial_m75 --ablate fused_off,compile,adamw_fused
+    python -m harness.bench --tensorboard           # the TensorBoard writer's cost per step (harness.bench.tblog)
 
 Steps (real objectives, forward + backward + AdamW step where they train; evaluation is forward only):
 
@@ -66,7 +67,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--data-images", type=int, help="images per input-pipeline measurement (default 512; quick 256)")
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--render", metavar="JSON", help="rewrite the Markdown summary of a benchmark JSON and exit")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="instead: the TensorBoard writer's cost in the training loop and by parts, and the per-step "
+                        "interval under 1%% of a step (harness.bench.tblog; default tiny shapes, 9 repetitions, "
+                        "1 thread; --quick: smoke, 3)")
+    p.add_argument("--tb-steps", type=int, default=8, help="--tensorboard: training steps per repetition")
+    p.add_argument("--tb-intervals", default="1", help="--tensorboard: the writer's intervals timed in the loop")
     args = p.parse_args(argv)
+    command = "python -m harness.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.tensorboard:
+        from .tblog import markdown as tb_markdown, run_tensorboard  # local: imports the training loop
+        result, path = run_tensorboard(
+            args.shapes.split(",") if args.shapes else ["smoke" if args.quick else "tiny"],
+            device="cpu" if args.device == "auto" else args.device, reps=args.steps or (3 if args.quick else 9),
+            steps=args.tb_steps, intervals=[int(k) for k in args.tb_intervals.split(",") if k],
+            threads=args.threads or 1, out_dir=args.out, command=command, write=not args.no_write,
+            only=args.only.split(",") if args.only else None)
+        print()
+        print(tb_markdown(result))
+        if path:
+            print(f"wrote {path} and {path.with_suffix('.md')}")
+        return 0
     if args.render:
         path = Path(args.render)
         result = json.loads(path.read_text())
@@ -87,7 +108,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                        data=not args.no_data, data_images=args.data_images or (256 if args.quick else 512),
                        only=args.only.split(",") if args.only else None, ablate=ablate,
                        ablate_on=args.ablate_on.split(","), breakdown=args.breakdown, threads=args.threads,
-                       command="python -m harness.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+                       command=command,
                        write=not args.no_write)
     print()
     print(markdown(result))
