@@ -35,8 +35,10 @@ RECIPES_DIR = recipes.path()
 
 @dataclass
 class PretrainConfig(PretrainSpec):
-    # Optional: the total batch per optimizer update. When set, accum_iter is derived from it:
-    # effective_batch / (batch_size x launcher.nodes x max(1, launcher.gpus_per_node)), which must be an integer.
+    # Optional: the total batch per optimizer update. When set, accum_iter is derived from it at plan time:
+    # effective_batch / (batch_size x world_size(launcher)), which must be an integer (refused otherwise), so the
+    # effective batch and the lr (blr x effective batch / 256) stay the same on any number of devices. The paper
+    # profile sets the official 4096 (pre-training) and 1024 (fine-tuning).
     effective_batch: Optional[int] = None
     epoch_scale: float = 1.0  # schedule ablations: epochs and warmup scaled by this (>= 1 epoch)
 
@@ -130,8 +132,11 @@ class LauncherConfig:
     # (the multi-GPU code path on a CPU machine, e.g. --rehearse); with GPUs it must equal gpus_per_node
     tasks_per_node: int = 0
     cpus_per_task: int = 2
-    mem_gb: Optional[float] = None
-    max_requeues: int = 3  # preemptions/timeouts a stage may survive
+    mem_gb: Optional[float] = None  # memory per node (sbatch --mem, submitit's mem_gb); None: see mem_gb_per_gpu
+    # when mem_gb is unset, a GPU job asks mem_gb_per_gpu x gpus_per_node per node (launcher=slurm: 40, as the
+    # official submitit_pretrain.py asks 40 GB x GPUs per node); None, or a job without GPUs: Slurm's default
+    mem_gb_per_gpu: Optional[float] = None
+    max_requeues: int = 3  # preemptions/timeouts a stage may survive (launcher=slurm: 30, as the official scripts)
     array_parallelism: int = 64  # Slurm: jobs of one array running at once
     max_parallel: int = 1  # jobs in flight at once (0 = no limit); the local launcher runs them side by side
     # a job runs a stage and then the stages that consume it alone (pre-train -> fine-tune -> evaluate): one start-up
@@ -253,6 +258,7 @@ def load_config(table: str, overrides: Optional[List[str]] = None, check: bool =
     if check:
         validate(cfg)
         check_launcher_overrides(cfg, parsed)
+        check_accum_overrides(cfg, parsed)
     return cfg
 
 
@@ -373,7 +379,7 @@ def _override_error(table: str, parsed, msg: str) -> Optional[str]:
 # Launcher keys only the Slurm launcher (or a launcher.write_sbatch script) reads: local and debug ignore them
 # (harness.run.launch.local_executor passes timeout_min, max_requeues, gpus_per_node, tasks_per_node and
 # signal_delay_s; launch.execute reads max_parallel, chain and poll_s).
-SLURM_ONLY = ("partition", "account", "qos", "nodes", "cpus_per_task", "mem_gb", "array_parallelism",
+SLURM_ONLY = ("partition", "account", "qos", "nodes", "cpus_per_task", "mem_gb", "mem_gb_per_gpu", "array_parallelism",
               "additional_parameters", "setup", "snapshot")
 
 
@@ -393,6 +399,31 @@ def check_launcher_overrides(cfg: DictConfig, parsed) -> None:
                           f"{'the stages in this process' if name == 'debug' else 'jobs on this machine'} "
                           f"(Slurm-only launcher keys: {', '.join(SLURM_ONLY)}). Drop "
                           f"{'it' if len(given) == 1 else 'them'}, or add launcher=slurm")
+
+
+def check_accum_overrides(cfg: DictConfig, parsed) -> None:
+    """An accum_iter set on the command line for a section whose effective_batch is set (the paper profile's) would
+    be replaced by the one derived from effective_batch: refused, naming both keys."""
+    for o in parsed:
+        parts = o.key_or_group.split(".")
+        if len(parts) < 2 or parts[-1] != "accum_iter" or parts[-2] not in ("pretrain", "finetune") or o.is_delete():
+            continue
+        section = parts[:-1]  # [rows, <row>,] [teacher,] pretrain|finetune
+        candidates = [section] + ([section[2:]] if section[0] == "rows" and len(section) > 2 else [])
+        for path in candidates:
+            node = cfg
+            for p in path:
+                node = node.get(p) if node is not None and hasattr(node, "get") else None
+            if node is None or not hasattr(node, "get") or "effective_batch" not in node:
+                continue  # a row without its own effective_batch: the table's applies
+            eff = node.get("effective_batch")
+            if eff is None:
+                break
+            key = ".".join(path)
+            raise ConfigError(f"{o.input_line}: would be ignored, because {key}.effective_batch={eff} is set (profile "
+                              f"{cfg.profile}) and accum_iter is derived from it: effective_batch / (batch_size x "
+                              f"devices). Set {key}.effective_batch instead, or {key}.effective_batch=null to give "
+                              "accum_iter yourself")
 
 
 def merged(section: DictConfig, overrides: Dict[str, Any], schema, where: str) -> dict:
@@ -474,6 +505,30 @@ def world_size(launcher) -> int:
     return tasks_per_node(launcher) * (int(launcher["nodes"] or 1) if launcher["name"] == "slurm" else 1)
 
 
+def world_text(launcher) -> str:
+    """How world_size(launcher) comes about, in config keys, for messages: e.g. "launcher.nodes=2 x
+    launcher.gpus_per_node=8"."""
+    if launcher["name"] == "debug":
+        return "launcher=debug runs a stage in one process"
+    if launcher.get("tasks_per_node"):
+        per = f"launcher.tasks_per_node={launcher['tasks_per_node']}"
+    elif launcher["gpus_per_node"]:
+        per = f"launcher.gpus_per_node={launcher['gpus_per_node']}"
+    else:
+        per = "one CPU task per node (launcher.gpus_per_node=0)"
+    return f"launcher.nodes={launcher['nodes']} x {per}" if launcher["name"] == "slurm" else \
+        f"{per} on this machine (launcher={launcher['name']})"
+
+
+def mem_gb_of(launcher) -> Optional[float]:
+    """The memory a job asks per node: launcher.mem_gb when set, else launcher.mem_gb_per_gpu x gpus_per_node for a
+    GPU job; None: the cluster's default (no --mem)."""
+    if launcher.get("mem_gb"):
+        return float(launcher["mem_gb"])
+    per_gpu, gpus = launcher.get("mem_gb_per_gpu"), int(launcher.get("gpus_per_node") or 0)
+    return float(per_gpu) * gpus if per_gpu and gpus else None
+
+
 def data_spec(cfg: DictConfig, finetune: bool = False) -> DataConfig:
     """The data section a stage receives: a fine-tune's reads the first data.finetune_subset training images (when
     set), every other stage's all of them; finetune_subset itself is resolved away."""
@@ -488,18 +543,26 @@ def runtime_of(cfg: DictConfig) -> StageRuntime:
     return StageRuntime(**{f.name: cfg.run[f.name] for f in fields(StageRuntime)})
 
 
-def resolve_accum(sec: dict, world: int, where: str) -> dict:
+def resolve_accum(sec: dict, world: int, where: str, devices: str = "", batch_key: str = "") -> dict:
     """Derive accum_iter from the optional effective_batch (then dropped: the stage spec holds accum_iter only, so
-    a section without effective_batch gives the same stage as before)."""
+    a section without effective_batch gives the same stage as before, and one with it a stage whose id follows the
+    derived accum_iter). where: the key of the section that sets effective_batch; batch_key: the one that sets its
+    batch_size (default: <where>.batch_size); devices: how the world size comes about (world_text)."""
     out = dict(sec)
     eff = out.pop("effective_batch", None)
     if eff is None:
         return out
     per_step = out["batch_size"] * world
     if eff < 1 or eff % per_step:
+        batch_key = batch_key or f"{where}.batch_size"
+        fits = [b for b in range(out["batch_size"], 0, -1) if eff >= 1 and eff % (b * world) == 0]
+        hint = f" ({batch_key}={fits[0]} gives accum_iter {eff // (fits[0] * world)})" if fits else \
+            f" (no batch_size can: {eff} is not a multiple of {world})" if eff >= 1 else ""
         raise ConfigError(f"{where}.effective_batch={eff} is not a positive multiple of batch_size {out['batch_size']} "
-                          f"x {world} device(s) = {per_step} per step (accum_iter would be {eff / per_step:g}); "
-                          "change effective_batch, batch_size or the GPU count")
+                          f"x {world} device(s) = {per_step} per step (accum_iter would be {eff / per_step:g})"
+                          f"{'; devices: ' + devices if devices else ''}. Change {where}.effective_batch, {batch_key}"
+                          f"{hint} or the device count so that effective_batch / (batch_size x devices) is a whole "
+                          "number")
     out["accum_iter"] = eff // per_step
     return out
 
@@ -524,14 +587,24 @@ class Row:
 def resolve_row(cfg: DictConfig, key: str) -> Row:
     """Merge and resolve row `key` (ConfigError on a bad override, preset, schedule, batch or align fraction)."""
     row, where, world = cfg.rows[key], f"rows.{key}", world_size(cfg.launcher)
+    devices = f"{world} = {world_text(cfg.launcher)}"
+
+    def origin(section: str, override, name: str) -> str:
+        """The config key that sets `name` of this row's `section`: the row's override, else the table's."""
+        return f"{where}.{section}" if name in (override or {}) else section
+
+    def accum(sec: dict, section: str, override) -> dict:
+        return resolve_accum(sec, world, origin(section, override, "effective_batch"), devices,
+                             f"{origin(section, override, 'batch_size')}.batch_size")
     student = merged(cfg.student, row.student, ModelConfig, f"{where}.student")
     teacher = merged(cfg.teacher, row.teacher, TeacherConfig, f"{where}.teacher")
-    teacher["pretrain"] = resolve_accum(resolve_schedule(teacher["pretrain"]), world, f"{where}.teacher.pretrain")
-    teacher["finetune"] = resolve_accum(teacher["finetune"], world, f"{where}.teacher.finetune")
-    pre = resolve_accum(resolve_schedule(merged(cfg.pretrain, row.pretrain, PretrainConfig, f"{where}.pretrain")),
-                        world, f"{where}.pretrain")
-    fin = resolve_accum(merged(cfg.finetune, row.finetune, FinetuneConfig, f"{where}.finetune"), world,
-                        f"{where}.finetune")
+    for sec in ("pretrain", "finetune"):
+        t_over = (row.teacher or {}).get(sec)
+        teacher[sec] = accum(resolve_schedule(teacher[sec]) if sec == "pretrain" else teacher[sec], f"teacher.{sec}",
+                             t_over)
+    pre = accum(resolve_schedule(merged(cfg.pretrain, row.pretrain, PretrainConfig, f"{where}.pretrain")), "pretrain",
+                row.pretrain)
+    fin = accum(merged(cfg.finetune, row.finetune, FinetuneConfig, f"{where}.finetune"), "finetune", row.finetune)
     dis = merged(cfg.distill, row.distill, DistillConfig, f"{where}.distill")
     for who, m in (("student", student), ("teacher", teacher["model"])):
         if m["preset"] not in PRESETS:
@@ -618,10 +691,13 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"launcher.{key}={la[key]} must be >= {lo}")
     if not la.poll_s > 0:
         raise ConfigError(f"launcher.poll_s={la.poll_s} must be > 0")
+    for key in ("mem_gb", "mem_gb_per_gpu"):
+        if la.get(key) is not None and not la[key] > 0:
+            raise ConfigError(f"launcher.{key}={la[key]} must be > 0 (or null: no memory request from this key)")
     if la.signal_delay_s is not None and not 0 <= la.signal_delay_s < 60 * la.timeout_min:
         raise ConfigError(f"launcher.signal_delay_s={la.signal_delay_s} must be in [0, timeout_min x 60 = "
                           f"{60 * la.timeout_min})")
-    for key in ("threads", "num_workers", "nan_restarts"):
+    for key in ("threads", "num_workers", "nan_restarts", "tb_every"):
         if cfg.run[key] < 0:
             raise ConfigError(f"run.{key}={cfg.run[key]} must be >= 0")
     if d.img_size < 1 or d.train_subset < 0 or d.test_subset < 0 or d.holdout < 0 or d.finetune_subset < 0:
@@ -690,6 +766,10 @@ def validate(cfg: DictConfig) -> None:
                                       f"{t_depth} (0-based)")
     if cfg.launcher.gpus_per_node and cfg.run.device == "cpu":
         raise ConfigError("launcher.gpus_per_node > 0 with run.device=cpu")
+    if cfg.launcher.name == "local" and cfg.run.device == "cuda" and not cfg.launcher.gpus_per_node:
+        raise ConfigError("run.device=cuda with launcher=local and launcher.gpus_per_node=0: submitit's local executor "
+                          "shows a job only the GPUs it asks for (CUDA_VISIBLE_DEVICES), so every stage would find no "
+                          "GPU. Set launcher.gpus_per_node=1 (or the GPUs a stage should use)")
     if cfg.launcher.gpus_per_node and cfg.launcher.tasks_per_node \
             and cfg.launcher.tasks_per_node != cfg.launcher.gpus_per_node:
         raise ConfigError(f"launcher.tasks_per_node={cfg.launcher.tasks_per_node} with gpus_per_node="

@@ -1,6 +1,7 @@
 """Expand a table recipe into a graph of stages.
 
-    teacher pre-train (or a provided checkpoint) -> teacher fine-tune (or provided)
+    teacher pre-train (or a provided checkpoint) -> teacher fine-tune (or provided) -> teacher evaluation (of a
+    provided fine-tuned teacher too: its measured test top-1 is what the KD rows and the official number rest on)
     -> student pre-trains (MAE / DMAE, one per row and seed; none for a scratch row) -> fine-tunes (KD rows: from
     the fine-tuned teacher; scratch rows: from the seed's random initialisation) -> evaluations
     probes (probe.enabled): a kNN probe of every student pre-train's last block (a scratch row: of its random
@@ -172,11 +173,16 @@ class _Builder:
     def teacher(self, t: dict, cell, need: str) -> str:
         """The stage id (or provided file) of the teacher's `need` ('pretrained' | 'finetuned') checkpoint;
         a fine-tuned teacher brings its pre-training stage along."""
+        tag, pre, fin = _model_tag(t["model"]), t["pretrain"], t["finetune"]
         if not t["train"]:
             if not t[need + "_ckpt"]:
                 raise ConfigError(f"rows.{cell[0]}: needs the {need} teacher: set teacher.{need}_ckpt")
-            return f"file:{os.path.abspath(t[need + '_ckpt'])}"
-        tag, pre, fin = _model_tag(t["model"]), t["pretrain"], t["finetune"]
+            ref = f"file:{os.path.abspath(t[need + '_ckpt'])}"
+            if need == "finetuned":  # a provided fine-tuned teacher is measured too: every KD claim rests on it
+                self.add("evaluate", "teacher-evaluate", f"teacher-evaluate-provided-{tag}",
+                         {"model": t["model"], "eval_batch_size": fin["eval_batch_size"], "seed": self.cfg.seed},
+                         {"model": ref}, cell)
+            return ref
         pt = self.add("pretrain", "teacher-pretrain", f"teacher-pretrain-mae-{tag}-e{pre['epochs']}",
                       {"objective": "mae", "model": t["model"], "pretrain": pre, "seed": self.cfg.seed},
                       {}, cell)

@@ -3,6 +3,7 @@ harness.plan), a run directory and the paths of its inputs' model files, and lea
 
     config.json          the spec (its dict form), inputs and runtime
     log.jsonl            one line per epoch (losses, lr, img/s, top-1/top-5 when fine-tuning)
+    tb/                  TensorBoard event files of the training stages (harness.tblog; one per attempt, rank 0)
     checkpoint-last.pth  resumable state, rewritten atomically every epoch (checkpoint-prev.pth: the one before);
                          both deleted once the stage is done, unless run.keep_checkpoints=true
     model.pth            final weights, official MAE layout: {'model': state_dict, 'arch': ..., 'stage_id': ...}
@@ -29,7 +30,6 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Dict
 
-import submitit
 import torch
 import torch.distributed as dist
 
@@ -38,6 +38,7 @@ from .checkpoints import atomic_save, encoder_to_classifier, load_weights, safe_
 from .data import Aug, build_dataset
 from .models import build_classifier, build_mae, get_arch
 from .probe import block_features, knn_top1
+from .ranks import export_rank_env
 from .rundir import (CONFIG_FILE, ERROR_FILE, MODEL_FILE, RESULT_FILE, StageLocked, git_commit,
                      input_record, sha256_file, spec_hash, stage_lock, write_json, write_stage_config)
 from .spec import (AnySpec, EvaluateStage, FinetuneStage, ModelConfig, PretrainStage, ProbeStage, StageRuntime,
@@ -210,7 +211,7 @@ def run_stage(spec: AnySpec | dict, run_dir: str | Path, inputs: Dict[str, str],
     if done.exists():
         return json.loads(done.read_text())
     rt = setup_runtime(device=runtime.device, amp=runtime.amp, threads=runtime.threads, log_every=runtime.log_every,
-                       num_workers=runtime.num_workers)
+                       num_workers=runtime.num_workers, tensorboard=runtime.tensorboard, tb_every=runtime.tb_every)
     with ExitStack() as stack:
         locked = None
         if rt.is_main:
@@ -332,8 +333,8 @@ def main(argv=None) -> None:
                 "holds the spec); `python -m harness.reproduce <table> --dry-run` lists the stage ids")
     cfg = json.loads((run_dir / CONFIG_FILE).read_text())
     _requeue_on_usr2()
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:  # srun of a multi-GPU sbatch job
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:  # srun of a multi-task sbatch job
+        export_rank_env()  # from Slurm's variables, as a submitit job's (harness.ranks)
     try:
         print(json.dumps(run_stage(cfg["spec"], run_dir, cfg["inputs"], cfg["runtime"], cfg["stage_id"]), indent=2))
     finally:  # every rank stopped together (train.fit), so no collective is in flight

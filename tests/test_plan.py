@@ -184,12 +184,16 @@ def test_paper_profile_requires_data_and_checkpoints():
                                  "teacher.finetuned_ckpt=/b"])
     assert cfg.student.preset == "vit_base" and cfg.teacher.model.preset == "vit_large"
     assert list(cfg.distill.align) == [0.75]  # -> the official pair (8, 17) for ViT-B <- ViT-L
-    # 128 per GPU x 4 accum x 8 GPUs = 4096
-    assert cfg.pretrain.batch_size * cfg.pretrain.accum_iter * cfg.launcher.gpus_per_node == 4096
+    assert cfg.pretrain.effective_batch == 4096 and cfg.finetune.effective_batch == 1024
     plan = build_plan(cfg)
-    # no teacher is trained; the provided one is probed at its aligned block
-    assert [(s.role, s.inputs, s.spec.block) for s in plan.stages.values() if s.role.startswith("teacher")] == \
-        [("teacher-probe", {"encoder": "file:/a"}, 17)]
+    # 128 per GPU x 4 accum x 8 GPUs = 4096 (launcher=local: the 8 GPUs of this machine)
+    pre = next(s.spec.pretrain for s in plan.stages.values() if s.role == "student-pretrain")
+    assert (pre.batch_size, pre.accum_iter) == (128, 4)
+    # no teacher is trained; the provided pre-trained one is probed at its aligned block, the provided fine-tuned one
+    # evaluated on the test split (its measured top-1 beside the official number)
+    assert sorted((s.role, str(s.inputs), getattr(s.spec, "block", None)) for s in plan.stages.values()
+                  if s.role.startswith("teacher")) == [("teacher-evaluate", str({"model": "file:/b"}), None),
+                                                       ("teacher-probe", str({"encoder": "file:/a"}), 17)]
     assert {str(s.spec.distill.pairs) for s in plan.stages.values() if getattr(s.spec, "objective", "") == "dmae"} == \
         {"[[8, 17]]"}
     assert {s.inputs.get("teacher") for s in plan.stages.values() if s.role == "student-pretrain"} >= {"file:/a"}
@@ -216,3 +220,116 @@ def test_world_size_is_what_each_launcher_starts():
     cpu = {name: world_size(OmegaConf.create(dict(name=name, nodes=3, gpus_per_node=0, tasks_per_node=2)))
            for name in ("debug", "local", "slurm")}
     assert cpu == {"debug": 1, "local": 2, "slurm": 6}
+
+
+# ------------------------------------------------------------------------------------ paper scale: batches, memory
+PAPER = ["profile=paper", "launcher=slurm", "data.root=/datasets/imagenet", "teacher.pretrained_ckpt=/ckpt/p.pth",
+         "teacher.finetuned_ckpt=/ckpt/f.pth"]
+OFFICIAL = {"pretrain": (4096, 2.4e-3), "finetune": (1024, 2e-3)}  # effective batch, lr = blr x batch / 256
+
+
+@pytest.mark.parametrize("launcher, world, accum", [
+    (["launcher.gpus_per_node=8"], 8, {"pretrain": 4, "finetune": 1}),  # the official 8-GPU job
+    (["launcher.gpus_per_node=4"], 4, {"pretrain": 8, "finetune": 2}),
+    # 16 GPUs hold 1024 only at 64 per GPU (the error says so: test_paper_effective_batch_refused_...)
+    (["launcher.gpus_per_node=8", "launcher.nodes=2", "finetune.batch_size=64"], 16, {"pretrain": 2, "finetune": 1}),
+])
+def test_paper_profile_keeps_the_official_effective_batches_on_any_gpu_count(launcher, world, accum, tmp_path):
+    cfg = load_config("table2", [*PAPER, *launcher, f"results_root={tmp_path}"])
+    plan = build_plan(cfg)
+    seen = set()
+    for s in plan.stages.values():
+        if s.kind not in OFFICIAL:
+            continue
+        sec = getattr(s.spec, s.kind)
+        effective, lr = OFFICIAL[s.kind]
+        assert sec.accum_iter == accum[s.kind], s.id
+        assert sec.batch_size * sec.accum_iter * world == effective, s.id
+        assert sec.blr * sec.batch_size * sec.accum_iter * world / 256 == pytest.approx(lr, rel=1e-12)
+        seen.add(s.kind)
+    assert seen == {"pretrain", "finetune"}
+    # the derived accum_iter is part of the spec: another world size that changes it gives other stage ids
+    other = build_plan(load_config("table2", [*PAPER, "launcher.gpus_per_node=2", f"results_root={tmp_path}"]))
+    trained = {sid for sid, s in plan.stages.items() if s.kind in OFFICIAL}
+    assert trained and not trained & set(other.stages)
+
+
+def test_paper_effective_batch_refused_where_no_accumulation_fits(tmp_path):
+    with pytest.raises(ConfigError) as e:  # 4096 / (128 x 3): not a whole number of steps
+        load_config("table2", [*PAPER, "launcher.gpus_per_node=3"])
+    msg = str(e.value)
+    assert msg.startswith("pretrain.effective_batch=4096 is not a positive multiple of batch_size 128 x 3 device(s)")
+    assert "launcher.gpus_per_node=3" in msg and "pretrain.batch_size" in msg and "no batch_size can" in msg
+    with pytest.raises(ConfigError, match=r"finetune.effective_batch=1024 .* 2048 per step .* launcher.nodes=2 x "
+                                          r"launcher.gpus_per_node=8.* \(finetune.batch_size=64 gives accum_iter 1\)"):
+        load_config("table2", [*PAPER, "launcher.nodes=2"])
+    # an accum_iter given beside the profile's effective_batch would be replaced by the derived one: refused
+    with pytest.raises(ConfigError, match=r"pretrain.accum_iter=8: would be ignored, because "
+                                          r"pretrain.effective_batch=4096 is set .* pretrain.effective_batch=null"):
+        load_config("table2", [*PAPER, "pretrain.accum_iter=8"])
+    with pytest.raises(ConfigError, match=r"\+rows.mae.finetune.accum_iter=2: would be ignored, because "
+                                          r"finetune.effective_batch=1024"):
+        load_config("table2", [*PAPER, "+rows.mae.finetune.accum_iter=2"])
+    cfg = load_config("table2", [*PAPER, "pretrain.effective_batch=null", "pretrain.accum_iter=8"])  # explicit
+    pre = next(s.spec.pretrain for s in build_plan(cfg).stages.values() if s.role == "student-pretrain")
+    assert pre.accum_iter == 8
+
+
+def test_slurm_memory_is_40_gb_per_gpu_per_node_and_30_requeues(tmp_path):
+    from harness.config import mem_gb_of
+    from harness.run.sbatch import _directives
+    cfg = load_config("table2", PAPER)
+    assert cfg.launcher.max_requeues == 30 and cfg.launcher.mem_gb is None and cfg.launcher.mem_gb_per_gpu == 40
+    assert mem_gb_of(cfg.launcher) == 320  # per node: 8 GPUs x 40 GB (sbatch --mem and submitit's mem_gb: per node)
+    assert "#SBATCH --mem=327680M" in _directives(cfg, "x", tmp_path)
+    assert mem_gb_of(load_config("table2", [*PAPER, "launcher.gpus_per_node=4"]).launcher) == 160
+    assert mem_gb_of(load_config("table2", [*PAPER, "launcher.mem_gb=500"]).launcher) == 500  # explicit wins
+    cpu = load_config("table2", ["profile=tiny", "launcher=slurm"]).launcher  # no GPU: Slurm's default memory
+    assert mem_gb_of(cpu) is None and not any("--mem" in d for d in _directives(
+        load_config("table2", ["profile=tiny", "launcher=slurm"]), "x", tmp_path))
+    assert load_config("table2", ["profile=tiny"]).launcher.max_requeues == 3  # local: unchanged
+    with pytest.raises(ConfigError, match=r"launcher.mem_gb_per_gpu=0.0 must be > 0"):
+        load_config("table2", [*PAPER, "launcher.mem_gb_per_gpu=0"])
+
+
+def test_cuda_under_the_local_launcher_needs_gpus_per_node():
+    """submitit's local executor sets CUDA_VISIBLE_DEVICES to the GPUs a job asks for: with gpus_per_node=0 a
+    run.device=cuda stage would find no GPU inside its job."""
+    with pytest.raises(ConfigError, match=r"run.device=cuda with launcher=local and launcher.gpus_per_node=0: .*"
+                                          r"Set launcher.gpus_per_node=1"):
+        load_config("table2", ["profile=smoke", "run.device=cuda"])
+    assert load_config("table2", ["profile=smoke", "run.device=cuda", "launcher.gpus_per_node=1"])
+    assert load_config("table2", ["profile=smoke", "run.device=cuda", "launcher=debug"])  # in this process
+
+
+def test_a_provided_fine_tuned_teacher_is_evaluated_and_checked_as_a_classifier(tmp_path):
+    """Every KD claim rests on the fine-tuned teacher: a provided one gets a teacher-evaluate stage (its test top-1
+    beside the official number), checked before submission as the classifier it is; a trained teacher's plan (the
+    tiny profile's) is unchanged."""
+    import torch
+
+    from harness.models import PRESETS, build_classifier, build_mae
+    from harness.run.preflight import PreflightError, check_inputs
+    mae = tmp_path / "mae.pth"
+    torch.save({"model": build_mae(PRESETS["vit_w48d3_dec48d1"], 28, 4).state_dict()}, mae)
+    clf = tmp_path / "clf.pth"
+    torch.save({"model": build_classifier(PRESETS["vit_w48d3_dec48d1"], 10, 28, 4).state_dict()}, clf)
+    # the teacher recipe: a DMAE row reads the fine-tuned teacher as an encoder (any MAE layout passes), and the
+    # teacher evaluation as a classifier (a file without a head does not); no KD row here
+    args = ["profile=smoke", f"results_root={tmp_path / 'r'}", "teacher.train=false", f"teacher.pretrained_ckpt={mae}",
+            "~rows.kd_finetuned_teacher"]
+    cfg = load_config("teacher", [*args, f"teacher.finetuned_ckpt={clf}"])
+    plan = build_plan(cfg)
+    ev = [s for s in plan.stages.values() if s.role == "teacher-evaluate"]
+    assert len(ev) == 1 and ev[0].id.startswith("teacher-evaluate-provided-vit_w48d3_dec48d1p4-")
+    assert ev[0].inputs == {"model": f"file:{clf}"} and ev[0].cells == [("dmae_finetuned_teacher", 0)]
+    assert ev[0].spec.model.preset == "vit_w48d3_dec48d1"
+    check_inputs(plan, cfg)
+    bad = load_config("teacher", [*args, f"teacher.finetuned_ckpt={mae}"])
+    with pytest.raises(PreflightError, match=rf"teacher.finetuned_ckpt={mae}: model checkpoint for "
+                                             r"teacher-evaluate-provided-"):
+        check_inputs(build_plan(bad), bad)
+    # a trained teacher keeps its own evaluation only
+    trained = build_plan(load_config("teacher", ["profile=smoke", f"results_root={tmp_path / 't'}"]))
+    assert [s.id.split("-")[2] for s in trained.stages.values() if s.role == "teacher-evaluate"] == \
+        ["vit_w48d3_dec48d1p4"]

@@ -80,5 +80,6 @@ def test_paper_rehearsal_under_slurm_with_two_rank_ddp_on_cpu(slurm_cluster, tmp
     assert "not done" not in report
     assert re.search(r"\*\*Estimated total: [\d,.]+ device-hours\*\*", report)
     results = [json.loads(p.read_text()) for p in (tmp_path / "results" / "rehearsal").rglob("result.json")]
-    assert len(results) == 22 and all(r["world_size"] == 2 for r in results)  # 16 trained or evaluated + 6 probes
+    # 17 trained or evaluated (the provided fine-tuned teacher's evaluation among them) + 6 probes
+    assert len(results) == 23 and all(r["world_size"] == 2 for r in results)
     assert {r["device"] for r in results} == {"cpu"}

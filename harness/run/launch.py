@@ -6,7 +6,8 @@
 - slurm: submitit's Slurm executor. The driver submits every stage whose inputs are done (ready stages together as
   one job array), polls, and submits the next wave. Each job is a submitit Checkpointable: on preemption or timeout
   it is requeued (at most launcher.max_requeues times) and the stage resumes from its checkpoint-last. Multi-GPU
-  jobs start torch.distributed from submitit's job environment.
+  jobs start torch.distributed from the job's environment (harness.ranks: Slurm's variables, as for an sbatch
+  script's srun; submitit's for local jobs).
 
 The driver can be stopped and restarted at any time: finished stages are found by their result.json, and a stage
 whose Slurm job is still queued or running (its id is kept in <stage dir>/job.json) is re-attached, not resubmitted.
@@ -30,9 +31,10 @@ import submitit
 from omegaconf import DictConfig, OmegaConf
 
 from . import dispatch
-from ..config import runtime_of, tasks_per_node, world_size
+from ..config import mem_gb_of, runtime_of, tasks_per_node, world_size
 from ..estimate import estimate_plan
 from ..plan import Plan, Stage
+from ..ranks import export_rank_env
 from ..rundir import (ERROR_FILE, JOB_FILE, RESULT_FILE, StageLocked, epochs_logged, lock_holder, read_log,
                      write_json)
 from ..spec import AnySpec, Schedule, StageRuntime
@@ -83,8 +85,8 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict:
         _install_requeue_immune_to_sigterm()  # in the job's process, before any signal can ask for a requeue
-        if self.distributed:
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        if self.distributed:  # the same function as an sbatch script's `srun python -m harness.stages` (ranks.py)
+            export_rank_env()
         try:
             result = run_stage(self.spec, self.run_dir, self.inputs, self.runtime, self.stage_id)
             for sid, spec, run_dir, inputs in self.then:
@@ -458,11 +460,14 @@ def slurm_executor(plan: Plan, cfg: DictConfig) -> submitit.AutoExecutor:
     params = dict(timeout_min=la.timeout_min, nodes=la.nodes, tasks_per_node=tasks_per_node(la),
                   cpus_per_task=la.cpus_per_task,
                   slurm_array_parallelism=la.array_parallelism,
-                  slurm_additional_parameters=OmegaConf.to_container(la.additional_parameters, resolve=True))
+                  slurm_additional_parameters=OmegaConf.to_container(la.additional_parameters, resolve=True),
+                  # srun of Slurm 22.05 to 23.02 does not inherit --cpus-per-task: data workers would share one CPU
+                  slurm_srun_args=[f"--cpus-per-task={int(la.cpus_per_task)}"])
     if la.gpus_per_node:
         params["gpus_per_node"] = la.gpus_per_node
-    if la.mem_gb:
-        params["mem_gb"] = la.mem_gb
+    mem = mem_gb_of(la)
+    if mem:
+        params["mem_gb"] = mem
     if la.get("signal_delay_s") is not None:
         params["slurm_signal_delay_s"] = la.signal_delay_s
     for key in ("partition", "account", "qos"):

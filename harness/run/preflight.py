@@ -41,20 +41,23 @@ def check_inputs(plan: Plan, cfg: DictConfig) -> None:
     if problems:
         raise PreflightError("\n".join(problems))
     checked = set()
-    # a probe reads a provided checkpoint as an encoder, as the DMAE stages do: checked once, under their name
-    for stage in sorted(plan.stages.values(), key=lambda s: s.kind == "probe"):
+    # a probe reads a provided checkpoint as an encoder, as the DMAE stages do: checked once, under their name; a
+    # teacher evaluation reads the fine-tuned teacher as a classifier, as the KD fine-tunes do: checked once too
+    classifier_roles = ("kd_teacher", "model")
+    for stage in sorted(plan.stages.values(), key=lambda s: {"evaluate": 1, "probe": 2}.get(s.kind, 0)):
         for role, ref in stage.inputs.items():
             if not ref.startswith("file:") or (ref, role) in checked or \
-                    (stage.kind == "probe" and any(ref == r for r, _ in checked)):
+                    (stage.kind == "probe" and any(ref == r for r, _ in checked)) or \
+                    (role in classifier_roles and any((ref, r) in checked for r in classifier_roles)):
                 continue
             checked.add((ref, role))
             path = ref[len("file:"):]
             try:
                 if stage.kind == "probe":
                     load_teacher_encoder(path, stage.spec.model, cfg.data.img_size, with_decoder=False)
-                elif role == "kd_teacher":
-                    load_classifier(path, stage.spec.teacher_model, cfg.data.img_size,
-                                    num_classes_of(data_spec(cfg)))
+                elif role in classifier_roles:
+                    load_classifier(path, stage.spec.teacher_model if role == "kd_teacher" else stage.spec.model,
+                                    cfg.data.img_size, num_classes_of(data_spec(cfg)))
                 else:
                     distill = getattr(stage.spec, "distill", None)
                     load_teacher_encoder(path, stage.spec.teacher_model, cfg.data.img_size,
@@ -179,8 +182,9 @@ def _serves(stage) -> str:
 # --------------------------------------------------------------------------------------- provided checkpoints
 def checkpoint_keys(cfg: "DictConfig", stage, role: str, path: str) -> List[str]:
     """The config keys that gave `path` (a provided checkpoint) to this stage as input `role`: teacher.pretrained_ckpt
-    or teacher.finetuned_ckpt (kd_teacher: the fine-tuned one; teacher / encoder: the one distill.teacher_source
-    names), a row's rows.<row>.teacher.<name>, or the key that one interpolates (e.g. checkpoints.base_pretrained)."""
+    or teacher.finetuned_ckpt (kd_teacher, a teacher evaluation's model: the fine-tuned one; teacher / encoder: the
+    one distill.teacher_source names), a row's rows.<row>.teacher.<name>, or the key that one interpolates (e.g.
+    checkpoints.base_pretrained)."""
     from omegaconf import OmegaConf  # local: omegaconf; --help stays standard-library only
 
     from ..config import resolve_row
@@ -189,7 +193,7 @@ def checkpoint_keys(cfg: "DictConfig", stage, role: str, path: str) -> List[str]
         if row not in cfg.rows:
             continue
         r = resolve_row(cfg, row)
-        names = ["finetuned_ckpt"] if role == "kd_teacher" else [f"{r.distill['teacher_source']}_ckpt"]
+        names = ["finetuned_ckpt"] if role in ("kd_teacher", "model") else [f"{r.distill['teacher_source']}_ckpt"]
         override = OmegaConf.to_container(cfg.rows[row].teacher, resolve=False)
         for name in names:
             if not r.teacher.get(name) or os.path.abspath(r.teacher[name]) != path:

@@ -64,9 +64,13 @@ def overrides(cfg: "DictConfig", steps: int, batch: int, write_data: bool) -> Tu
             warm = float(node[sec].warmup_epochs) / max(1, int(node[sec].epochs))  # the same share of the one epoch
             sizes += [f"{prefix}{sec}.epochs=1", f"{prefix}{sec}.warmup_epochs={warm:g}",
                       f"{prefix}{sec}.batch_size={bs}"]
-            if node[sec].get("effective_batch"):
-                sizes.append(f"{prefix}{sec}.effective_batch={bs * world * int(node[sec].accum_iter)}")
-            accum = max(accum, int(node[sec].accum_iter))
+            real = int(node[sec].accum_iter)
+            eff = node[sec].get("effective_batch")
+            if eff:  # the real run's accumulation (derived from effective_batch at its batch size), kept at this one
+                per_step = int(node[sec].batch_size) * world
+                real = eff // per_step if eff % per_step == 0 else real  # else the full run's config is refused
+                sizes.append(f"{prefix}{sec}.effective_batch={bs * world * real}")
+            accum = max(accum, real)
         sizes.append(f"{prefix}finetune.eval_batch_size={b or int(node.finetune.eval_batch_size)}")
     n_steps = max(int(steps), 2 * accum)  # at least two optimizer updates in every stage
     n_train = n_steps * max(batches.values()) * world
@@ -103,7 +107,8 @@ def prepare_inputs(todo: dict, plan: "Plan") -> List[str]:
             path = Path(ref[len("file:"):]) if ref.startswith("file:") else None
             if path is None or path.parent != ckpt_dir or path.exists():
                 continue
-            model = stage.spec.model if stage.kind == "probe" else stage.spec.teacher_model
+            # a probe's encoder and a teacher evaluation's classifier are the stage's own model
+            model = stage.spec.model if stage.kind in ("probe", "evaluate") else stage.spec.teacher_model
             notes.append(write_random_checkpoint(path, model, stage.spec.data, finetuned="finetuned" in path.name))
     return notes
 

@@ -4,7 +4,9 @@
     bash results/table2/paper/sbatch/submit_all.sh      # submits every unfinished stage, chained with afterok
 
 Each stage gets `<stage dir>/config.json` (what it runs) and `sbatch/<stage id>.sbatch`, which runs
-`srun python -m harness.stages <stage dir>`. Dependencies are Slurm's (`--dependency=afterok:<input job ids>`);
+`srun python -m harness.stages <stage dir>`: one task per GPU (launcher.tasks_per_node), each of which takes its rank,
+world size and rendez-vous from Slurm's variables exactly as a submitit job's task does (harness.ranks), so a
+multi-GPU stage runs DDP as under the driver. Dependencies are Slurm's (`--dependency=afterok:<input job ids>`);
 `--requeue` lets a preempted job come back, and the stage resumes from its checkpoint-last;
 `--signal=USR2@<launcher.signal_delay_s or 90>` warns a job before its time limit, and harness.stages then requeues it
 (scontrol requeue) instead of being killed as failed. launcher.setup lines run first; with launcher.snapshot (default
@@ -20,7 +22,7 @@ from typing import List
 
 from omegaconf import DictConfig
 
-from ..config import runtime_of, tasks_per_node
+from ..config import mem_gb_of, runtime_of, tasks_per_node
 from ..plan import Plan
 from ..rundir import write_stage_config
 from ..spec import spec_dict
@@ -36,8 +38,9 @@ def _directives(cfg: DictConfig, stage_id: str, log_dir: Path) -> List[str]:
              f"--signal=USR2@{la.signal_delay_s if la.get('signal_delay_s') is not None else 90}"]
     if la.gpus_per_node:
         lines.append(f"--gpus-per-node={la.gpus_per_node}")
-    if la.mem_gb:
-        lines.append(f"--mem={int(la.mem_gb * 1024)}M")
+    mem = mem_gb_of(la)
+    if mem:
+        lines.append(f"--mem={int(mem * 1024)}M")
     for key in ("partition", "account", "qos"):
         if la[key]:
             lines.append(f"--{key}={la[key]}")
@@ -70,7 +73,9 @@ def write_sbatch(plan: Plan, cfg: DictConfig) -> Path:
         script.write_text("\n".join(["#!/usr/bin/env bash", *_directives(cfg, sid, logs), *setup,
                                      "set -euo pipefail",
                                      f"cd {shlex.quote(str(Path.cwd()))}",
-                                     f"srun {python} -m harness.stages {shlex.quote(str(run_dir))}", ""]))
+                                     # --cpus-per-task again: srun of Slurm 22.05 to 23.02 does not inherit it
+                                     f"srun --cpus-per-task={int(cfg.launcher.cpus_per_task)} {python} -m "
+                                     f"harness.stages {shlex.quote(str(run_dir))}", ""]))
         deps = [d for d in plan.deps(stage) if plan.status(d) != "done"]
         dep_arg = (f"--dependency=afterok:{':'.join('${JOB[' + d + ']}' for d in deps)} " if deps else "")
         submit.append(f"JOB[{sid}]=$(sbatch --parsable {dep_arg}{shlex.quote(str(script))})")
