@@ -33,6 +33,22 @@ def test_paper_overrides_keep_the_run_and_shrink_only_its_size(tmp_path):
     assert not any(k.startswith(("pretrain.mask", "distill", "run.", "launcher.", "student")) for k in sizes + inputs)
 
 
+@pytest.mark.parametrize("launcher, world, accum", [
+    ([], 8, {"pretrain": 4, "finetune": 1}),  # the official 8-GPU run: its own accumulation
+    # 2 CPU ranks: the run derives 16 and 4 from the effective batches; the rehearsal accumulates at most 4
+    (["launcher.gpus_per_node=0", "launcher.tasks_per_node=2", "run.device=cpu", "run.amp=none"], 2,
+     {"pretrain": 4, "finetune": 4}),
+    (["launcher.gpus_per_node=1"], 1, {"pretrain": 4, "finetune": 4}),  # one GPU: 32 and 8, capped
+])
+def test_paper_rehearsal_keeps_the_effective_batch_form_with_a_few_accumulation_steps(tmp_path, launcher, world,
+                                                                                      accum):
+    cfg = load_config("table2", ["profile=paper", f"results_root={tmp_path}", *launcher], check=False)
+    _, sizes, todo = overrides(cfg, steps=2, batch=2, write_data=True)
+    assert todo["world"] == world and todo["steps"] == 2 * max(accum.values())
+    for sec, a in accum.items():
+        assert f"{sec}.effective_batch={2 * world * a}" in sizes
+
+
 def test_given_data_and_checkpoints_are_used_as_given(tmp_path):
     cfg = load_config("table2", ["profile=paper", "data.root=/datasets/imagenet", "teacher.pretrained_ckpt=/c/p.pth",
                                  "teacher.finetuned_ckpt=/c/f.pth"], check=False)

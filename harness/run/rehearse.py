@@ -4,7 +4,8 @@ path and launcher, but a handful of steps per stage on a few images, ending in a
 What changes, as overrides appended to the user's (everything else is the run as asked):
 
     results_root   <results_root>/rehearsal (its own stages; the real run's are never touched), seeds=1
-    epochs         1 for every stage; per-device batch --rehearse-batch (default: the profile's)
+    epochs         1 for every stage; per-device batch --rehearse-batch (default: the profile's); a section with
+                   effective_batch keeps the accumulation its run derives, at most MAX_ACCUM (4)
     images         train: steps x batch x world per stage (at least two optimizer updates), test/validation: a few
     data           the user's data.root when given (its real layout and decoding); else, for an ImageFolder profile,
                    a small ImageFolder at the profile's image size written from Fashion-MNIST
@@ -34,6 +35,9 @@ from ..spec import DataConfig, ModelConfig
 
 REHEARSAL = "rehearsal"
 TEST_IMAGES = 8  # per rank: the evaluation stages and the per-epoch validation read this many images each
+# a section with effective_batch rehearses the accumulation its run derives, up to this (the paper profile on 8 GPUs
+# accumulates 4 in pre-training; on 1 GPU it would be 32, on 2 CPU ranks 16: 64 or 32 steps of ViT-L per stage)
+MAX_ACCUM = 4
 
 
 def compose(table: str, user: List[str], steps: int, batch: int):
@@ -66,9 +70,11 @@ def overrides(cfg: "DictConfig", steps: int, batch: int, write_data: bool) -> Tu
                       f"{prefix}{sec}.batch_size={bs}"]
             real = int(node[sec].accum_iter)
             eff = node[sec].get("effective_batch")
-            if eff:  # the real run's accumulation (derived from effective_batch at its batch size), kept at this one
+            if eff:  # the real run's accumulation (derived from effective_batch at its batch size and world size),
+                # at most MAX_ACCUM: accumulation is exercised, two updates of it stay a handful of steps
                 per_step = int(node[sec].batch_size) * world
                 real = eff // per_step if eff % per_step == 0 else real  # else the full run's config is refused
+                real = min(real, MAX_ACCUM)
                 sizes.append(f"{prefix}{sec}.effective_batch={bs * world * real}")
             accum = max(accum, real)
         sizes.append(f"{prefix}finetune.eval_batch_size={b or int(node.finetune.eval_batch_size)}")
