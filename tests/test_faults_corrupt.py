@@ -213,8 +213,9 @@ def test_corrupt_log_config_and_error_files_are_named_and_the_report_goes_on(tre
 
     text = _report(tree, tmp_path)
     warnings_section = text.split("## Warnings", 1)[1].split("## Results", 1)[0]
-    for needle in (f"{pre / 'log.jsonl'}: line 2", f"{ev / 'error.json'}: unreadable error file",
-                   f"{ev98 / 'result.json'}: unreadable result file"):
+    shown = lambda p: f"results/{p.relative_to(tree.root.parent.parent).as_posix()}"  # noqa: E731 (report's paths)
+    for needle in (f"{shown(pre / 'log.jsonl')}: line 2", f"{shown(ev / 'error.json')}: unreadable error file",
+                   f"{shown(ev98 / 'result.json')}: unreadable result file"):
         assert needle in warnings_section
     assert "unreadable error.json" in text  # the failed stage's reason
     assert "| `mae` " in text and "1/1 done" in text
