@@ -476,7 +476,9 @@ def export(c: Collected, out_dir: Path, summary: Optional[pd.DataFrame] = None, 
     if c.root.is_absolute() and (c.root / MANIFEST_FILE).exists():
         run = _relative(run, c.root, shown)
     paths.append(out_dir / RUN_FILE)
-    paths[-1].write_text(json.dumps(run, indent=1, sort_keys=True, allow_nan=False) + "\n")
+    # NaN stays NaN (Python's JSON token): a spec may hold one (a failed run's distill.alpha=nan), and the report
+    # rebuilt from this file must read what the results tree said
+    paths[-1].write_text(json.dumps(run, indent=1, sort_keys=True) + "\n")
     return paths
 
 
