@@ -25,7 +25,11 @@ def test_recipe_plans(table, profile, tmp_path):
     plan = build_plan(load_config(table, args + [f"results_root={tmp_path}"]))
     assert plan.cells and all(c.evaluate in plan.stages for c in plan.cells)
     if profile == "paper":  # the paper profile trains no teacher: official checkpoints are inputs (and probed)
-        assert not [s for s in plan.stages.values() if s.role.startswith("teacher") and s.role != "teacher-probe"]
+        assert not [s for s in plan.stages.values() if s.role.startswith("teacher")
+                    and s.role not in ("teacher-probe", "teacher-evaluate")]
+        # a provided fine-tuned teacher is evaluated from its file (its official top-1 checked), never trained
+        assert all(all(str(v).startswith("file:") for v in s.inputs.values())
+                   for s in plan.stages.values() if s.role == "teacher-evaluate")
         assert all(s.inputs["encoder"].startswith("file:") for s in plan.stages.values() if s.role == "teacher-probe")
     assert [c for c in plan.cells if c.method == "scratch"]  # every recipe has its positive control
 
