@@ -290,6 +290,7 @@ def _cells(manifest: dict, st: pd.DataFrame) -> pd.DataFrame:
         done = all(st.at[s, "status"] == "done" for s in own)
         recs.append({
             "row": c["row"], "label": c["label"], "method": c["method"], "paper": c.get("paper"),
+            "overridden": "; ".join(c.get("overridden") or []),
             "teacher": info.get("teacher"), "student": info.get("student"), "mask_ratio": info.get("mask_ratio"),
             "pretrain_epochs": info.get("pretrain_epochs"), "finetune_epochs": info.get("finetune_epochs"),
             "kd": info.get("kd"), "seed": c["seed"], "status": status, "reason": reason,
@@ -365,6 +366,11 @@ def delta_text(mean: Optional[float], paper: Optional[dict], profile: str) -> st
     return f"{mean - paper['value']:+.2f}"
 
 
+def overridden_text(changed: str) -> str:
+    """What a row's paper number (and each claim on it) reads when the command line changed the row."""
+    return f"not applicable (overridden: {changed})"
+
+
 def summarize(c: Collected, papers: Optional[Dict[str, dict]] = None) -> pd.DataFrame:
     """Per table row (manifest order): n finished, mean and std (ddof=1) of top-1 over seeds, paper number, delta,
     and the finished seeds' mean last-epoch change of validation top-1 (`still_rising` when >= RISING_PP)."""
@@ -377,7 +383,9 @@ def summarize(c: Collected, papers: Optional[Dict[str, dict]] = None) -> pd.Data
         std = float(vals.std(ddof=1)) if n >= 2 else None
         key = g["paper"].iloc[0]
         key = key if isinstance(key, str) else None
-        p = paper_number(key, papers)
+        over = g["overridden"].iloc[0] if "overridden" in g else ""
+        over = over if isinstance(over, str) else ""
+        p = None if over else paper_number(key, papers)  # an overridden row is not the paper's row
         gains = g.loc[g["status"] == "done", "val_last_gain"].dropna()  # the finished seeds' last-epoch changes
         probes, tprobes = g["probe_top1"].dropna(), g["teacher_probe_top1"].dropna()
         counts = g["status"].value_counts()
@@ -385,7 +393,8 @@ def summarize(c: Collected, papers: Optional[Dict[str, dict]] = None) -> pd.Data
         recs.append({"row": row, "label": g["label"].iloc[0], "method": g["method"].iloc[0],
                      "mask_ratio": g["mask_ratio"].iloc[0], "n": n, "n_planned": len(g), "mean": mean, "std": std,
                      "seeds_top1": list(vals), "paper_key": key, "paper_value": p["value"] if p else None,
-                     "paper_text": p["text"] if p else NOT_AVAILABLE, "paper_source": p["source"] if p else None,
+                     "paper_text": p["text"] if p else overridden_text(over) if over else NOT_AVAILABLE,
+                     "paper_source": p["source"] if p else None, "overridden": over,
                      "delta": (mean - p["value"]) if (p and mean is not None and c.profile == "paper") else None,
                      "delta_text": delta_text(mean, p, c.profile), "status": status,
                      "val_last_gain_mean": float(gains.mean()) if len(gains) else None, "n_gain": len(gains),
@@ -423,7 +432,7 @@ FLOAT_COLUMNS = {"mask_ratio", "pretrain_epochs", "finetune_epochs", "top1", "to
                  "loss_pix", "loss_feat", "val_top1"}
 INT_COLUMNS = {"seed", "epoch"}
 BOOL_COLUMNS = {"still_rising"}
-TEXT_COLUMNS = {"status", "reason"}  # an empty field stays ""
+TEXT_COLUMNS = {"status", "reason", "overridden"}  # an empty field stays ""
 
 
 def _relative(obj, root: Path, shown: str):

@@ -13,6 +13,7 @@ import difflib
 import math
 import re
 import typing
+from pathlib import Path
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
@@ -221,7 +222,22 @@ class ConfigError(ValueError):
 
 
 def tables() -> List[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    """The tables on the recipe search path (recipes.search_path: $HARNESS_RECIPE_PATH / --recipe-dir, then the
+    package's)."""
+    try:
+        return recipes.tables()
+    except NotADirectoryError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _searchpath_override(table_dir) -> List[str]:
+    """hydra.searchpath for the compose of a table found in `table_dir`: the other folders of the recipe search path,
+    in order (hydra looks in the table's folder first, then in these: a user's table gets the package's profiles)."""
+    others = [d for d in recipes.search_path() if d.resolve() != Path(table_dir).resolve()]
+    if not others:
+        return []
+    quoted = ",".join("'file://" + str(d).replace("\\", "\\\\").replace("'", "\\'") + "'" for d in others)
+    return [f"hydra.searchpath=[{quoted}]"]
 
 
 def load_config(table: str, overrides: Optional[List[str]] = None, check: bool = True) -> DictConfig:
@@ -242,8 +258,9 @@ def load_config(table: str, overrides: Optional[List[str]] = None, check: bool =
                     "the recipe with hydra but runs it itself. Use its keys: results_root=<dir> (run folders, "
                     "default results), reports_dir=<dir> (reports, default reports), launcher=local|slurm|debug "
                     "and launcher.* (where stages run), -m key=a,b (sweeps)")
-        with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
-            cfg = compose(config_name=table, overrides=overrides)
+        where = recipes.table_dir(table)
+        with initialize_config_dir(config_dir=str(where), version_base="1.3"):
+            cfg = compose(config_name=table, overrides=_searchpath_override(where) + overrides)
     except (HydraException, OmegaConfBaseException, YAMLError) as e:
         msg = str(e)
         hint = _override_error(table, parsed, msg)
@@ -359,8 +376,7 @@ def _override_error(table: str, parsed, msg: str) -> Optional[str]:
     m = re.search(r"Could not find '([^'/]+)/([^']*)'", msg)
     if m:
         group, name = m.groups()
-        options = sorted(p.stem for p in (RECIPES_DIR / group).glob("*.yaml")) if (RECIPES_DIR / group).is_dir() \
-            else []
+        options = recipes.options(group)
         return (f"{group}={name}: Could not find '{group}/{name}'{did_you_mean(name, options, f'{group}=')}"
                 + (f" ({group} options: {', '.join(options)})" if options else ""))
     rows = _recipe_rows(table)
@@ -615,6 +631,28 @@ def resolve_row(cfg: DictConfig, key: str) -> Row:
                merged(cfg.kd, row.kd, KDConfig, f"{where}.kd"))
 
 
+# Overrides that do not change what a row computes, only where, how fast or how many times (issue: honest
+# overrides): a row they alone touch keeps its label, paper number and claims. Everything else that changes a row's
+# stages marks the row as overridden (harness.plan.mark_overridden). Keys below rows.<row>. count by their section.
+NEUTRAL_OVERRIDES = ("profile", "launcher", "seed", "seeds", "results_root", "reports_dir", "dry_run", "report",
+                     "run", "checkpoints", "data.root", "teacher.pretrained_ckpt", "teacher.finetuned_ckpt", "title",
+                     "gates", "probe")
+
+
+def is_neutral(key: str) -> bool:
+    """Whether an override of `key` (a dotted key or a group, e.g. launcher) is declared neutral."""
+    k = key.replace("/", ".")
+    if k.startswith("rows."):
+        k = ".".join(k.split(".")[2:])
+    return any(k == n or k.startswith(n + ".") for n in NEUTRAL_OVERRIDES)
+
+
+def neutral_overrides(overrides: List[str]) -> List[str]:
+    """The neutral ones of command-line overrides, as given (the recipe as run, less what changes a row)."""
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return [o.input_line for o in parsed if is_neutral(o.key_or_group)]
+
+
 def _check_range(where: str, sec: dict, key: str, lo=None, hi=None, lo_open=False, hi_open=False) -> None:
     v = sec.get(key)
     if v is None:
@@ -784,9 +822,9 @@ METHODS = ("mae", "dmae", "kd", CONTROL_METHOD)
 
 
 def _recipe_rows(table: str) -> set:
-    """Row keys written in recipes/<table>.yaml (empty when there is no such file)."""
-    path = RECIPES_DIR / f"{table}.yaml"
-    if not path.is_file():
+    """Row keys written in the table's recipe file (empty when there is no such file)."""
+    path = recipes.find(f"{table}.yaml")
+    if path is None or not path.is_file():
         return set()
     return set((OmegaConf.load(path).get("rows") or {}).keys())
 

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, Row, check_name, data_spec, resolve_row
+from .config import ConfigError, Row, check_name, data_spec, load_config, neutral_overrides, resolve_row
 from .spec import AnySpec, build_stage, spec_dict
 from .rundir import (MANIFEST_FILE, MODEL_FILE, STALE_DIR, FileHashes, broken_input, find_finished, git_commit,
                      link_stage_dir, lock_holder, read_result, spec_hash, stage_status, write_json)
@@ -57,6 +57,9 @@ class Cell:
     teacher: Dict[str, str]  # pretrained / finetuned: the teacher stages (or files) the row reads; probe: its probe
     info: dict
     probe: Optional[str] = None  # the kNN probe of the row's pre-trained encoder (scratch: its random init)
+    # what the command line changed in the row's stages against its recipe ("pretrain.mask_ratio=0.9"; empty: the
+    # recipe's row). An overridden row is labelled with it; its paper number and claims are not applicable.
+    overridden: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -273,6 +276,84 @@ def build_plan(cfg: DictConfig) -> Plan:
     plan = Plan(cfg.table, cfg.profile, root, {sid: b.stages[sid] for sid in order}, cells)
     plan.check_paths()
     return plan
+
+
+OVERRIDE_SHOWN = 3  # the label names this many changed settings, then "+N more"
+
+
+def mark_overridden(plan: Plan, cfg: DictConfig, overrides: Sequence[str]) -> Dict[str, List[str]]:
+    """Compare each row's stages with the recipe's (the same table composed with only the neutral overrides,
+    config.NEUTRAL_OVERRIDES): a row whose stages differ gets, in every cell, the changed settings in `overridden`
+    and its label ("DMAE, 95% masking [pretrain.mask_ratio=0.9]"). Returns {row: changed settings}. Stage ids are
+    content hashes over the whole chain, so an unchanged evaluation id is an unchanged row."""
+    neutral = neutral_overrides(list(overrides))
+    if len(neutral) == len(overrides):
+        return {}
+    base = build_plan(load_config(cfg.table, neutral, check=False))
+    recipe = {(c.row, c.seed): c for c in base.cells}
+    changed: Dict[str, List[str]] = {}
+    for c in plan.cells:
+        b = recipe.get((c.row, c.seed))
+        if c.row in changed or (b is not None and b.evaluate == c.evaluate):
+            continue
+        if b is None:
+            changed[c.row] = ["a row not in the recipe"]
+            continue
+        diff: List[str] = []
+        if c.method != b.method:
+            diff.append(f"method={c.method}")
+        for mine, theirs, prefix in ((c.pretrain, b.pretrain, ""), (c.finetune, b.finetune, ""),
+                                     (c.evaluate, b.evaluate, "")):
+            diff += _spec_diff(plan, mine, base, theirs, prefix)
+        for role in sorted(set(c.teacher) | set(b.teacher)):
+            if role != "probe":
+                diff += _spec_diff(plan, c.teacher.get(role), base, b.teacher.get(role), "teacher.")
+        changed[c.row] = list(dict.fromkeys(diff)) or ["its stages"]
+    for c in plan.cells:
+        if c.row in changed:
+            c.overridden = changed[c.row]
+            shown = changed[c.row][:OVERRIDE_SHOWN]
+            more = len(changed[c.row]) - len(shown)
+            c.label = f"{c.label} [{'; '.join(shown)}{f'; +{more} more' if more else ''}]"
+    return changed
+
+
+def _spec_diff(plan: Plan, sid: Optional[str], base: Plan, bid: Optional[str], prefix: str) -> List[str]:
+    """The settings of stage `sid` (of plan) that differ from stage `bid` (of base) as "<key>=<value>" (dotted spec
+    keys; inputs left out: the chain is compared stage by stage). A teacher's chain is followed to its pre-train."""
+    if sid == bid:
+        return []
+    if sid is None or bid is None or sid.startswith("file:") or bid.startswith("file:"):
+        return [f"{prefix}{'stage' if sid else 'no stage'}: {sid or bid}"] if (sid or bid) else []
+    a, b = plan.stages[sid].spec, base.stages[bid].spec
+    mine, theirs = _flat(spec_dict(a)), _flat(spec_dict(b))
+    out = [f"{_config_key(k, prefix)}={v}" for k, v in mine.items()
+           if k not in ("name", "kind", "seed") and not k.startswith("inputs.") and theirs.get(k, object()) != v]
+    out += [f"{_config_key(k, prefix)}=None" for k in theirs if k not in mine and not k.startswith("inputs.")]
+    if prefix == "teacher.":  # a teacher's fine-tune reads its pre-train: follow it
+        for role in set(a.inputs) & set(b.inputs):
+            out += _spec_diff(plan, a.inputs[role], base, b.inputs[role], prefix)
+    return out
+
+
+def _config_key(spec_key: str, prefix: str) -> str:
+    """A stage spec's key as the config names it: a student stage's model.* is student.*, a DMAE pre-train's
+    teacher_model.* is teacher.model.*, a teacher stage's keys are under teacher."""
+    if spec_key.startswith("teacher_model."):
+        return "teacher.model." + spec_key.removeprefix("teacher_model.")
+    if prefix != "teacher." and spec_key.startswith("model."):
+        return "student." + spec_key.removeprefix("model.")
+    return prefix + spec_key
+
+
+def _flat(d: dict, head: str = "") -> Dict[str, object]:
+    out: Dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{head}{k}."))
+        else:
+            out[f"{head}{k}"] = v
+    return out
 
 
 def _toposort(stages: Dict[str, Stage]) -> List[str]:

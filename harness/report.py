@@ -39,10 +39,12 @@ from typing import Dict, List, Optional, Tuple
 import pandas as pd
 from omegaconf import OmegaConf
 
+import recipes
+
 from .ablation import ablation_axes, row_settings
 from .artefacts import jsonable, model_costs, write_json, writer_state
 from .collect import (NOT_AVAILABLE, NOT_IMAGENET, RUN_FILE, Collected, collect, export, load_export,
-                      load_paper_numbers, row_costs, summarize, teacher_results)
+                      load_paper_numbers, overridden_text, row_costs, summarize, teacher_results)
 from .config import CONTROL_METHOD, RECIPES_DIR, GateConfig
 from .figures import make_figures
 from .gates import Gate, check_gates, not_passed
@@ -52,7 +54,7 @@ from .stats import (BELOW_BOUND, DECIDED, FAILS, HOLDS, LEVEL, MIN_OWN_DOF, NO_D
                     expected_check, gate_verdict, judge, paired, two_way_noise)
 
 PACKAGES = ("torch", "timm", "submitit", "pandas", "numpy", "scipy", "hydra-core", "matplotlib")
-EXPECTED_DIR = RECIPES_DIR / "expected"
+EXPECTED_DIR = None  # the expected/ folder beside the table's recipe (recipes.table_dir): a user's table keeps its own
 EXPECTED_COLUMNS = ["row", "mean", "std", "n", "tolerance", "commit", "note"]
 TOLERANCE_RULE = (f"|Δ| ≤ max(tolerance, {TOLERANCE_SE:g}·std/√n_ours), Δ = ours − expected, std the expected "
                   f"row's seed std (tolerance alone when it has n < 2), n_ours our finished seeds")
@@ -94,7 +96,10 @@ def shown_path(p: Path) -> str:
 
 
 def recipe_path(p: Path) -> str:
-    """A file of the recipes as the repository names it (recipes/expected/...); elsewhere, its name."""
+    """A file of the package's recipes as the repository names it (recipes/expected/...); a user's recipe file by
+    its full path; elsewhere, its name."""
+    if not recipes.is_packaged(p) and any(Path(p).resolve().is_relative_to(d) for d in recipes.user_dirs()):
+        return Path(p).resolve().as_posix()
     try:
         return "recipes/" + Path(p).resolve().relative_to(Path(RECIPES_DIR).resolve()).as_posix()
     except ValueError:
@@ -196,10 +201,24 @@ def check_claims(claims: List[dict], cells: pd.DataFrame, summary: pd.DataFrame,
             value, text = None, "— (user's claim)"
         else:
             value, text = _paper_diff([str(x) for x in cl["a"]], [str(x) for x in cl["b"]], by)
+        over = {x: by[x]["overridden"] for x in [str(x) for x in cl["a"]] + [str(x) for x in cl["b"]]
+                if x in by and by[x].get("overridden")}
+        if over:  # the command line changed a row the claim is about: the claim is not about this run
+            value, text = None, overridden_text("; ".join(f"{x}: {w}" for x, w in over.items()))
         r = judge(cl, cells, noise, paper=value)
-        r.update(paper_value=value, paper_text=text)
+        r.update(paper_value=value, paper_text=text, overridden=over)
+        if over and r["verdict"] != NOT_APPLICABLE:
+            r.update(verdict_unoverridden=r["verdict"], verdict=NOT_APPLICABLE)
         out.append(r)
     return out
+
+
+def verdict_text(r: dict) -> str:
+    """A claim's verdict as a report shows it: "not applicable (overridden: <row>: <settings>)" for a claim on a
+    row the command line changed."""
+    if r["verdict"] == NOT_APPLICABLE and r.get("overridden"):
+        return overridden_text("; ".join(f"{x}: {w}" for x, w in r["overridden"].items()))
+    return r["verdict"]
 
 
 def verdict_md(v: str) -> str:
@@ -272,7 +291,7 @@ def _sd_sentence(r: dict) -> str:
 
 def _detail(i: int, r: dict) -> str:
     """The numbered line under the claims table."""
-    bits = [f"{i}. `{r['id']}` — {r['text']}: {verdict_md(r['verdict'])}."]
+    bits = [f"{i}. `{r['id']}` — {r['text']}: {verdict_md(verdict_text(r))}."]
     if r.get("verdict_ungated"):
         bits.append(f"On its statistics alone: {r['verdict_ungated']}.")
     if r["source"] == "official-default":
@@ -283,7 +302,10 @@ def _detail(i: int, r: dict) -> str:
                     "paper number.")
     if r["note"]:
         bits.append(f"Note: {r['note'].rstrip('.')}.")
-    if r["verdict"] == NOT_APPLICABLE:
+    if r["verdict"] == NOT_APPLICABLE and r.get("overridden"):
+        bits.append("The command line changed " + ", ".join(f"`{x}` ({w})" for x, w in r["overridden"].items())
+                    + ", so this run does not test the claim as stated; its statistics are shown for what was run.")
+    elif r["verdict"] == NOT_APPLICABLE:
         bits.append(f"This run has no row {', '.join(f'`{x}`' for x in r['missing_rows'])}.")
         return " ".join(bits)
     if r["n"]:
@@ -324,7 +346,7 @@ def _claims(res: Optional[List[dict]], noise: Optional[Noise] = None,
         return ["The recipe's `claims:` section is empty."]
     rows = [[f"{r['text']} ({side(r['a'])} vs {side(r['b'])}; `{r['id']}`)",
              "official default" if r["source"] == "official-default" else r["source"], test_text(r), ours_text(r),
-             ci_text(r), r["n"], verdict_md(r["verdict"]), fmt(r["sd"]), used_text(r), needed_text(r),
+             ci_text(r), r["n"], verdict_md(verdict_text(r)), fmt(r["sd"]), used_text(r), needed_text(r),
              paper_seeds_text(r), r["paper_text"]] for r in res]
     out = ([noise_text(noise, left), ""] if noise is not None else [])
     out += [md_table(["claim (a vs b)", "source", "test", "ours: paired mean a − b (pp)", f"{LEVEL:.0%} CI", "n",
@@ -359,7 +381,10 @@ def claims_frame(res: Optional[List[dict]], c: Collected, name: str) -> pd.DataF
 
 
 # ---------------------------------------------------------------------------------------------------- expected values
-def expected_path(table: str, profile: str, expected_dir: Path = EXPECTED_DIR) -> Path:
+def expected_path(table: str, profile: str, expected_dir: Optional[Path] = EXPECTED_DIR) -> Path:
+    """<expected_dir>/<table>.<profile>.csv; by default in the expected/ folder beside the table's recipe."""
+    if expected_dir is None:
+        expected_dir = (recipes.table_dir(table) or RECIPES_DIR) / "expected"
     return Path(expected_dir) / f"{table}.{profile}.csv"
 
 
@@ -376,7 +401,7 @@ def _commit(c: Collected) -> str:
     return str(commits.mode().iloc[0]) if len(commits) else str(c.manifest.get("git_commit") or "")
 
 
-def write_expected(root: Path | Collected, expected_dir: Path = EXPECTED_DIR,
+def write_expected(root: Path | Collected, expected_dir: Optional[Path] = EXPECTED_DIR,
                    tolerance: float = TOLERANCE_FLOOR) -> Path:
     """recipes/expected/<table>.<profile>.csv from the finished seeds of results/<table>/<profile> (or of a
     Collected: a report's kept data) (rows with no finished seed are left out). The committed file is the reference
@@ -698,10 +723,11 @@ def generated_at() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- names, index
-def default_profile(table: str, recipes_dir: Path = RECIPES_DIR) -> Optional[str]:
-    """The profile named in recipes/<table>.yaml's defaults list (None without a recipe or a profile default)."""
-    path = Path(recipes_dir) / f"{table}.yaml"
-    if not path.is_file():
+def default_profile(table: str, recipes_dir: Optional[Path] = None) -> Optional[str]:
+    """The profile named in the defaults list of <table>.yaml (on the recipe search path, or in recipes_dir) (None
+    without a recipe or a profile default)."""
+    path = Path(recipes_dir) / f"{table}.yaml" if recipes_dir is not None else recipes.find(f"{table}.yaml")
+    if path is None or not path.is_file():
         return None
     for d in OmegaConf.to_container(OmegaConf.load(path)).get("defaults") or []:
         if isinstance(d, dict) and "profile" in d:
@@ -1003,7 +1029,7 @@ def _data_files(fig_dir: Path) -> List[Path]:
 
 
 def write_report(root: Path, reports_dir: str | Path, figures: bool = True,
-                 expected_dir: Path = EXPECTED_DIR, costs: bool = True) -> Path:
+                 expected_dir: Optional[Path] = EXPECTED_DIR, costs: bool = True) -> Path:
     """results/<table>/<profile> -> <reports_dir>/<name>.md (+ figures and data, in <reports_dir>/<name>/), where
     name = report_name(table, profile); then the dashboard <reports_dir>/README.md. The tree is first exported
     (harness.collect.export: cells, stages, epochs, run.json; with costs, the rows' parameters and FLOPs) and the
@@ -1016,7 +1042,7 @@ def write_report(root: Path, reports_dir: str | Path, figures: bool = True,
 
 
 def render_report(reports_dir: str | Path, name: str, figures: bool = True,
-                  expected_dir: Path = EXPECTED_DIR) -> Path:
+                  expected_dir: Optional[Path] = EXPECTED_DIR) -> Path:
     """<reports_dir>/<name>.md, its figures, rows.csv, claims.csv and summary.json from the data kept in
     <reports_dir>/<name>/ (harness.collect.load_export: run.json, cells.csv, stages.csv, epochs.csv); then the
     dashboard. No results tree is read."""
@@ -1042,7 +1068,11 @@ def render_report(reports_dir: str | Path, name: str, figures: bool = True,
     ov = overview(c, res, gates, exp_path, exp_res)
     write_json(summary_json(c, name, summary, res, gates, exp_res, ov, writer), fig_dir / "summary.json")
     data = _data_files(fig_dir)
-    warn = [f"- {w}" for w in c.warnings] or ["None."]
+    over = [f"`{r['row']}` ({r['overridden']})" for r in summary.to_dict("records") if r.get("overridden")]
+    warn = [f"- {w}" for w in c.warnings] + ([
+        f"- Rows the command line changed against the recipe ({'; '.join(over)}): each is labelled with the change; "
+        "its paper number and every claim on it read \"not applicable (overridden: …)\". Neutral overrides (seeds, "
+        "paths, launcher, run.*, provided checkpoints) do not count."] if over else []) or ["None."]
     parts = [[f"# {c.table}: {c.manifest.get('title', '')}", "", "## Summary", ""], _overview_lines(ov), [""],
              _banner(c), ["", "## Gates", ""], _gates(gates, res),
              ["", "Statuses: done · failed (reason from error.json) · partial (running or interrupted) · unreadable "
@@ -1097,7 +1127,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--write-expected", action="store_true",
                    help="also write recipes/expected/<table>.<profile>.csv from these results (then commit it)")
     p.add_argument("--expected-dir", type=Path, default=EXPECTED_DIR, help=argparse.SUPPRESS)
+    p.add_argument("--recipe-dir", action="append", default=[], metavar="DIR",
+                   help="a folder of your own recipes, searched before the package's (repeatable; also "
+                        f"${recipes.PATH_ENV}): its expected/ holds its tables' expected values")
     args = p.parse_args(argv)
+    try:
+        recipes.add_dirs(args.recipe_dir)
+    except NotADirectoryError as e:
+        p.error(str(e))
     base = Path(args.results_root) / args.table
     found = sorted(d.name for d in base.iterdir() if (d / MANIFEST_FILE).exists()) if base.is_dir() else []
     profile = args.profile

@@ -298,6 +298,42 @@ def test_wheel_install_finds_its_recipes_from_another_directory(tmp_path):
     helped = subprocess.run([venv / "bin" / "dmae-report", "--help"], cwd=elsewhere, env=clean, capture_output=True,
                             text=True, timeout=300)
     assert helped.returncode == 0 and "usage:" in helped.stdout
+    # a user's own recipe, in a folder of its own outside the package and the clone, with its own claim: run for
+    # real by the installed command (the README's how-to), reported, the claim judged as the user's
+    mine = elsewhere / "my-recipes"
+    mine.mkdir()
+    (mine / "mine.yaml").write_text(USER_RECIPE)
+    run = subprocess.run([venv / "bin" / "dmae-reproduce", "mine", "--recipe-dir", "my-recipes", "seeds=2",
+                          "launcher=debug", "probe.enabled=false", "results_root=results", "reports_dir=reports"],
+                         cwd=elsewhere, env=clean, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    text = (elsewhere / "reports" / "mine.md").read_text()
+    assert "`d90` DMAE at 90% masking" in text and "| user |" in text
+    line = next(x for x in text.splitlines() if "`d90_beats_mae`" in x and x[:1].isdigit())
+    assert "The user's own hypothesis" in line and "Paired seeds: 0, 1" in line, line
+    again = subprocess.run([venv / "bin" / "dmae-report", "mine", "--recipe-dir", "my-recipes"], cwd=elsewhere,
+                           env=clean, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and (elsewhere / "reports" / "mine.md").read_text().split("- Report generated")[0] \
+        == text.split("- Report generated")[0], again.stderr[-2000:]
+
+
+# The README's own-recipe example (section "Your own recipe"), a smoke-sized table
+USER_RECIPE = """\
+defaults:
+  - table_schema
+  - _self_
+  - launcher: local
+  - profile: smoke
+table: mine
+title: "Does 90% masking beat the MAE baseline?"
+rows:
+  mae: {label: "MAE baseline", method: mae}
+  d90: {label: "DMAE at 90% masking", method: dmae, pretrain: {mask_ratio: 0.9}}
+  scratch: {label: "from random initialisation", method: scratch}
+claims:
+  - {id: d90_beats_mae, text: "DMAE at 90% masking beats MAE", a: [d90], b: [mae], test: greater, margin: 0.0,
+     source: user, note: "my hypothesis"}
+"""
 
 
 # ---------------------------------------------------------------------------------------- 2. Slurm test cluster

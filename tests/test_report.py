@@ -111,11 +111,12 @@ def fake_tree(tmp_path: Path, top1, table: str = "table2", seeds: int = 3, val=N
                 return given("mae", seed) - 10.0
             raise
     from harness.config import load_config
-    from harness.plan import build_plan, write_manifest
+    from harness.plan import build_plan, mark_overridden, write_manifest
     from harness.rundir import write_json
-    cfg = load_config(table, ["profile=smoke", f"results_root={tmp_path / 'results'}", f"seeds={seeds}",
-                              *overrides])
+    given_overrides = ["profile=smoke", f"results_root={tmp_path / 'results'}", f"seeds={seeds}", *overrides]
+    cfg = load_config(table, given_overrides)
     plan = build_plan(cfg)
+    mark_overridden(plan, cfg, given_overrides)
     write_manifest(plan, cfg, "test", [])
     val = val or (lambda row, seed: [40.0, 44.0, 44.2])
     base = {"status": "done", "wall_s": 1.0, "device_hours": 1 / 3600, "images_per_s": 100.0, "device": "cpu",
@@ -322,9 +323,8 @@ def test_old_results_keys_are_read(tmp_path):
 
 def test_a_user_recipe_claim_is_judged_with_no_code_change(tmp_path, monkeypatch):
     """A recipe added by a user, with a group claim and a within claim: planned, made-up results, judged."""
-    import harness.config as config
-    recipes = tmp_path / "recipes"
-    shutil.copytree(config.RECIPES_DIR, recipes)
+    recipes = tmp_path / "my-recipes"  # the user's folder holds only the table: the profile comes from the package
+    recipes.mkdir()
     (recipes / "mine.yaml").write_text("""
 defaults:
   - table_schema
@@ -345,7 +345,7 @@ claims:
   - {id: ratio_does_not_matter, text: "90% within 0.3 pp of 75%", a: [d2], b: [d1], test: within, margin: 0.3,
      source: official-default}
 """)
-    monkeypatch.setattr(config, "RECIPES_DIR", recipes)
+    monkeypatch.setenv("HARNESS_RECIPE_PATH", str(recipes))
     vals = {"base": 60.0, "d1": 62.0, "d2": 61.0, "control": 50.0}
     root = fake_tree(tmp_path, lambda row, seed: vals[row] + seed + 0.01 * seed * len(row), table="mine")
     text = report(root, tmp_path)
@@ -372,6 +372,30 @@ def test_removed_row_makes_its_claims_not_applicable(tmp_path):
     # without its MAE row the profile's positive control cannot be checked: the paper claims are not testable
     assert claim_lines(text)["dmae_beats_kd"] == "not testable at this profile (gate i, ii did not pass)"
     assert "| i | MAE pre-training beats scratch" in text and "no row `mae` in this run" in text
+
+
+def test_an_overridden_row_is_labelled_and_its_paper_number_and_claims_are_not_applicable(tmp_path):
+    root = fake_tree(tmp_path, table2_top1, overrides=["rows.dmae_95.pretrain.mask_ratio=0.9", "launcher=local"])
+    text = report(root, tmp_path)
+    over = "not applicable (overridden: dmae_95: pretrain.mask_ratio=0.9)"
+    assert re.search(r"^\d+\. `mask95_within_1pp_of_75` — .*?: " + re.escape(over) + r"\..*? The command line changed "
+                     r"`dmae_95` \(pretrain.mask_ratio=0.9\), so this run does not test the claim", text, re.M)
+    assert claim_lines(text)["dmae_beats_mae"] == "holds"  # claims on untouched rows are judged as before
+    assert "DMAE, 95% masking [pretrain.mask_ratio=0.9]" in text and "`dmae_95` DMAE, 95% masking |" not in text
+    assert "not applicable (overridden: pretrain.mask_ratio=0.9)" in text  # its paper number
+    assert "Rows the command line changed against the recipe (`dmae_95` (pretrain.mask_ratio=0.9))" in text
+    rows = pd.read_csv(tmp_path / "reports" / "table2.smoke" / "rows.csv").set_index("row")
+    assert rows.at["dmae_95", "overridden"] == "pretrain.mask_ratio=0.9" and pd.isna(rows.at["dmae_75", "overridden"])
+    claims = pd.read_csv(tmp_path / "reports" / "table2.smoke" / "claims.csv").set_index("id")
+    assert claims.at["mask95_within_1pp_of_75", "verdict"] == "not applicable"
+
+
+def test_neutral_overrides_keep_the_recipe_rows(tmp_path):
+    root = fake_tree(tmp_path, table2_top1, overrides=["rows.dmae_95.pretrain.mask_ratio=0.95", "launcher=local",
+                                                       "run.threads=1", "seed=0"])
+    text = report(root, tmp_path)
+    assert "overridden" not in text and "`dmae_95` DMAE, 95% masking |" in text
+    assert claim_lines(text)["mask95_within_1pp_of_75"] != "not applicable"
 
 
 def test_expected_values_within_and_outside_tolerance(tmp_path, capsys):

@@ -56,9 +56,10 @@ def prepare(table: str, overrides: Sequence[str]) -> Tuple["DictConfig", "Plan"]
     """Compose, plan and check every input: what a real run and --dry-run both do before anything else."""
     # local: hydra; --help stays standard-library only
     from ..config import load_config
-    from ..plan import build_plan
+    from ..plan import build_plan, mark_overridden
     cfg = load_config(table, list(overrides))
     plan = build_plan(cfg)
+    mark_overridden(plan, cfg, list(overrides))  # a row the command line changed: labelled, not set against the paper
     check_inputs(plan, cfg)
     return cfg, plan
 
@@ -222,11 +223,19 @@ def show_config(jobs: List[_Job]) -> int:
     return 0
 
 
+def _table_names() -> str:
+    try:
+        return ", ".join(recipes.tables())
+    except NotADirectoryError as e:  # --help still answers
+        return f"the package's tables ({e})"
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     prog = "dmae-reproduce" if Path(sys.argv[0]).name == "dmae-reproduce" else "python -m harness.reproduce"
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("table", nargs="?", default=DEFAULT_TABLE, help=f"one of: {', '.join(recipes.tables())}, or all")
+    p.add_argument("table", nargs="?", default=DEFAULT_TABLE,
+                   help=f"one of: {_table_names()}, or all, or a recipe file")
     p.add_argument("overrides", nargs="*", help="hydra overrides, e.g. profile=smoke seeds=3 launcher=slurm")
     p.add_argument("--dry-run", action="store_true",
                    help="check every input, print the plan and estimated cost; run nothing")
@@ -240,6 +249,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="training steps per rehearsed stage (at least two optimizer updates; default 4)")
     p.add_argument("--rehearse-batch", type=int, default=0, metavar="B",
                    help="per-device batch of the rehearsal (default: the profile's; e.g. 2 on a CPU)")
+    p.add_argument("--recipe-dir", action="append", default=[], metavar="DIR",
+                   help="a folder of your own recipes (<table>.yaml, optionally profile/ launcher/ expected/), "
+                        f"searched before the package's; repeatable; also ${recipes.PATH_ENV} (':'-separated). "
+                        "A table given as a path (my/recipes/x.yaml) adds its folder")
     p.add_argument("-c", "--cfg", metavar="job",
                    help="`job`: print the composed, validated and resolved config as YAML and exit (hydra's flag); "
                         "nothing is planned, checked or submitted")
@@ -249,12 +262,25 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if "=" in args.table or args.table[:1] in "+~":  # `-m key=a,b` without a table: the default table
         args.overrides.insert(0, args.table)
         args.table = DEFAULT_TABLE
+    if args.table.endswith((".yaml", ".yml")):  # a recipe file: its folder goes on the search path, its stem the table
+        recipe = Path(args.table).expanduser()
+        if not recipe.is_file():
+            p.error(f"{args.table}: no such recipe file")
+        if recipe.suffix != ".yaml":
+            p.error(f"{args.table}: a recipe file is <table>.yaml (hydra reads .yaml)")
+        args.recipe_dir.append(str(recipe.resolve().parent))
+        args.table = recipe.stem
     return args
 
 
 def main(argv: List[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    try:
+        recipes.add_dirs(args.recipe_dir)  # the jobs this command starts inherit it
+    except NotADirectoryError as e:
+        print(f"error: --recipe-dir: {e}\nNothing was submitted.", file=sys.stderr)
+        return 2
     # SIGTERM (kill, a scheduler ending the driver) unwinds like Ctrl-C, so local jobs are cancelled with it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from ..config import ConfigError, tables  # local: hydra; --help stays standard-library only
