@@ -503,6 +503,10 @@ def _gates(gates: Optional[List[Gate]], res: Optional[List[dict]]) -> List[str]:
             "A gate whose rows or probes are missing is not checked, and counts as not passed."]
 
 
+# paper profile: the provided fine-tuned teacher's measured top-1 is set beside what its release reports
+OFFICIAL_TEACHER = "context_not_paper/MAE official fine-tuned ViT-L (candidate fine-tuned teacher; unverified)"
+
+
 def _teacher(c: Collected) -> List[str]:
     res = teacher_results(c)
     st = c.stages
@@ -510,9 +514,15 @@ def _teacher(c: Collected) -> List[str]:
         return ["Teacher: no teacher stages in this plan (provided checkpoints)."]
     out = []
     ev = [r for r in res if r["role"] == "teacher-evaluate"]
+    official = load_paper_numbers().get(OFFICIAL_TEACHER) if c.profile == "paper" else None
     for r in ev:
+        beside = ""
+        if official and official["value"] is not None and "provided" in r["stage_id"] and r["status"] == "done":
+            beside = (f"; the official MAE fine-tuned ViT-L release reports {official['value']:.2f} "
+                      f"({official['source']}; context, not a paper number): ours − official "
+                      f"{r['top1'] - official['value']:+.2f}")
         out.append(f"Teacher (fine-tuned) test top-1: **{fmt(r['top1'])}** (top-5 {fmt(r['top5'])}, "
-                   f"{fmt(r['n_eval'], 0)} test images; stage `{r['stage_id']}`)" if r["status"] == "done" else
+                   f"{fmt(r['n_eval'], 0)} test images; stage `{r['stage_id']}`{beside})" if r["status"] == "done" else
                    f"Teacher (fine-tuned) test top-1: not available — stage `{r['stage_id']}` is {r['status']}"
                    + (f": {str(r['reason'])[:160]}" if r["reason"] else ""))
     if not ev:

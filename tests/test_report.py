@@ -303,6 +303,18 @@ def test_teacher_test_top1_is_shown(tmp_path):
     assert "Teacher fine-tune validation top-1: last epoch 80.10, best 80.10" in results
 
 
+def test_a_provided_teacher_is_set_beside_its_official_release():
+    from types import SimpleNamespace
+
+    from harness.report import _teacher
+    st = pd.DataFrame([{"stage_id": "teacher-evaluate-provided-vit_large-p16-0123456789", "role": "teacher-evaluate",
+                        "status": "done", "reason": "", "top1": 85.5, "top5": 97.5, "n_eval": 50000,
+                        "best_val_top1": None, "last_val_top1": None, "val_last_gain": None}])
+    line = _teacher(SimpleNamespace(profile="paper", stages=st))[0]
+    assert "**85.50**" in line and "reports 85.95" in line and "ours − official -0.45" in line, line
+    assert "official" not in _teacher(SimpleNamespace(profile="smoke", stages=st))[0]
+
+
 def test_old_results_keys_are_read(tmp_path):
     """Results written before the validation split: fine-tune logs `top1`, result best_top1 / last_top1."""
     root = fake_tree(tmp_path, table2_top1)
