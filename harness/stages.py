@@ -333,8 +333,10 @@ def main(argv=None) -> None:
                 "holds the spec); `python -m harness.reproduce <table> --dry-run` lists the stage ids")
     cfg = json.loads((run_dir / CONFIG_FILE).read_text())
     _requeue_on_usr2()
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:  # srun of a multi-task sbatch job
-        export_rank_env()  # from Slurm's variables, as a submitit job's (harness.ranks)
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and os.environ.get("SLURM_PROCID") is not None:
+        # srun of a multi-task sbatch job: the ranks from Slurm's variables, as a submitit job's (harness.ranks); a
+        # RANK / MASTER_ADDR inherited from elsewhere that disagrees is refused by name, not joined (it would hang)
+        export_rank_env()
     try:
         print(json.dumps(run_stage(cfg["spec"], run_dir, cfg["inputs"], cfg["runtime"], cfg["stage_id"]), indent=2))
     finally:  # every rank stopped together (train.fit), so no collective is in flight

@@ -52,3 +52,15 @@ def slurm_cluster():
         os.environ.pop("SLURM_CONF", None)
     else:
         os.environ["SLURM_CONF"] = before
+
+
+@pytest.fixture(autouse=True)
+def _no_slurm_job_outlives_its_test(request):
+    """After a test on the local Slurm: cancel any job it left queued or running (a failed test's job, e.g. a hung
+    rendez-vous, would otherwise hold the one node's CPUs until its time limit and stall every later Slurm test)."""
+    yield
+    if "slurm_cluster" not in request.fixturenames or shutil.which("squeue") is None:
+        return
+    left = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=60).stdout.split()
+    if left:
+        subprocess.run(["scancel", *left], capture_output=True, timeout=60)

@@ -84,6 +84,9 @@ def test_stages_main_exports_the_ranks_of_a_multi_task_srun(monkeypatch, tmp_pat
     for k in list(os.environ):
         if k.startswith(("SLURM_", "SUBMITIT_")) or k in KEYS:
             monkeypatch.delenv(k)
+    for k in KEYS:  # set, then deleted: monkeypatch removes what the test exports (it leaked into later sbatch jobs)
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
     for k, v in SLURM_TASK.items():
         monkeypatch.setenv(k, v)
     (tmp_path / "config.json").write_text(json.dumps({"spec": {}, "inputs": {}, "runtime": {}, "stage_id": "x"}))
@@ -120,14 +123,17 @@ def test_two_task_sbatch_stage_runs_as_two_rank_ddp(slurm_cluster, tmp_path):
     job = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=True,
                          timeout=60).stdout.strip().split(";")[0]
     result = plan.dir(stage.id) / "result.json"
-    deadline = time.time() + 600
-    while not result.exists():
-        state = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "State"], capture_output=True,
-                               text=True).stdout.split()
-        logs = "\n".join(p.read_text()[-3000:] for p in sorted((plan.root / "sbatch" / "logs").glob(f"{job}.*")))
-        assert not (state and state[0] in ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")), logs
-        assert time.time() < deadline, f"job {job} did not finish: {state}\n{logs}"
-        time.sleep(2)
+    deadline = time.time() + 300  # ~20 s when it works
+    try:
+        while not result.exists():
+            state = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "State"], capture_output=True,
+                                   text=True).stdout.split()
+            logs = "\n".join(p.read_text()[-3000:] for p in sorted((plan.root / "sbatch" / "logs").glob(f"{job}.*")))
+            assert not (state and state[0] in ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")), logs
+            assert time.time() < deadline, f"job {job} did not finish: {state}\n{logs}"
+            time.sleep(2)
+    finally:  # a job left hanging would hold the test cluster's CPUs and stall every later Slurm test
+        subprocess.run(["scancel", job], capture_output=True, timeout=60)
     res = json.loads(result.read_text())
     assert res["world_size"] == 2 and res["status"] == "done" and res["steps"] > 0
     # both ranks printed the result: each ran the stage to its end

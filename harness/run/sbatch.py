@@ -73,6 +73,10 @@ def write_sbatch(plan: Plan, cfg: DictConfig) -> Path:
         script.write_text("\n".join(["#!/usr/bin/env bash", *_directives(cfg, sid, logs), *setup,
                                      "set -euo pipefail",
                                      f"cd {shlex.quote(str(Path.cwd()))}",
+                                     # sbatch exports the submitting shell's environment: a rank of another job
+                                     # there (torchrun, a test) would make every task here think it is that rank
+                                     "unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE MASTER_ADDR"
+                                     "  # each task's ranks come from Slurm (harness.ranks)",
                                      # --cpus-per-task again: srun of Slurm 22.05 to 23.02 does not inherit it
                                      f"srun --cpus-per-task={int(cfg.launcher.cpus_per_task)} {python} -m "
                                      f"harness.stages {shlex.quote(str(run_dir))}", ""]))
