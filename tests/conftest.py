@@ -64,3 +64,22 @@ def _no_slurm_job_outlives_its_test(request):
     left = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=60).stdout.split()
     if left:
         subprocess.run(["scancel", *left], capture_output=True, timeout=60)
+
+
+RANK_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_rank_variables_leak():
+    """A test that leaves torch.distributed's env:// variables in this process makes every later in-process run
+    join a rendez-vous that never comes (it hung CI): put them back and fail the test that did it."""
+    before = {k: os.environ.get(k) for k in RANK_KEYS}
+    yield
+    after = {k: os.environ.get(k) for k in RANK_KEYS}
+    if after != before:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        pytest.fail(f"the test left rank variables in os.environ: {after} (was {before}); use monkeypatch")
