@@ -441,7 +441,7 @@ def test_real_slurm_timeout_requeues_and_resumes_identically(slurm_cluster, tmp_
     from harness.plan import build_plan
     from harness.stages import run_stage
     args = ["profile=smoke", "launcher=slurm", "launcher.partition=debug", "launcher.mem_gb=3", "launcher.poll_s=1",
-            "launcher.timeout_min=20", "launcher.max_requeues=6", "pretrain.epochs=400", "run.keep_checkpoints=true",
+            "launcher.timeout_min=20", "launcher.max_requeues=6", "pretrain.epochs=60", "run.keep_checkpoints=true",
             f"results_root={tmp_path / 'slurm'}"]
     cfg = load_config("table2", args)
     plan = build_plan(cfg)

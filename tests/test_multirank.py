@@ -1,10 +1,11 @@
-"""Several ranks on CPU (gloo, torch.multiprocessing): each rank resumes its own random streams and a two-rank resume
-is bit-identical to an uninterrupted two-rank run; a checkpoint of two ranks is refused on one; a NaN or an exception
-on one rank stops (or, with run.nan_restarts, restarts) every rank at the same step within seconds, naming that rank.
+"""Several ranks on CPU (gloo, torch.multiprocessing), 2 and 4 of them: each rank resumes its own random streams and a
+multi-rank resume is bit-identical to an uninterrupted run of as many ranks; a checkpoint of several ranks is refused
+on one; a NaN or an exception on rank 1 only stops (or, with run.nan_restarts, restarts) every rank at the same step
+within seconds, naming rank 1.
 
-The two-rank scenarios run in one pair of spawned processes (one start-up of torch for all of them), in order, each in
-its own run directory; every rank writes what it saw (its random streams and losses per step, the error it raised
-and when) to rank<r>.json, which the tests read. Faults are injected as tests/test_resume.py and
+The scenarios run in one group of spawned processes per world size (one start-up of torch for all of them), in order,
+each in its own run directory; every rank writes what it saw (its random streams and losses per step, the error it
+raised and when) to rank<r>.json, which the tests read. Faults are injected as tests/test_resume.py and
 tests/test_faults_nan.py inject them: a save_last that raises after writing, a NaN loss, here on one rank only.
 """
 import hashlib
@@ -33,19 +34,24 @@ from harness.rundir import ATTEMPT_FIELDS
 from harness.stages import run_stage
 from harness.train import Runtime, own_rng_state, rng_state, seed_all, set_rng_state, setup_runtime
 
-WORLD = 2
+WORLDS = (2, 4)
 GLOO_TIMEOUT_S = 60  # a rank left waiting in a collective fails after this instead of blocking the test run
 STOP_BOUND_S = 15  # "within seconds": from the fault to every rank's exception, far below GLOO_TIMEOUT_S
-DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=64,
+EPOCHS, IMAGES, BATCH = 3, 64, 8
+DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=IMAGES,
             test_subset=32, eval_crop_pct=1.0)
 RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)
-EPOCHS, STEPS = 3, 4  # 64 images / 2 ranks / batch 8 = 4 steps per epoch and rank
-FAULT_CALL = STEPS + 1  # the injected faults hit epoch 1, step 1 (0-based), after the checkpoint of epoch 1
+def steps(world: int) -> int:
+    return IMAGES // world // BATCH  # 64 images / 2 ranks / batch 8 = 4 steps per epoch and rank (4 ranks: 2)
+
+
+def fault_call(world: int) -> int:
+    return steps(world) + 1  # the injected faults hit epoch 1, step 1 (0-based), after the checkpoint of epoch 1
 TIMING = ATTEMPT_FIELDS  # the fields in which an interrupted run may differ from a clean one
 
 
 def spec():
-    pt = dict(epochs=EPOCHS, warmup_epochs=1, batch_size=8, accum_iter=1, blr=1.5e-3, min_lr=0.0, weight_decay=0.05,
+    pt = dict(epochs=EPOCHS, warmup_epochs=1, batch_size=BATCH, accum_iter=1, blr=1.5e-3, min_lr=0.0, weight_decay=0.05,
               betas=[0.9, 0.95], clip_grad=None, mask_ratio=0.75, visible_rounding="paper", norm_pix_loss=False)
     return dict(kind="pretrain", name="pt", seed=5, data=DATA, model=dict(preset="vit_w32d2_dec32d1", patch_size=4),
                 objective="mae", pretrain=pt)
@@ -128,7 +134,7 @@ def _worker(rank: int, world: int, ports, root: str) -> None:
     # started here, not by the harness, for its short timeout: setup_runtime() uses the group it finds
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=GLOO_TIMEOUT_S))
     reset = _install_probes()
-    one = lambda r: {} if rank != 1 else {r: FAULT_CALL}  # noqa: E731  (a fault on rank 1 only)
+    one = lambda r: {} if rank != 1 else {r: fault_call(world)}  # noqa: E731  (a fault on rank 1 only)
     out = {"ref": _scenario(reset, root, "ref", "ref")}
     out["interrupted"] = _scenario(reset, root, "interrupted", "run",
                                    **({"die_after_epoch": 1} if rank == 0 else {}))
@@ -159,18 +165,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    root = tmp_path_factory.mktemp("multirank")
-    ctx = mp.start_processes(_worker, args=(WORLD, (_free_port(), _free_port()), str(root)), nprocs=WORLD,
+@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"{w}-ranks")
+def ranks(request, tmp_path_factory):
+    """(results folder, world size, what each rank saw): every scenario run once by `world` spawned ranks."""
+    world = request.param
+    root = tmp_path_factory.mktemp(f"multirank{world}")
+    ctx = mp.start_processes(_worker, args=(world, (_free_port(), _free_port()), str(root)), nprocs=world,
                              join=False, start_method="spawn")
     deadline = time.time() + 900
     while not ctx.join(timeout=5):
         if time.time() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("the two ranks did not finish in 900 s")
-    return root, [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)]
+            pytest.fail(f"the {world} ranks did not finish in 900 s")
+    return root, world, [json.loads((root / f"rank{r}.json").read_text()) for r in range(world)]
 
 
 def log_rows(run_dir):
@@ -193,58 +201,59 @@ STREAMS = ("torch", "numpy", "python")
 
 
 @pytest.mark.slow
-def test_each_rank_resumes_its_own_random_streams(two_ranks):
-    _, ranks = two_ranks
-    for r, out in enumerate(ranks):
+def test_each_rank_resumes_its_own_random_streams(ranks):
+    _, world, seen = ranks
+    n = steps(world)
+    for r, out in enumerate(seen):
         ref, first, resumed = out["ref"]["calls"], out["interrupted"]["calls"], out["resumed"]["calls"]
-        assert (len(ref), len(first), len(resumed)) == (EPOCHS * STEPS, STEPS, (EPOCHS - 1) * STEPS)
+        assert (len(ref), len(first), len(resumed)) == (EPOCHS * n, n, (EPOCHS - 1) * n)
         strip = lambda calls: [{k: c[k] for k in STREAMS} for c in calls]  # noqa: E731
-        assert strip(first) == strip(ref[:STEPS]), f"rank {r} before the interruption"
-        assert strip(resumed) == strip(ref[STEPS:]), f"rank {r} resumed other streams than it had"
+        assert strip(first) == strip(ref[:n]), f"rank {r} before the interruption"
+        assert strip(resumed) == strip(ref[n:]), f"rank {r} resumed other streams than it had"
     # after the resume the ranks draw different masks (and would draw different augmentation, Mixup): every stream
-    # differs between the ranks at every step
-    for a, b in zip(ranks[0]["resumed"]["calls"], ranks[1]["resumed"]["calls"]):
+    # differs between every two ranks at every step
+    for step in zip(*(out["resumed"]["calls"] for out in seen)):
         for k in STREAMS:
-            assert a[k] != b[k], f"{k} stream shared by both ranks after the resume"
+            assert len({c[k] for c in step}) == world, f"{k} stream shared by two ranks after the resume"
 
 
 @pytest.mark.slow
-def test_two_rank_resume_is_bit_identical_and_the_interruption_names_its_rank(two_ranks):
-    root, ranks = two_ranks
-    for out in ranks:  # rank 0 raised after writing checkpoint-last; rank 1 stopped with it instead of waiting
-        assert out["interrupted"]["error"] == ("RankFailed: rank 0 of 2 failed after epoch 1 (writing its log line "
-                                               "and checkpoint) in pt: Interrupted: killed after epoch 1")
+def test_multi_rank_resume_is_bit_identical_and_the_interruption_names_its_rank(ranks):
+    root, world, seen = ranks
+    for out in seen:  # rank 0 raised after writing checkpoint-last; the others stopped with it instead of waiting
+        assert out["interrupted"]["error"] == (f"RankFailed: rank 0 of {world} failed after epoch 1 (writing its log "
+                                               "line and checkpoint) in pt: Interrupted: killed after epoch 1")
         assert out["resumed"]["ok"] and out["resumed"]["resumed_from_epoch"] == 1
     assert not (root / "run" / "error.json").exists()  # removed by the successful resume
     assert_same_weights(root / "ref", root / "run")
     assert log_rows(root / "run") == log_rows(root / "ref")
     res, ref = (json.loads((root / d / "result.json").read_text()) for d in ("run", "ref"))
     assert {k: v for k, v in res.items() if k not in TIMING} == {k: v for k, v in ref.items() if k not in TIMING}
-    assert res["world_size"] == 2
+    assert res["world_size"] == world
 
 
 @pytest.mark.slow
-def test_logged_loss_is_the_mean_over_ranks(two_ranks):
-    root, ranks = two_ranks
-    rows = log_rows(root / "ref")
-    for e, row in enumerate(rows):
-        per_rank = [sum(c["loss"] for c in out["ref"]["calls"][e * STEPS:(e + 1) * STEPS]) / STEPS for out in ranks]
+def test_logged_loss_is_the_mean_over_ranks(ranks):
+    root, world, seen = ranks
+    n = steps(world)
+    for e, row in enumerate(log_rows(root / "ref")):
+        per_rank = [sum(c["loss"] for c in out["ref"]["calls"][e * n:(e + 1) * n]) / n for out in seen]
         assert per_rank[0] != per_rank[1]  # so rank 0's mean alone would not pass
-        assert row["loss"] == pytest.approx(sum(per_rank) / WORLD, rel=1e-12, abs=0)
+        assert row["loss"] == pytest.approx(sum(per_rank) / world, rel=1e-12, abs=0)
 
 
 @pytest.mark.slow
-def test_checkpoint_of_two_ranks_is_refused_on_one(two_ranks, tmp_path, monkeypatch):
-    root, _ = two_ranks
+def test_checkpoint_of_several_ranks_is_refused_on_one(ranks, tmp_path, monkeypatch):
+    root, world, _ = ranks
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     d = tmp_path / "at-epoch-1"
     shutil.copytree(root / "at-epoch-1", d)
     state = safe_load(d / LAST)
-    assert state["world_size"] == 2 and isinstance(state["rng"], list) and len(state["rng"]) == 2
+    assert state["world_size"] == world and isinstance(state["rng"], list) and len(state["rng"]) == world
     before = (d / LAST).read_bytes()
-    with pytest.raises(CheckpointError, match=r"written by a run on world size 2 .* this run has world size 1: "
-                                              r"refusing to resume"):
+    with pytest.raises(CheckpointError, match=rf"written by a run on world size {world} .* this run has world size "
+                                              r"1: refusing to resume"):
         run_stage(spec(), d, {}, RUNTIME, "pt")
     assert (d / LAST).read_bytes() == before
     assert error_of(d).startswith("CheckpointError: ")
@@ -252,32 +261,33 @@ def test_checkpoint_of_two_ranks_is_refused_on_one(two_ranks, tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_nan_on_one_rank_stops_every_rank_at_once_naming_it(two_ranks):
-    root, ranks = two_ranks
-    t_fault = ranks[1]["nan"]["t_fault"]
-    assert t_fault is not None and ranks[0]["nan"]["t_fault"] is None  # injected on rank 1 only
-    msg = "NonFiniteLoss: non-finite loss nan at epoch 1 step 1 (0-based; loss_pix=nan) in pt, on rank 1 of 2"
-    for r, out in enumerate(ranks):
+def test_nan_on_one_rank_stops_every_rank_at_once_naming_it(ranks):
+    root, world, seen = ranks
+    t_fault = seen[1]["nan"]["t_fault"]
+    assert t_fault is not None and all(out["nan"]["t_fault"] is None for r, out in enumerate(seen) if r != 1)
+    msg = f"NonFiniteLoss: non-finite loss nan at epoch 1 step 1 (0-based; loss_pix=nan) in pt, on rank 1 of {world}"
+    for r, out in enumerate(seen):
         assert out["nan"]["error"] == msg, f"rank {r}"
         assert out["nan"]["t_end"] - t_fault < STOP_BOUND_S, f"rank {r} hung until a collective timed out"
-        assert len(out["nan"]["calls"]) == FAULT_CALL + 1  # both stopped at the faulty step
+        assert len(out["nan"]["calls"]) == fault_call(world) + 1  # every rank stopped at the faulty step
     assert error_of(root / "nan") == msg
     assert safe_load(root / "nan" / LAST)["epoch"] == 1  # the last good checkpoint is kept
     assert not (root / "nan" / "model.pth").exists()
 
 
 @pytest.mark.slow
-def test_exception_on_one_rank_stops_every_rank_at_once_naming_it(two_ranks):
-    root, ranks = two_ranks
-    t_fault = ranks[1]["raise"]["t_fault"]
-    assert t_fault is not None and ranks[0]["raise"]["t_fault"] is None
-    msg = ("RankFailed: rank 1 of 2 failed at epoch 1 step 1 (0-based) in pt: "
+def test_exception_on_one_rank_stops_every_rank_at_once_naming_it(ranks):
+    root, world, seen = ranks
+    t_fault = seen[1]["raise"]["t_fault"]
+    assert t_fault is not None and all(out["raise"]["t_fault"] is None for r, out in enumerate(seen) if r != 1)
+    msg = (f"RankFailed: rank 1 of {world} failed at epoch 1 step 1 (0-based) in pt: "
            "RuntimeError: injected data fault on rank 1")
-    for r, out in enumerate(ranks):
+    for r, out in enumerate(seen):
         assert out["raise"]["error"] == msg, f"rank {r}"
         assert out["raise"]["t_end"] - t_fault < STOP_BOUND_S, f"rank {r} hung until a collective timed out"
-    # rank 1 failed fetching the batch of step 1, rank 0 had run its forward pass: neither ran a backward pass
-    assert [len(out["raise"]["calls"]) for out in ranks] == [FAULT_CALL + 1, FAULT_CALL]
+    # rank 1 failed fetching the batch of step 1, the others had run its forward pass: none ran a backward pass
+    calls = [len(out["raise"]["calls"]) for out in seen]
+    assert calls[1] == fault_call(world) and all(c == fault_call(world) + 1 for r, c in enumerate(calls) if r != 1)
     assert error_of(root / "raise") == msg
     tb = json.loads((root / "raise" / "error.json").read_text())["traceback"]
     assert "traceback on rank 1:" in tb and "injected data fault on rank 1" in tb  # rank 1's, in rank 0's file
@@ -285,9 +295,9 @@ def test_exception_on_one_rank_stops_every_rank_at_once_naming_it(two_ranks):
 
 
 @pytest.mark.slow
-def test_nan_restart_restarts_every_rank_together(two_ranks):
-    root, ranks = two_ranks
-    for out in ranks:
+def test_nan_restart_restarts_every_rank_together(ranks):
+    root, _, seen = ranks
+    for out in seen:
         assert out["nan_restart"]["ok"] and out["nan_restart"]["resumed_from_epoch"] == 1
     # each rank restarted from the checkpoint with its own streams: the result is the uninterrupted run's
     assert_same_weights(root / "ref", root / "nan-restart")
@@ -295,10 +305,10 @@ def test_nan_restart_restarts_every_rank_together(two_ranks):
 
 
 @pytest.mark.slow
-def test_process_group_started_by_the_harness_is_closed_by_it(two_ranks):
-    _, ranks = two_ranks
-    for out in ranks:
-        assert out["close"] == {"owned": True, "sum": 2.0, "initialized_after": False}
+def test_process_group_started_by_the_harness_is_closed_by_it(ranks):
+    _, world, seen = ranks
+    for out in seen:
+        assert out["close"] == {"owned": True, "sum": float(world), "initialized_after": False}
 
 
 # ---- one process ------------------------------------------------------------------------------------------------

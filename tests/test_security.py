@@ -11,7 +11,6 @@
 """
 import ast
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -200,13 +199,13 @@ def test_names_that_would_escape_the_results_root_are_refused(tmp_path, capsys, 
 def test_profile_name_from_a_recipe_is_checked(tmp_path, monkeypatch):
     """`profile` is a config group; its string is set by the profile's yaml. A recipe (not the command line) is where
     a bad one could come from: a copy of the recipes with a profile that names '../../x'."""
-    import harness.config as config
-    recipes = tmp_path / "recipes"
-    shutil.copytree(config.RECIPES_DIR, recipes)
-    text = (recipes / "profile" / "smoke.yaml").read_text().replace("profile: smoke", "profile: ../../x")
+    import recipes as package
+    recipes = tmp_path / "recipes"  # a user's folder on the recipe search path, with a profile of its own
+    (recipes / "profile").mkdir(parents=True)
+    text = package.path("profile", "smoke.yaml").read_text().replace("profile: smoke", "profile: ../../x")
     assert "profile: ../../x" in text
     (recipes / "profile" / "evil.yaml").write_text(text)
-    monkeypatch.setattr(config, "RECIPES_DIR", recipes)
+    monkeypatch.setenv(package.PATH_ENV, str(recipes))
     with pytest.raises(ConfigError, match=r"profile='../../x': must be a plain name"):
         load_config("table2", ["profile=evil", f"results_root={tmp_path / 'results'}"])
     # a profile group that is not a file of recipes/profile/ is refused by hydra itself

@@ -77,6 +77,36 @@ def test_interrupted_stage_requeues_and_resumes_identically(slurm_cluster, tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_usr2_to_a_two_rank_job_with_data_workers_requeues_it_exactly_once(slurm_cluster, tmp_path):
+    """Preemption of a multi-rank job: USR2 reaches both tasks (and, through them, their DataLoader workers, which
+    ignore it): task 0 requeues the job once, every rank resumes from checkpoint-last and the stage ends done, with
+    no error file. A worker that inherited the requeue handler would requeue the job again (or fail it)."""
+    args = ["profile=smoke", *SLURM, "launcher.tasks_per_node=2", "launcher.cpus_per_task=1", "launcher.mem_gb=6",
+            "run.num_workers=1", "pretrain.epochs=30", f"results_root={tmp_path / 'slurm'}"]
+    cfg = load_config("table2", args)
+    plan = build_plan(cfg)
+    stage = next(s for s in plan.stages.values() if s.role == "student-pretrain" and not s.inputs)
+    run_dir = plan.dir(stage.id)
+    job = slurm_executor(plan, cfg).submit(_job(plan, stage, cfg, distributed=True))
+    log = run_dir / "log.jsonl"
+    deadline = time.time() + 300
+    try:
+        while not (log.exists() and log.read_text().count("\n") >= 2):
+            assert time.time() < deadline and not job.done(), "the stage never wrote two epochs"
+            time.sleep(0.1)
+        job._interrupt()  # submitit's preemption / timeout signal: USR2 to the job's tasks
+        result = job.result()
+    finally:
+        subprocess.run(["scancel", str(job.job_id)], capture_output=True, timeout=60)
+    assert result["world_size"] == 2 and result["status"] == "done", result
+    assert 1 <= result["resumed_from_epoch"] < 30, result
+    epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
+    assert sorted(set(epochs)) == list(range(1, 31))
+    assert not (run_dir / "error.json").exists()
+    logs = "".join(p.read_text() for p in Path(job.paths.folder).glob(f"{job.job_id}_*.out"))
+    assert logs.count("[launch] requeued Slurm job") == 1, logs[-4000:]
+
+
 SCRIPT = ROOT / "harness" / "slurm_local.sh"
 ETC_FILES = [Path("/etc/slurm/slurm.conf"), Path("/etc/slurm/slurmdbd.conf"), Path("/etc/hosts"),
              Path("/etc/munge/munge.key")]
