@@ -186,11 +186,34 @@ def log_rows(run_dir):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
-def assert_same_weights(a, b):
+# Two ranks: a resumed run is bit-identical to an uninterrupted one. More ranks: equal to float32 round-off. DDP
+# rebuilds its gradient buckets after a process's first step (in the order the gradients became ready), so the first
+# step after a resume all-reduces with the initial layout where the uninterrupted run used the rebuilt one; a ring
+# all-reduce sums an element in an order set by the chunk it falls in, and a + b == b + a only for two ranks.
+# Measured at 4 ranks: max |w_resumed - w_uninterrupted| = 4.0e-6 (weights up to 1.0); the resumed runs (interrupted,
+# NaN-restarted) are bit-identical to each other, and every rank's random streams match exactly.
+ROUND_OFF = dict(rel=1e-5, abs=1e-5)
+
+
+def assert_same_weights(a, b, world=2):
     sa, sb = state_dict_of(safe_load(a / "model.pth")), state_dict_of(safe_load(b / "model.pth"))
     assert sa.keys() == sb.keys()
     for k in sa:
-        assert torch.equal(sa[k], sb[k]), f"{k} differs"
+        if world == 2:
+            assert torch.equal(sa[k], sb[k]), f"{k} differs"
+        else:
+            assert torch.allclose(sa[k], sb[k], rtol=ROUND_OFF["rel"], atol=ROUND_OFF["abs"]), f"{k} differs"
+
+
+def assert_same_log(a, b, world=2):
+    ra, rb = log_rows(a), log_rows(b)
+    if world == 2:
+        assert ra == rb
+        return
+    assert [r.keys() for r in ra] == [r.keys() for r in rb]
+    for x, y in zip(ra, rb):
+        for k in x:
+            assert x[k] == (pytest.approx(y[k], **ROUND_OFF) if isinstance(y[k], float) else y[k]), k
 
 
 def error_of(run_dir) -> str:
@@ -225,10 +248,16 @@ def test_multi_rank_resume_is_bit_identical_and_the_interruption_names_its_rank(
                                                "line and checkpoint) in pt: Interrupted: killed after epoch 1")
         assert out["resumed"]["ok"] and out["resumed"]["resumed_from_epoch"] == 1
     assert not (root / "run" / "error.json").exists()  # removed by the successful resume
-    assert_same_weights(root / "ref", root / "run")
-    assert log_rows(root / "run") == log_rows(root / "ref")
+    assert_same_weights(root / "ref", root / "run", world)
+    assert_same_log(root / "run", root / "ref", world)
     res, ref = (json.loads((root / d / "result.json").read_text()) for d in ("run", "ref"))
-    assert {k: v for k, v in res.items() if k not in TIMING} == {k: v for k, v in ref.items() if k not in TIMING}
+    numeric = ("final_loss", "final_loss_pix", "model_sha256")
+    strip = lambda r: {k: v for k, v in r.items() if k not in TIMING + numeric}  # noqa: E731
+    assert strip(res) == strip(ref) and res["final_loss"] == pytest.approx(ref["final_loss"], **ROUND_OFF)
+    if world == 2:
+        assert [res[k] for k in numeric] == [ref[k] for k in numeric]
+    else:  # the resumed runs took the same path: bit-identical to each other
+        assert_same_weights(root / "run", root / "nan-restart")
     assert res["world_size"] == world
 
 
@@ -296,12 +325,12 @@ def test_exception_on_one_rank_stops_every_rank_at_once_naming_it(ranks):
 
 @pytest.mark.slow
 def test_nan_restart_restarts_every_rank_together(ranks):
-    root, _, seen = ranks
+    root, world, seen = ranks
     for out in seen:
         assert out["nan_restart"]["ok"] and out["nan_restart"]["resumed_from_epoch"] == 1
     # each rank restarted from the checkpoint with its own streams: the result is the uninterrupted run's
-    assert_same_weights(root / "ref", root / "nan-restart")
-    assert log_rows(root / "nan-restart") == log_rows(root / "ref")
+    assert_same_weights(root / "ref", root / "nan-restart", world)
+    assert_same_log(root / "nan-restart", root / "ref", world)
 
 
 @pytest.mark.slow

@@ -97,14 +97,17 @@ def test_usr2_to_a_two_rank_job_with_data_workers_requeues_it_exactly_once(slurm
         job._interrupt()  # submitit's preemption / timeout signal: USR2 to the job's tasks
         result = job.result()
     finally:
-        subprocess.run(["scancel", str(job.job_id)], capture_output=True, timeout=60)
+        if not job.done():
+            subprocess.run(["scancel", str(job.job_id)], capture_output=True, timeout=60)
     assert result["world_size"] == 2 and result["status"] == "done", result
     assert 1 <= result["resumed_from_epoch"] < 30, result
     epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
     assert sorted(set(epochs)) == list(range(1, 31))
     assert not (run_dir / "error.json").exists()
-    logs = "".join(p.read_text() for p in Path(job.paths.folder).glob(f"{job.job_id}_*.out"))
-    assert logs.count("[launch] requeued Slurm job") == 1, logs[-4000:]
+    logs = "".join(p.read_text() for p in sorted(Path(job.paths.folder).glob(f"{job.job_id}_*_log.*")))
+    assert logs.count("[launch] requeued Slurm job") == 1, logs[-4000:]  # by task 0, once
+    assert logs.count("Not checkpointing nor requeuing since I am a slave (procid=1)") == 1  # task 1 left it to 0
+    assert logs.count("resumed from checkpoint-last at epoch") == 1, logs[-4000:]
 
 
 SCRIPT = ROOT / "harness" / "slurm_local.sh"
