@@ -14,6 +14,7 @@ import pytest
 
 from harness.run.cli import main, parse_args
 from harness.run.sweep import point_overrides, sweep_name, sweep_points
+from user_recipe import USER_RECIPE
 
 ROOT = Path(__file__).resolve().parents[1]
 README_SWEEP = "python -m harness.reproduce table2 -m rows.dmae_95.pretrain.mask_ratio=0.9,0.95"
@@ -316,24 +317,6 @@ def test_wheel_install_finds_its_recipes_from_another_directory(tmp_path):
     assert again.returncode == 0 and (elsewhere / "reports" / "mine.md").read_text().split("- Report generated")[0] \
         == text.split("- Report generated")[0], again.stderr[-2000:]
 
-
-# The README's own-recipe example (section "Your own recipe"), a smoke-sized table
-USER_RECIPE = """\
-defaults:
-  - table_schema
-  - _self_
-  - launcher: local
-  - profile: smoke
-table: mine
-title: "Does 90% masking beat the MAE baseline?"
-rows:
-  mae: {label: "MAE baseline", method: mae}
-  d90: {label: "DMAE at 90% masking", method: dmae, pretrain: {mask_ratio: 0.9}}
-  scratch: {label: "from random initialisation", method: scratch}
-claims:
-  - {id: d90_beats_mae, text: "DMAE at 90% masking beats MAE", a: [d90], b: [mae], test: greater, margin: 0.0,
-     source: user, note: "my hypothesis"}
-"""
 
 
 # ---------------------------------------------------------------------------------------- 2. Slurm test cluster

@@ -12,24 +12,8 @@ from harness.config import ConfigError, load_config, tables
 from harness.plan import build_plan, mark_overridden
 from harness.report import default_profile, expected_path
 from harness.run.cli import main
+from user_recipe import USER_RECIPE
 
-MINE = """
-defaults:
-  - table_schema
-  - _self_
-  - launcher: local
-  - profile: smoke
-table: mine
-title: "A user's table"
-rows:
-  base: {label: "MAE", method: mae}
-  d90: {label: "DMAE 90", method: dmae, pretrain: {mask_ratio: 0.9}}
-  control: {label: "from random init", method: scratch}
-gates: {mae_row: base, scratch_row: control}
-claims:
-  - {id: d90_beats_mae, text: "DMAE at 90% beats MAE", a: [d90], b: [base], test: greater, margin: 0.0,
-     source: user, note: "my own hypothesis"}
-"""
 
 
 @pytest.fixture
@@ -38,7 +22,7 @@ def mine(tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv(recipes.PATH_ENV, raising=False)
     d = tmp_path / "my-recipes"
     d.mkdir()
-    (d / "mine.yaml").write_text(MINE)
+    (d / "mine.yaml").write_text(USER_RECIPE)
     return d
 
 
@@ -47,7 +31,7 @@ def test_a_table_in_a_folder_on_the_search_path_composes_with_the_package_profil
     monkeypatch.setenv(recipes.PATH_ENV, str(mine))
     assert "mine" in tables() and "table2" in tables()
     cfg = load_config("mine", ["seeds=2"])
-    assert cfg.profile == "smoke" and list(cfg.rows) == ["base", "d90", "control"] and cfg.claims[0].source == "user"
+    assert cfg.profile == "smoke" and list(cfg.rows) == ["mae", "d90", "scratch"] and cfg.claims[0].source == "user"
     assert default_profile("mine") == "smoke"
     assert expected_path("mine", "smoke") == mine / "expected" / "mine.smoke.csv"  # beside the user's table
     assert expected_path("table2", "tiny") == recipes.path("expected", "table2.tiny.csv")
@@ -80,7 +64,7 @@ def test_recipe_dir_flag_and_a_table_given_as_a_file_print_the_users_config(mine
     assert cfg["table"] == "mine" and cfg["seeds"] == 2 and cfg["claims"][0]["source"] == "user"
     monkeypatch.delenv(recipes.PATH_ENV)
     assert main([str(mine / "mine.yaml"), "--cfg", "job"]) == 0
-    assert yaml.safe_load(capsys.readouterr().out)["title"] == "A user's table"
+    assert yaml.safe_load(capsys.readouterr().out)["title"] == "Does 90% masking beat the MAE baseline?"
     with pytest.raises(SystemExit):
         main([str(mine / "absent.yaml"), "--cfg", "job"])
     assert "no such recipe file" in capsys.readouterr().err
@@ -117,3 +101,9 @@ def test_table_level_and_teacher_overrides_label_every_row_they_reach():
     assert all(v == ["teacher.pretrain.epochs=5"] for v in out.values())
     out, labels = changed("table2", ["profile=smoke", "student.preset=vit_w32d3_dec32d1"])
     assert "scratch" in out and labels["scratch"].endswith("[student.preset=vit_w32d3_dec32d1]")
+
+
+def test_the_readme_example_is_the_recipe_the_tests_run():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("### Your own recipe", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(block) == yaml.safe_load(USER_RECIPE)

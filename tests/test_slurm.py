@@ -50,18 +50,27 @@ def test_unknown_partition_is_refused_before_submission(slurm_cluster, tmp_path)
     assert not list(tmp_path.glob("table2/smoke/*/"))
 
 
-def test_interrupted_stage_requeues_and_resumes_identically(slurm_cluster, tmp_path):
-    args = ["profile=smoke", *SLURM, "pretrain.epochs=30", f"results_root={tmp_path / 'slurm'}"]
+def _submit_mae_pretrain_and_wait_for_two_epochs(args, distributed: bool):
+    """Submit the smoke table's first MAE pre-train alone as a Slurm job; return once it logged two epochs."""
     cfg = load_config("table2", args)
     plan = build_plan(cfg)
     stage = next(s for s in plan.stages.values() if s.role == "student-pretrain" and not s.inputs)
-    run_dir = plan.dir(stage.id)
-    job = slurm_executor(plan, cfg).submit(_job(plan, stage, cfg, distributed=False))
-    log = run_dir / "log.jsonl"
-    deadline = time.time() + 300
-    while not (log.exists() and log.read_text().count("\n") >= 2):
-        assert time.time() < deadline and not job.done(), "the stage never wrote two epochs"
-        time.sleep(0.1)
+    job = slurm_executor(plan, cfg).submit(_job(plan, stage, cfg, distributed=distributed))
+    log, deadline = plan.dir(stage.id) / "log.jsonl", time.time() + 300
+    try:
+        while not (log.exists() and log.read_text().count("\n") >= 2):
+            assert time.time() < deadline and not job.done(), "the stage never wrote two epochs"
+            time.sleep(0.1)
+    except BaseException:
+        subprocess.run(["scancel", str(job.job_id)], capture_output=True, timeout=60)
+        raise
+    return cfg, plan, stage, job
+
+
+def test_interrupted_stage_requeues_and_resumes_identically(slurm_cluster, tmp_path):
+    args = ["profile=smoke", *SLURM, "pretrain.epochs=30", f"results_root={tmp_path / 'slurm'}"]
+    cfg, plan, stage, job = _submit_mae_pretrain_and_wait_for_two_epochs(args, distributed=False)
+    run_dir, log = plan.dir(stage.id), plan.dir(stage.id) / "log.jsonl"
     job._interrupt()  # what submitit does on preemption / timeout: USR2 -> checkpoint() -> requeue
     result = job.result()
     assert 1 <= result["resumed_from_epoch"] < 30, result  # epoch 2 is logged just before its checkpoint
@@ -83,17 +92,9 @@ def test_usr2_to_a_two_rank_job_with_data_workers_requeues_it_exactly_once(slurm
     no error file. A worker that inherited the requeue handler would requeue the job again (or fail it)."""
     args = ["profile=smoke", *SLURM, "launcher.tasks_per_node=2", "launcher.cpus_per_task=1", "launcher.mem_gb=6",
             "run.num_workers=1", "pretrain.epochs=30", f"results_root={tmp_path / 'slurm'}"]
-    cfg = load_config("table2", args)
-    plan = build_plan(cfg)
-    stage = next(s for s in plan.stages.values() if s.role == "student-pretrain" and not s.inputs)
-    run_dir = plan.dir(stage.id)
-    job = slurm_executor(plan, cfg).submit(_job(plan, stage, cfg, distributed=True))
-    log = run_dir / "log.jsonl"
-    deadline = time.time() + 300
+    cfg, plan, stage, job = _submit_mae_pretrain_and_wait_for_two_epochs(args, distributed=True)
+    run_dir, log = plan.dir(stage.id), plan.dir(stage.id) / "log.jsonl"
     try:
-        while not (log.exists() and log.read_text().count("\n") >= 2):
-            assert time.time() < deadline and not job.done(), "the stage never wrote two epochs"
-            time.sleep(0.1)
         job._interrupt()  # submitit's preemption / timeout signal: USR2 to the job's tasks
         result = job.results()[0]  # one per task; rank 0's
     finally:
