@@ -245,6 +245,8 @@ def test_pyproject_ships_recipes_and_console_scripts():
     assert "recipes" in meta["tool"]["setuptools"]["packages"]["find"]["include"]
     data = meta["tool"]["setuptools"]["package-data"]["recipes"]
     assert {"*.yaml", "*.csv", "launcher/*.yaml", "profile/*.yaml"} <= set(data)
+    # the code needs both: PYTHONSAFEPATH (3.11) in Slurm jobs' snapshots, torch.amp.GradScaler(device) (2.3)
+    assert meta["project"]["requires-python"] == ">=3.11" and "torch>=2.3" in meta["project"]["dependencies"]
 
 
 def test_the_harness_finds_the_kd_baseline_by_name_and_never_imports_baselines():
