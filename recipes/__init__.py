@@ -57,7 +57,9 @@ def search_path() -> List[Path]:
 
 def add_dirs(dirs) -> None:
     """Put folders in front of the search path for this process and the jobs it starts (they inherit the
-    environment): what `--recipe-dir` does."""
+    environment): what `--recipe-dir` does. No folders: nothing changes."""
+    if not dirs:
+        return
     for d in dirs:
         if not Path(d).expanduser().is_dir():
             raise NotADirectoryError(f"{str(d)!r} is not a folder (a folder of recipes: <table>.yaml files, "

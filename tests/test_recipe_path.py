@@ -19,7 +19,9 @@ from user_recipe import USER_RECIPE
 @pytest.fixture
 def mine(tmp_path, monkeypatch) -> Path:
     """A folder of the user's own, outside the package, with one table; the search path as a fresh process has it."""
-    monkeypatch.delenv(recipes.PATH_ENV, raising=False)
+    # set, then deleted: monkeypatch then removes what --recipe-dir puts into os.environ (else later tests see it)
+    monkeypatch.setenv(recipes.PATH_ENV, "")
+    monkeypatch.delenv(recipes.PATH_ENV)
     d = tmp_path / "my-recipes"
     d.mkdir()
     (d / "mine.yaml").write_text(USER_RECIPE)
