@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# The Slurm test cluster's prefix (config, state, logs, its own munged and MariaDB): harness/slurm_local.sh
+# The Slurm test cluster's prefix (config, state, logs, its own munged and MariaDB): tools/slurm_local.sh
 SLURM_PREFIX ?= /var/tmp/harness-slurm
 SLURM_ENV := HARNESS_SLURM_PREFIX=$(SLURM_PREFIX) SLURM_CONF=$(SLURM_PREFIX)/etc/slurm.conf
 
@@ -30,10 +30,10 @@ $(FASHION):
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
 slurm:
-	$(SUDO) bash harness/slurm_local.sh install
+	$(SUDO) bash tools/slurm_local.sh install
 
 slurm-stop:
-	$(SUDO) $(SLURM_ENV) bash harness/slurm_local.sh stop
+	$(SUDO) $(SLURM_ENV) bash tools/slurm_local.sh stop
 
 reproduce: venv data
 	$(PY) -m harness.reproduce table2

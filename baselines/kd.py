@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.objectives import ClassifyObjective, Terms
+from harness.core.objectives import ClassifyObjective, Terms
 
 
 def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, temperature: float

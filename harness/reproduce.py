@@ -2,7 +2,7 @@
 harness/run/cli.py (its docstring lists the options)."""
 import sys
 
-from .run.cli import main
+from harness.run.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -45,10 +45,10 @@ import torch
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
-from .models import PRESETS, Arch, build_classifier, build_mae, num_visible, sincos_pos_embed_2d
-from .objectives import DMAEObjective, MAEObjective
-from .spec import Schedule
-from .train import Runtime, fit
+from harness.core.models import PRESETS, Arch, build_classifier, build_mae, num_visible, sincos_pos_embed_2d
+from harness.core.objectives import DMAEObjective, MAEObjective
+from harness.core.spec import Schedule
+from harness.core.train import Runtime, fit
 
 OFFICIAL_MODULES = ("models_mae_distill", "models_vit", "engine_distill", "util", "util.misc", "util.lr_sched",
                     "util.pos_embed", "util.lr_decay")
@@ -392,7 +392,7 @@ def official_lr_trace(off, lr: float, sched=LR_SCHEDULE) -> List[float]:
 
 
 def harness_lr_trace(sched=LR_SCHEDULE):
-    """The lr in effect at every iteration of harness.train.fit (same schedule), recorded by the objective."""
+    """The lr in effect at every iteration of harness.core.train.fit (same schedule), recorded by the objective."""
     n = sched["steps_per_epoch"] * sched["batch_size"]
     ds = torch.utils.data.TensorDataset(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long))
     model = nn.Linear(1, 1)
@@ -514,7 +514,7 @@ def run(path: Path, shapes: Shapes, golden: bool = False) -> bool:
                     rep.row(k, "", "", d <= 1e-6, d)
                 groups_o = group_table(o_student, off.add_weight_decay(o_student, 0.05), _to_harness_name)
                 groups_h = group_table(h_student, param_groups_weight_decay(h_student, 0.05))
-                compare_groups(rep, "pre-training (main_distill: add_weight_decay; harness/stages.py)", groups_o,
+                compare_groups(rep, "pre-training (main_distill: add_weight_decay; harness/core/stages.py)", groups_o,
                                groups_h)
             for ratio in MASK_RATIOS:
                 o = official_losses(o_teacher, o_student, imgs, ratio)

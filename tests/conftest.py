@@ -28,7 +28,7 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """A real single-node Slurm on loopback (harness/slurm_local.sh), started once per test session.
+    """A real single-node Slurm on loopback (tools/slurm_local.sh), started once per test session.
     Skipped where it cannot run (not root, no apt-get) unless HARNESS_REQUIRE_SLURM=1 (`make test`, CI)."""
     required = os.environ.get("HARNESS_REQUIRE_SLURM") == "1"
     if os.geteuid() != 0 or shutil.which("apt-get") is None:

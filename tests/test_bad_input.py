@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.config import load_config
-from harness.models import PRESETS, build_classifier, build_mae
-from harness.plan import build_plan
-from harness.spec import spec_dict
+from harness.plan.config import load_config
+from harness.core.models import PRESETS, build_classifier, build_mae
+from harness.plan.graph import build_plan
+from harness.core.spec import spec_dict
 from harness.run.cli import main
 from harness.run.preflight import check_inputs, check_slurm
 

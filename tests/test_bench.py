@@ -12,10 +12,10 @@ from harness.bench.flops import meta_flops_per_image
 from harness.bench.results import SCHEMA
 from harness.bench.spec import StepSpec, profile_cfg, profile_steps
 from harness.bench.steps import Pool, build_step
-from harness.config import load_config
-from harness.estimate import estimate_details, estimate_plan
-from harness.plan import build_plan
-from harness.spec import FinetuneSpec, spec_dict
+from harness.plan.config import load_config
+from harness.bench.estimate import estimate_details, estimate_plan
+from harness.plan.graph import build_plan
+from harness.core.spec import FinetuneSpec, spec_dict
 
 STEP_FIELDS = ("id", "shape", "label", "spec", "batch", "flops_per_image", "step_s", "s_per_image", "images_per_s",
                "achieved_flops_per_s", "peak_fraction", "reps", "times_s")
@@ -144,11 +144,11 @@ def _groups(param_groups):
 
 def test_benchmarked_steps_train_with_the_stages_settings_and_builders():
     """The benchmark measures the step training runs: its steps carry the profile's optimizer, distillation and KD
-    settings, and their optimizer and objective come from harness.build, as the stages' do (an earlier bench had
+    settings, and their optimizer and objective come from harness.core.build, as the stages' do (an earlier bench had
     its own factory: no weight decay on cls/mask tokens in pre-training, hard-coded KD settings)."""
     import torch
 
-    from harness import build
+    from harness.core import build
     c = profile_cfg("tiny")
     steps = dict(profile_steps("tiny"))
     mae, dmae, ft, kd = steps["mae_m75"], steps["dmae_partial_m75"], steps["finetune"], steps["finetune_kd"]

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.checkpoints import (LAST, PREV, CheckpointError, atomic_save, encoder_to_classifier, load_last,
-                                 load_weights, safe_load, save_last, state_dict_of)
-from harness.models import PRESETS, build_classifier
-from harness.spec import ModelConfig
-from harness.stages import load_classifier, load_teacher_encoder
+from harness.core.checkpoints import (LAST, PREV, CheckpointError, atomic_save, encoder_to_classifier, load_last,
+                                      load_weights, safe_load, save_last, state_dict_of)
+from harness.core.models import PRESETS, build_classifier
+from harness.core.spec import ModelConfig
+from harness.core.stages import load_classifier, load_teacher_encoder
 
 PRESET, PATCH, IMG = "vit_w48d3_dec48d1", 4, 16  # width 48, 3 blocks, decoder 48 x 1 block; 4 x 4 = 16 patches
 MODEL_CFG = ModelConfig(PRESET, PATCH)
@@ -303,7 +303,7 @@ def test_requeue_signal_during_a_checkpoint_write_is_delivered_after_it(tmp_path
     import os
     import signal
 
-    import harness.checkpoints as ck
+    import harness.core.checkpoints as ck
 
     seen = []
     real_save = torch.save

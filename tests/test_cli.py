@@ -116,7 +116,7 @@ def _report_rows(path):
 
 @pytest.mark.slow
 def test_readme_sweep_runs_each_point_in_its_own_root_with_one_combined_report(tmp_path):
-    from harness.collect import collect
+    from harness.report.collect import collect
     out = _sweep(tmp_path, README_SWEEP)
     name = "table2.smoke-rows.dmae_95.pretrain.mask_ratio"
     roots = {v: tmp_path / "results" / "sweeps" / name / f"rows.dmae_95.pretrain.mask_ratio={v}" / "table2" / "smoke"
@@ -231,7 +231,7 @@ def test_help_needs_only_the_standard_library():
 
 def test_recipes_are_found_through_the_package():
     import recipes
-    from harness.config import tables
+    from harness.plan.config import tables
     assert recipes.path().is_dir() and (recipes.path("paper-numbers.csv")).is_file()
     assert recipes.tables() == tables() and "table2" in recipes.tables()
     assert (recipes.path("profile", "smoke.yaml")).is_file()
@@ -241,7 +241,7 @@ def test_pyproject_ships_recipes_and_console_scripts():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert not any(d.startswith("tabulate") for d in meta["project"]["dependencies"])
     assert meta["project"]["scripts"] == {"dmae-reproduce": "harness.reproduce:main",
-                                          "dmae-report": "harness.report:main"}
+                                          "dmae-report": "harness.report.markdown:main"}
     assert "recipes" in meta["tool"]["setuptools"]["packages"]["find"]["include"]
     data = meta["tool"]["setuptools"]["package-data"]["recipes"]
     assert {"*.yaml", "*.csv", "launcher/*.yaml", "profile/*.yaml"} <= set(data)
@@ -255,7 +255,7 @@ def test_the_harness_finds_the_kd_baseline_by_name_and_never_imports_baselines()
     for f in (ROOT / "harness").rglob("*.py"):
         assert not re.search(r"^\s*(from|import)\s+baselines", f.read_text(), re.M), f
     from baselines.kd import KDObjective
-    from harness.build import registered_objective
+    from harness.core.build import registered_objective
     assert registered_objective("kd") is KDObjective
     with pytest.raises(ValueError, match="no fine-tuning objective 'nope'"):
         registered_objective("nope")
@@ -295,7 +295,7 @@ def test_wheel_install_finds_its_recipes_from_another_directory(tmp_path):
                          text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "Plan for table2 (smoke)" in out.stdout
-    papers = subprocess.run([vpy, "-c", "from harness.collect import load_paper_numbers as p; print(len(p()))"],
+    papers = subprocess.run([vpy, "-c", "from harness.report.collect import load_paper_numbers as p; print(len(p()))"],
                             cwd=elsewhere, env=clean, capture_output=True, text=True, timeout=300)
     assert papers.returncode == 0 and int(papers.stdout) > 0, papers.stderr
     helped = subprocess.run([venv / "bin" / "dmae-report", "--help"], cwd=elsewhere, env=clean, capture_output=True,
@@ -329,13 +329,13 @@ def test_slurm_script_refuses_a_prefix_it_did_not_create(tmp_path):
     prefix.mkdir()
     (prefix / "data").write_text("keep me")
     for cmd in ("start", "stop"):
-        out = subprocess.run(["bash", str(ROOT / "harness" / "slurm_local.sh"), cmd], capture_output=True, text=True,
+        out = subprocess.run(["bash", str(ROOT / "tools" / "slurm_local.sh"), cmd], capture_output=True, text=True,
                              env=dict(os.environ, HARNESS_SLURM_PREFIX=str(prefix)), timeout=60)
         assert out.returncode != 0 and "was not created by this script" in out.stderr, out.stderr
     assert [p.name for p in prefix.iterdir()] == ["data"] and (prefix / "data").read_text() == "keep me"
 
 
 def test_slurm_script_names_its_config():
-    out = subprocess.run(["bash", str(ROOT / "harness" / "slurm_local.sh"), "conf"], capture_output=True, text=True,
+    out = subprocess.run(["bash", str(ROOT / "tools" / "slurm_local.sh"), "conf"], capture_output=True, text=True,
                          env=dict(os.environ, HARNESS_SLURM_PREFIX="/var/tmp/some-prefix"), timeout=60)
     assert out.stdout.strip() == "/var/tmp/some-prefix/etc/slurm.conf"

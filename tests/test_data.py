@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision import transforms
 
-from harness.data import crop_boxes, random_resized_crop_flip
+from harness.core.data import crop_boxes, random_resized_crop_flip
 
 
 def test_scale_one_is_the_whole_image_flipped_or_not():

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import load_config
-from harness.plan import build_plan
-from harness.rundir import write_stage_config
-from harness.spec import spec_dict
+from harness.plan.config import load_config
+from harness.plan.graph import build_plan
+from harness.core.rundir import write_stage_config
+from harness.core.spec import spec_dict
 
 pytestmark = pytest.mark.slow
 RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)
@@ -18,7 +18,7 @@ RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)
 
 def _torchrun(run_dir: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "harness.stages", str(run_dir)]
+           "-m", "harness.core.stages", str(run_dir)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]

@@ -1,9 +1,9 @@
 """harness.run.dispatch: with fewer slots than ready jobs, the driver starts first the job that lets the whole run end
 soonest in a simulation from the stage estimates; the plain order (teachers first, graph order) otherwise."""
 from harness.run import dispatch
-from harness.config import load_config
+from harness.plan.config import load_config
 from harness.run.launch import chain_from
-from harness.plan import Plan, Stage, build_plan
+from harness.plan.graph import Plan, Stage, build_plan
 
 
 def _plan(tmp_path, spec):

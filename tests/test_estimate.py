@@ -7,10 +7,10 @@ import pytest
 
 from harness.bench.flops import meta_flops_per_image
 from harness.bench.spec import DISTILL_FIELDS, StepSpec, step_spec
-from harness.config import load_config
-from harness.estimate import _step_spec
-from harness.plan import build_plan
-from harness.spec import ModelConfig
+from harness.plan.config import load_config
+from harness.bench.estimate import _step_spec
+from harness.plan.graph import build_plan
+from harness.core.spec import ModelConfig
 
 # settings off the defaults (and off the benchmark's profile), so a field left at its default shows
 OVERRIDES = ["kd.kind=hard", "kd.weight=0.3", "kd.temperature=4.0", "pretrain.norm_pix_loss=true",

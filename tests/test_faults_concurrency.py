@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.rundir import CONFIG_FILE, LOCK_FILE, StageLocked, lock_holder, spec_hash, stage_lock, write_json
-from harness.stages import run_stage
+from harness.core.rundir import CONFIG_FILE, LOCK_FILE, StageLocked, lock_holder, spec_hash, stage_lock, write_json
+from harness.core.stages import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=64,
@@ -61,13 +61,13 @@ def test_second_runner_of_a_stage_is_refused_naming_the_holder(tmp_path):
 
 @pytest.mark.slow
 def test_stage_lock_between_two_real_processes(tmp_path):
-    """A real `python -m harness.stages` runs the stage; this process tries the same stage meanwhile."""
+    """A real `python -m harness.core.stages` runs the stage; this process tries the same stage meanwhile."""
     d = tmp_path / "stage"
     d.mkdir()
     s = spec(epochs=60)
     write_json({"stage_id": "pt", "spec": s, "inputs": {}, "runtime": RUNTIME, "spec_hash": spec_hash(s)},
                d / CONFIG_FILE)
-    p = subprocess.Popen([sys.executable, "-m", "harness.stages", str(d)], cwd=ROOT, env=env(),
+    p = subprocess.Popen([sys.executable, "-m", "harness.core.stages", str(d)], cwd=ROOT, env=env(),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: (d / "log.jsonl").exists() and (d / "log.jsonl").read_text().count("\n") >= 1,
@@ -89,7 +89,7 @@ def test_stage_lock_between_two_real_processes(tmp_path):
 
 
 def test_driver_lock_is_taken_once_and_exclusive_across_processes(tmp_path):
-    from harness.rundir import DriverLocked, driver_lock
+    from harness.core.rundir import DriverLocked, driver_lock
     with driver_lock(tmp_path):
         assert (tmp_path / ".driver.lock").read_text().startswith(f"pid {os.getpid()}")
         with pytest.raises(DriverLocked):  # not re-entrant: run_plan takes it once, around the manifest and execute
@@ -126,8 +126,8 @@ def test_second_driver_refused_and_killed_driver_rerun_waits_then_submits_only_t
     its job goes on: a chained job that runs the pre-training, the fine-tune and the evaluation. The rerun (this
     process) finds that job by its stage lock and its job.json, waits for the whole chain instead of starting any of
     it again, and ends with every stage done."""
-    from harness.config import load_config
-    from harness.plan import build_plan
+    from harness.plan.config import load_config
+    from harness.plan.graph import build_plan
     from harness.run.cli import main, run_table
     args = SMALL + [f"results_root={tmp_path / 'results'}", "pretrain.epochs=25"]
     plan = build_plan(load_config("table2", args))
@@ -182,7 +182,7 @@ def test_every_rank_stops_when_the_stage_is_locked(tmp_path):
     write_json({"stage_id": "pt", "spec": s, "inputs": {}, "runtime": RUNTIME, "spec_hash": spec_hash(s)},
                d / CONFIG_FILE)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "harness.stages", str(d)]
+           "-m", "harness.core.stages", str(d)]
     e = {k: v for k, v in env().items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
     with stage_lock(d, "pt"):
         out = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
@@ -213,8 +213,8 @@ def test_driver_killed_in_the_submit_window_one_rerun_finishes_identically(tmp_p
     `lost`: job.json removed, as if A died between submitting and writing it; the rerun submits the stage again and
     whichever job comes second finds the stage locked and steps back (never a failure). Either way one rerun ends
     with rc 0 and the same weights and top-1 as an uninterrupted run."""
-    from harness.config import load_config
-    from harness.plan import build_plan
+    from harness.plan.config import load_config
+    from harness.plan.graph import build_plan
     from harness.run.cli import run_table
     args = SMALL + [f"results_root={tmp_path / 'killed'}"]
     plan = build_plan(load_config("table2", args))

@@ -14,10 +14,10 @@ import warnings
 import pytest
 import torch
 
-import harness.train as train_mod
-from harness.checkpoints import LAST, PREV, CheckpointError, load_last, safe_load, save_last, state_dict_of
-from harness.stages import run_stage
-from harness.rundir import ATTEMPT_FIELDS
+import harness.core.train as train_mod
+from harness.core.checkpoints import LAST, PREV, CheckpointError, load_last, safe_load, save_last, state_dict_of
+from harness.core.stages import run_stage
+from harness.core.rundir import ATTEMPT_FIELDS
 
 DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=64,
             test_subset=32, eval_crop_pct=1.0)
@@ -159,9 +159,9 @@ def test_missing_last_with_prev_resumes_from_prev_with_a_warning(tmp_path):
 @pytest.fixture
 def tree(tmp_path):
     """A results tree of the smoke plan with made-up results (no training): every stage done."""
-    from harness.config import load_config
-    from harness.plan import build_plan, write_manifest
-    from harness.rundir import write_json
+    from harness.plan.config import load_config
+    from harness.plan.graph import build_plan, write_manifest
+    from harness.core.rundir import write_json
     cfg = load_config("table2", ["profile=smoke", f"results_root={tmp_path / 'results'}"])
     plan = build_plan(cfg)
     write_manifest(plan, cfg, "test", [])
@@ -185,12 +185,12 @@ def tree(tmp_path):
 
 
 def _report(plan, tmp_path):
-    from harness.report import write_report
+    from harness.report.markdown import write_report
     return write_report(plan.root, tmp_path / "reports", figures=False).read_text()
 
 
 def test_corrupt_log_config_and_error_files_are_named_and_the_report_goes_on(tree, tmp_path):
-    from harness.collect import collect
+    from harness.report.collect import collect
     cells = {c.row: c for c in tree.cells}
     pre = tree.dir(cells["dmae_75"].pretrain)
     (pre / "log.jsonl").write_bytes(b'{"epoch": 1, "loss": 1.0}\n{"epoch": 2, "lo\x00\xff')  # truncated mid-write

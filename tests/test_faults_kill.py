@@ -2,8 +2,8 @@
 metrics of an uninterrupted run (CPU, same seed, one thread).
 
 Each stage run is a real process killed with SIGKILL. To keep the many kill points cheap, runs are forked from a
-"zygote" process that imported torch/timm/harness once (a fresh `python -m harness.stages` costs ~5 s of imports on
-the 2-core box); two kill points also use the real command line `python -m harness.stages <run_dir>`. Kill points:
+"zygote" process that imported torch/timm/harness once (a fresh `python -m harness.core.stages` costs ~5 s of imports on
+the 2-core box); two kill points also use the real command line `python -m harness.core.stages <run_dir>`. Kill points:
 
 - deterministic, from inside the child (it SIGKILLs itself): in the middle of writing checkpoint-last (the first one
   and a later one), after the temp file is written but before the rotation, between the two renames (only
@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.checkpoints import safe_load, state_dict_of
-from harness.rundir import ATTEMPT_FIELDS, CONFIG_FILE, spec_hash, write_json
+from harness.core.checkpoints import safe_load, state_dict_of
+from harness.core.rundir import ATTEMPT_FIELDS, CONFIG_FILE, spec_hash, write_json
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def finetune_spec(epochs=3):
 
 
 def prepare(run_dir: Path, spec: dict, runtime=RUNTIME) -> Path:
-    """What run_stage writes first (config.json), so `python -m harness.stages <run_dir>` can run the stage."""
+    """What run_stage writes first (config.json), so `python -m harness.core.stages <run_dir>` can run the stage."""
     run_dir.mkdir(parents=True)
     write_json({"stage_id": spec["name"], "spec": spec, "inputs": {}, "runtime": runtime,
                 "spec_hash": spec_hash(spec)}, run_dir / CONFIG_FILE)
@@ -65,17 +65,17 @@ def prepare(run_dir: Path, spec: dict, runtime=RUNTIME) -> Path:
 
 
 # The zygote: imports once, then forks one child per request. A child runs the stage of a run directory exactly as
-# `python -m harness.stages` does, optionally with a hook that SIGKILLs the child at a precise point.
+# `python -m harness.core.stages` does, optionally with a hook that SIGKILLs the child at a precise point.
 ZYGOTE = r'''
 import io, json, os, signal, sys, traceback
 import torch, timm, timm.optim, timm.scheduler, timm.data, torchvision
-import harness.stages, harness.train, harness.checkpoints, harness.objectives, harness.data
+import harness.core.stages, harness.core.train, harness.core.checkpoints, harness.core.objectives, harness.core.data
 import functools
 # read Fashion-MNIST's IDX files once, before forking (a file cache only: every run still builds its dataset)
-harness.data._read_idx = functools.lru_cache(maxsize=None)(harness.data._read_idx)
-for split, (images, labels) in harness.data.FASHION_FILES.items():
-    root = harness.data.Path(harness.data.FASHION_MNIST_DIR)
-    harness.data._read_idx(root / images, 16), harness.data._read_idx(root / labels, 8)
+harness.core.data._read_idx = functools.lru_cache(maxsize=None)(harness.core.data._read_idx)
+for split, (images, labels) in harness.core.data.FASHION_FILES.items():
+    root = harness.core.data.Path(harness.core.data.FASHION_MNIST_DIR)
+    harness.core.data._read_idx(root / images, 16), harness.core.data._read_idx(root / labels, 8)
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
@@ -107,20 +107,20 @@ def install(hook):
             return out
         os.replace = replace
     elif kind == "save_last_enter":  # the epoch's log line is written, its checkpoint not yet
-        real = harness.train.save_last
+        real = harness.core.train.save_last
         def save_last(state, run_dir):
             if state["epoch"] == hook["epoch"]:
                 die()
             return real(state, run_dir)
-        harness.train.save_last = save_last
+        harness.core.train.save_last = save_last
     elif kind == "step":  # in the middle of an epoch: the nth forward pass
-        real, n = harness.train._autocast, [0]
+        real, n = harness.core.train._autocast, [0]
         def autocast(rt):
             n[0] += 1
             if n[0] == hook["n"]:
                 die()
             return real(rt)
-        harness.train._autocast = autocast
+        harness.core.train._autocast = autocast
     else:
         raise ValueError(kind)
 
@@ -136,8 +136,8 @@ for line in sys.stdin:
             sys.stdin.close()
             if req.get("hook"):
                 install(req["hook"])
-            sys.argv = ["harness.stages", req["run_dir"]]
-            harness.stages.main()
+            sys.argv = ["harness.core.stages", req["run_dir"]]
+            harness.core.stages.main()
         except BaseException:
             traceback.print_exc(); code = 1
         sys.stdout.flush(); sys.stderr.flush()
@@ -361,7 +361,7 @@ def test_sigkill_at_many_points_resumes_identically(zygote, tmp_path, capsys):
     for i, (name, cond) in enumerate([("CLI: as soon as a checkpoint temp file appears", lambda d: bool(tmp_ckpt(d))),
                                       ("CLI: after 2 log lines", lambda d: n_log(d) >= 2)]):
         d = prepare(tmp_path / f"pt-cli{i}", pretrain_spec(epochs=6))
-        cmd = [sys.executable, "-m", "harness.stages", str(d)]
+        cmd = [sys.executable, "-m", "harness.core.stages", str(d)]
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while p.poll() is None and not cond(d):
             time.sleep(0.0005)
@@ -400,7 +400,7 @@ def test_timeout_requeues_and_resumes_identically(tmp_path):
     from omegaconf import OmegaConf
 
     from harness.run.launch import StageJob, local_executor
-    from harness.stages import run_stage
+    from harness.core.stages import run_stage
     spec = pretrain_spec(epochs=30)
     spec["data"] = dict(DATA, train_subset=512)
     la = OmegaConf.create({"launcher": {"timeout_min": 10, "gpus_per_node": 0, "max_requeues": 3}})
@@ -435,11 +435,11 @@ def test_real_slurm_timeout_requeues_and_resumes_identically(slurm_cluster, tmp_
     import subprocess
     import time
 
-    from harness.config import load_config
-    from harness.config import runtime_of
+    from harness.plan.config import load_config
+    from harness.plan.config import runtime_of
     from harness.run.launch import _job, slurm_executor
-    from harness.plan import build_plan
-    from harness.stages import run_stage
+    from harness.plan.graph import build_plan
+    from harness.core.stages import run_stage
     args = ["profile=smoke", "launcher=slurm", "launcher.partition=debug", "launcher.mem_gb=3", "launcher.poll_s=1",
             "launcher.timeout_min=20", "launcher.max_requeues=6", "pretrain.epochs=60", "run.keep_checkpoints=true",
             f"results_root={tmp_path / 'slurm'}"]

@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-import harness.objectives as objectives
-from harness.checkpoints import LAST, safe_load
-from harness.stages import run_stage
-from harness.spec import Schedule
-from harness.train import NonFiniteLoss, Runtime, fit
-from harness.rundir import ATTEMPT_FIELDS
+import harness.core.objectives as objectives
+from harness.core.checkpoints import LAST, safe_load
+from harness.core.stages import run_stage
+from harness.core.spec import Schedule
+from harness.core.train import NonFiniteLoss, Runtime, fit
+from harness.core.rundir import ATTEMPT_FIELDS
 
 RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)
 DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=64,
@@ -107,7 +107,7 @@ def test_nan_that_persists_fails_after_the_restarts(tmp_path, monkeypatch, capsy
 
 
 def test_nan_restarts_is_a_validated_config_key():
-    from harness.config import ConfigError, load_config, runtime_of
+    from harness.plan.config import ConfigError, load_config, runtime_of
     cfg = load_config("table2", ["profile=smoke", "run.nan_restarts=1"])
     assert runtime_of(cfg).nan_restarts == 1
     assert runtime_of(load_config("table2", ["profile=smoke"])).nan_restarts == 0  # default: no restart
@@ -119,9 +119,9 @@ def test_nan_restarts_is_a_validated_config_key():
 def test_nan_stage_is_failed_in_the_report_with_its_reason(tmp_path):
     """The issue's scenario: alpha=nan on the 98% row (smoke profile, in-process launcher), then the report. Only the
     teacher and the dmae_98 row are kept to stay short."""
-    from harness.config import load_config
-    from harness.plan import build_plan
-    from harness.report import write_report
+    from harness.plan.config import load_config
+    from harness.plan.graph import build_plan
+    from harness.report.markdown import write_report
     from harness.run.cli import run_table
     args = ["profile=smoke", "launcher=debug", "report=false", f"results_root={tmp_path / 'results'}",
             "+rows.dmae_98.distill.alpha=nan", "~rows.mae", "~rows.kd_finetuned_teacher", "~rows.dmae_75",

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-import harness.train as train_mod
-from harness.spec import Schedule
-from harness.train import Runtime, fit, lr_at
+import harness.core.train as train_mod
+from harness.core.spec import Schedule
+from harness.core.train import Runtime, fit, lr_at
 
 # ---------------------------------------------------------------------------------------------------------------
 # learning-rate schedule
@@ -164,7 +164,7 @@ def _fp16_fit(run_dir, objective, epochs, monkeypatch, clip_grad=None):
 
 
 def test_fp16_dynamic_loss_scale_skips_overflow_and_is_checkpointed(tmp_path, monkeypatch):
-    from harness.checkpoints import safe_load
+    from harness.core.checkpoints import safe_load
     monkeypatch.setattr(_RecordingAdamW, "log", [])
     monkeypatch.setattr(train_mod.torch.optim, "AdamW", _RecordingAdamW)
     obj = _Fp16Objective()
@@ -261,7 +261,7 @@ def test_losses_match_official_golden_values(small_models, ratio, n_pairs):
 
 def test_lr_curve_matches_official_golden_values():
     from harness import verify_official as vo
-    lr, trace = vo.harness_lr_trace()  # harness.train.fit, recorded at every iteration
+    lr, trace = vo.harness_lr_trace()  # harness.core.train.fit, recorded at every iteration
     assert lr == pytest.approx(2.4e-3, rel=1e-12)
     assert trace == pytest.approx(OFFICIAL_LR, rel=1e-12, abs=1e-18)
 

@@ -1,10 +1,11 @@
-"""harness.gates: the positive controls a report checks before judging any paper claim (pre-training beats scratch
+"""harness.report.gates: the positive controls a report checks before judging any paper claim (pre-training beats
+scratch
 by a decided margin, the teacher's probe beats the student's, no row still rising), and what a failed gate does to
 a paper claim. Fast: frames built by hand, no results tree."""
 import pandas as pd
 
-from harness.gates import check_gates, convergence_gate, not_passed, pretraining_gate, probe_gate
-from harness.stats import HOLDS, NOT_TESTABLE, gate_verdict
+from harness.report.gates import check_gates, convergence_gate, not_passed, pretraining_gate, probe_gate
+from harness.report.stats import HOLDS, NOT_TESTABLE, gate_verdict
 
 GATES = {"mae_row": "mae", "scratch_row": "scratch", "min_pretraining_gain": 2.0, "min_teacher_probe_gap": 5.0}
 

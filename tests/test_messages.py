@@ -1,6 +1,7 @@
 """Messages for bad input (issue 24): each is one clear error, before anything is submitted (already under --dry-run),
 naming the config key to fix. Batches larger than the images a stage reads, Slurm-only launcher keys under a launcher
-that ignores them, "did you mean" for key and row typos, checkpoint errors naming their key, `harness.stages --help`,
+that ignores them, "did you mean" for key and row typos, checkpoint errors naming their key, `harness.core.stages
+--help`,
 `--cfg job`, and `source: user` claims."""
 import subprocess
 import sys
@@ -10,11 +11,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from harness.config import ConfigError, load_config, validate_claims
-from harness.plan import build_plan
+from harness.plan.config import ConfigError, load_config, validate_claims
+from harness.plan.graph import build_plan
 from harness.run.cli import main
 from harness.run.preflight import check_batches
-from harness.stats import PAPER_EXCLUDED, UNSURE, gate_verdict, judge
+from harness.report.stats import PAPER_EXCLUDED, UNSURE, gate_verdict, judge
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,12 +143,12 @@ def test_checkpoint_errors_name_the_config_key(capsys, tmp_path):
     assert f"checkpoints.base_pretrained={bad}: teacher checkpoint for student-pretrain-dmae" in err
 
 
-# ------------------------------------------------------------------------------------------- harness.stages
+# ------------------------------------------------------------------------------------------- harness.core.stages
 def test_stages_help_exits_0():
-    out = subprocess.run([sys.executable, "-m", "harness.stages", "--help"], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "harness.core.stages", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("usage: python -m harness.stages") and "run_dir" in out.stdout
+    assert out.stdout.startswith("usage: python -m harness.core.stages") and "run_dir" in out.stdout
     assert "Traceback" not in out.stderr
 
 

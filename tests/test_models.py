@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from harness.checkpoints import encoder_to_classifier
-from harness.models import (PRESETS, build_classifier, build_mae, get_arch, num_visible, random_masking,
-                            sincos_pos_embed_2d)
+from harness.core.checkpoints import encoder_to_classifier
+from harness.core.models import (PRESETS, build_classifier, build_mae, get_arch, num_visible, random_masking,
+                                 sincos_pos_embed_2d)
 
 IMG, PATCH = 32, 16  # 2x2 = 4 tokens: paper presets stay cheap
 N_TOKENS = (IMG // PATCH) ** 2

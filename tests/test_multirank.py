@@ -26,13 +26,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import harness.data as data_mod
-import harness.objectives as objectives
-import harness.train as train_mod
-from harness.checkpoints import LAST, CheckpointError, load_last, safe_load, save_last, state_dict_of
-from harness.rundir import ATTEMPT_FIELDS
-from harness.stages import run_stage
-from harness.train import Runtime, own_rng_state, rng_state, seed_all, set_rng_state, setup_runtime
+import harness.core.data as data_mod
+import harness.core.objectives as objectives
+import harness.core.train as train_mod
+from harness.core.checkpoints import LAST, CheckpointError, load_last, safe_load, save_last, state_dict_of
+from harness.core.rundir import ATTEMPT_FIELDS
+from harness.core.stages import run_stage
+from harness.core.train import Runtime, own_rng_state, rng_state, seed_all, set_rng_state, setup_runtime
 
 WORLDS = (2, 4)
 GLOO_TIMEOUT_S = 60  # a rank left waiting in a collective fails after this instead of blocking the test run
@@ -404,7 +404,7 @@ class SignalDispositions(torch.utils.data.Dataset):
 
 
 def test_loader_workers_do_not_inherit_the_requeue_handlers():
-    def requeue(signum, frame):  # stands for submitit's and harness.stages' handlers
+    def requeue(signum, frame):  # stands for submitit's and harness.core.stages' handlers
         raise AssertionError("a requeue handler ran in the test process")
 
     old = {s: signal.signal(s, requeue) for s in (signal.SIGUSR2, signal.SIGTERM)}

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.kd import KDObjective, kd_term
-from harness.models import PRESETS, build_mae, num_visible, random_masking
-from harness.objectives import DMAEObjective, MAEObjective, feature_distance, pixel_loss
+from harness.core.models import PRESETS, build_mae, num_visible, random_masking
+from harness.core.objectives import DMAEObjective, MAEObjective, feature_distance, pixel_loss
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ class _StubStudent(nn.Module):
 
 
 def test_dmae_two_pairs_sum_by_hand(monkeypatch):
-    from harness.models import Masking
+    from harness.core.models import Masking
     # pair 0: S vs T -> normalised L1 0.7 (see above)
     # pair 1: [1, 0], [0, 1] vs [0, 3], [0, 1] -> normalised [1, 0], [0, 1] vs [0, 1], [0, 1]:
     #         |1 - 0| + |0 - 1| + 0 + 0 = 2 over 4 elements = 0.5
@@ -396,8 +396,8 @@ def _fashion_like(n=40, seed=0):
 
 @pytest.mark.parametrize("kind", ["soft", "hard"])
 def test_cached_teacher_logits_give_the_same_kd_loss_on_flip_only_batches(kind):
-    from harness.data import Aug, TensorBatches, TensorImages
-    from harness.models import build_classifier, get_arch
+    from harness.core.data import Aug, TensorBatches, TensorImages
+    from harness.core.models import build_classifier, get_arch
     images, targets = _fashion_like()
     ds = TensorImages(images, targets, Aug("finetune", 28, crop_min=1.0))
     assert ds.flip_only
@@ -420,8 +420,8 @@ def test_cached_teacher_logits_give_the_same_kd_loss_on_flip_only_batches(kind):
 
 
 def test_cached_teacher_logits_fall_back_to_the_teacher_for_other_inputs():
-    from harness.data import Aug, TensorBatches, TensorImages
-    from harness.models import build_classifier, get_arch
+    from harness.core.data import Aug, TensorBatches, TensorImages
+    from harness.core.models import build_classifier, get_arch
     images, targets = _fashion_like()
     cropped = TensorImages(images, targets, Aug("finetune", 28, crop_min=0.35))
     assert not cropped.flip_only and not TensorImages(images, targets, Aug("finetune", 28, reprob=0.25)).flip_only

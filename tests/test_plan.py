@@ -1,8 +1,8 @@
 """Recipes, config validation and stage planning (no training)."""
 import pytest
 
-from harness.config import ConfigError, load_config, tables
-from harness.plan import build_plan, describe
+from harness.plan.config import ConfigError, load_config, tables
+from harness.plan.graph import build_plan, describe
 
 
 def plan_for(*overrides, tmp_path=None):
@@ -123,7 +123,7 @@ def test_stages_finished_by_another_table_are_reused_and_not_costed(tmp_path):
     import fcntl
     import os
 
-    from harness.rundir import LOCK_FILE, write_json
+    from harness.core.rundir import LOCK_FILE, write_json
     table2 = plan_for(tmp_path=tmp_path)
     for sid in table2.stages:
         table2.dir(sid).mkdir(parents=True)
@@ -211,7 +211,7 @@ def test_world_size_is_what_each_launcher_starts():
     more."""
     from omegaconf import OmegaConf
 
-    from harness.config import world_size
+    from harness.plan.config import world_size
     got = {name: (world_size(OmegaConf.create(dict(name=name, nodes=3, gpus_per_node=2))),
                   world_size(OmegaConf.create(dict(name=name, nodes=1, gpus_per_node=0))))
            for name in ("debug", "local", "slurm")}
@@ -276,7 +276,7 @@ def test_paper_effective_batch_refused_where_no_accumulation_fits(tmp_path):
 
 
 def test_slurm_memory_is_40_gb_per_gpu_per_node_and_30_requeues(tmp_path):
-    from harness.config import mem_gb_of
+    from harness.plan.config import mem_gb_of
     from harness.run.sbatch import _directives
     cfg = load_config("table2", PAPER)
     assert cfg.launcher.max_requeues == 30 and cfg.launcher.mem_gb is None and cfg.launcher.mem_gb_per_gpu == 40
@@ -308,7 +308,7 @@ def test_a_provided_fine_tuned_teacher_is_evaluated_and_checked_as_a_classifier(
     tiny profile's) is unchanged."""
     import torch
 
-    from harness.models import PRESETS, build_classifier, build_mae
+    from harness.core.models import PRESETS, build_classifier, build_mae
     from harness.run.preflight import PreflightError, check_inputs
     mae = tmp_path / "mae.pth"
     torch.save({"model": build_mae(PRESETS["vit_w48d3_dec48d1"], 28, 4).state_dict()}, mae)

@@ -1,10 +1,10 @@
-"""The frozen-feature probe (harness.probe) and its stage: a kNN vote that scores separable features ~100% and
+"""The frozen-feature probe (harness.core.probe) and its stage: a kNN vote that scores separable features ~100% and
 shuffled labels ~chance; the stage probes a pre-trained encoder, or a seed's random initialisation."""
 import torch
 import pytest
 
-from harness.probe import block_features, knn_top1
-from harness.data import TensorImages, Aug
+from harness.core.probe import block_features, knn_top1
+from harness.core.data import TensorImages, Aug
 
 
 def _clusters(n_per: int, classes: int, dim: int, spread: float, seed: int = 0):
@@ -42,8 +42,8 @@ def test_knn_vote_is_weighted_by_similarity():
 
 
 def test_block_features_mean_patch_token_of_the_block():
-    from harness.arch import get_arch
-    from harness.models import build_mae
+    from harness.core.arch import get_arch
+    from harness.core.models import build_mae
     torch.manual_seed(0)
     enc = build_mae(get_arch("vit_w32d2_dec32d1"), 28, 4, with_decoder=False)
     imgs = (torch.rand(6, 28, 28) * 255).to(torch.uint8)

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import torch
 
 from harness.run.launch import Progress, results_table, stage_epochs
-from harness.rundir import epochs_logged
-from harness.plan import Cell, Plan, Stage
-from harness.spec import STAGE_SPECS, EvaluateStage, FinetuneSpec, FinetuneStage, PretrainSpec, PretrainStage
-from harness.stages import run_stage
+from harness.core.rundir import epochs_logged
+from harness.plan.graph import Cell, Plan, Stage
+from harness.core.spec import STAGE_SPECS, EvaluateStage, FinetuneSpec, FinetuneStage, PretrainSpec, PretrainStage
+from harness.core.stages import run_stage
 
 
 def _stage(sid, kind, role, epochs=None, cells=()):

@@ -1,4 +1,4 @@
-"""Ranks of a multi-task stage (harness.ranks): a plain `srun python -m harness.stages <dir>` of a
+"""Ranks of a multi-task stage (harness.core.ranks): a plain `srun python -m harness.core.stages <dir>` of a
 launcher.write_sbatch script gets the rank, world size and rendez-vous a submitit job's task gets, from Slurm's
 variables; and, under the local Slurm, a 2-task stage written as an sbatch script runs to the end as 2-rank gloo DDP."""
 import json
@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-import harness.ranks as ranks
-from harness.config import load_config
-from harness.plan import build_plan
-from harness.ranks import KEYS, RankEnvError, export_rank_env, port_of_job, rank_env, slurm_hostnames
+import harness.core.ranks as ranks
+from harness.plan.config import load_config
+from harness.plan.graph import build_plan
+from harness.core.ranks import KEYS, RankEnvError, export_rank_env, port_of_job, rank_env, slurm_hostnames
 from harness.run.cli import run_table
 
 SLURM_TASK = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4",
@@ -77,10 +77,10 @@ def test_export_sets_the_variables_and_refuses_other_values(monkeypatch):
 
 
 def test_stages_main_exports_the_ranks_of_a_multi_task_srun(monkeypatch, tmp_path):
-    """harness.stages main (what an sbatch script's srun runs) starts the ranks from Slurm's variables: before,
+    """harness.core.stages main (what an sbatch script's srun runs) starts the ranks from Slurm's variables: before,
     submitit's TorchDistributedEnvironment refused outside a submitit job ("Could not figure out which environment
     the job is running in")."""
-    import harness.stages as stages
+    import harness.core.stages as stages
     for k in list(os.environ):
         if k.startswith(("SLURM_", "SUBMITIT_")) or k in KEYS:
             monkeypatch.delenv(k)
@@ -111,7 +111,8 @@ def _sbatch_args(tmp_path, *extra):
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_two_task_sbatch_stage_runs_as_two_rank_ddp(slurm_cluster, tmp_path):
-    """A stage's sbatch script with 2 tasks per node (CPU, gloo): `srun python -m harness.stages` starts 2 ranks that
+    """A stage's sbatch script with 2 tasks per node (CPU, gloo): `srun python -m harness.core.stages` starts 2 ranks
+    that
     train together to the end; the result says world_size 2."""
     args = _sbatch_args(tmp_path)
     assert run_table("table2", args) == 0

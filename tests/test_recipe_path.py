@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 import recipes
-from harness.config import ConfigError, load_config, tables
-from harness.plan import build_plan, mark_overridden
-from harness.report import default_profile, expected_path
+from harness.plan.config import ConfigError, load_config, tables
+from harness.plan.graph import build_plan, mark_overridden
+from harness.report.markdown import default_profile, expected_path
 from harness.run.cli import main
 from user_recipe import USER_RECIPE
 

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from harness.config import load_config, tables
-from harness.plan import build_plan
+from harness.plan.config import load_config, tables
+from harness.plan.graph import build_plan
 from harness.run.cli import run_table
 
 RECIPES = ["aligned_layer", "distance", "masking", "projection", "schedule", "student_size", "table2", "target",

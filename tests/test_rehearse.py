@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import load_config
+from harness.plan.config import load_config
 from harness.run.rehearse import overrides
 from harness.run.cli import main
 

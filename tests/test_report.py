@@ -1,4 +1,5 @@
-"""harness.collect / harness.report: the results frame, the report, its claims, expected values, figures, warnings
+"""harness.report.collect / harness.report.markdown: the results frame, the report, its claims, expected values,
+figures, warnings
 and the reports dashboard.
 
 Fast tests build a results tree of the smoke plan with made-up results (no training: `fake_tree`), so the numbers
@@ -17,9 +18,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.collect import NOT_AVAILABLE, NOT_IMAGENET, collect, delta_text, export, load_paper_numbers, \
+from harness.report.collect import NOT_AVAILABLE, NOT_IMAGENET, collect, delta_text, export, load_paper_numbers, \
     paper_number, summarize
-from harness.report import check_claims, claims_of, main, report_name, report_noise, write_index, write_report
+from harness.report.markdown import check_claims, claims_of, main, report_name, report_noise, write_index, write_report
 
 ROWS = ["mae", "kd_finetuned_teacher", "dmae_75", "dmae_95", "dmae_98", "scratch"]
 CLAIM_IDS = ["dmae_beats_mae", "dmae_beats_kd", "mask95_within_1pp_of_75", "mask98_at_most_3pp_below_75"]
@@ -57,8 +58,8 @@ def tree(smoke, tmp_path) -> Path:
 
 def has_val_curves(root: Path) -> bool:
     """Whether any fine-tune of the tree logged validation top-1 (the smoke profile may hold out no images)."""
-    from harness.collect import val_curve
-    from harness.rundir import read_log
+    from harness.report.collect import val_curve
+    from harness.core.rundir import read_log
     c = collect(root)
     return any(val_curve(read_log(root / s)) for s in c.stages.loc[c.stages["kind"] == "finetune",
                                                                                  "stage_id"])
@@ -110,9 +111,9 @@ def fake_tree(tmp_path: Path, top1, table: str = "table2", seeds: int = 3, val=N
             if row.startswith("scratch"):
                 return given("mae", seed) - 10.0
             raise
-    from harness.config import load_config
-    from harness.plan import build_plan, mark_overridden, write_manifest
-    from harness.rundir import write_json
+    from harness.plan.config import load_config
+    from harness.plan.graph import build_plan, mark_overridden, write_manifest
+    from harness.core.rundir import write_json
     given_overrides = ["profile=smoke", f"results_root={tmp_path / 'results'}", f"seeds={seeds}", *overrides]
     cfg = load_config(table, given_overrides)
     plan = build_plan(cfg)
@@ -130,7 +131,7 @@ def fake_tree(tmp_path: Path, top1, table: str = "table2", seeds: int = 3, val=N
         manifest["stages"][sid] = {"kind": "evaluate", "role": "teacher-evaluate", "name": "teacher-evaluate-fake",
                                    "inputs": {"model": ft}, "cells": []}
         (plan.root / "manifest.json").write_text(json.dumps(manifest))
-    from harness.spec import spec_dict
+    from harness.core.spec import spec_dict
     for i, (sid, (kind, role, cells, name)) in enumerate(stages.items()):
         d = plan.root / sid
         d.mkdir(parents=True)
@@ -306,7 +307,7 @@ def test_teacher_test_top1_is_shown(tmp_path):
 def test_a_provided_teacher_is_set_beside_its_official_release():
     from types import SimpleNamespace
 
-    from harness.report import _teacher
+    from harness.report.markdown import _teacher
     st = pd.DataFrame([{"stage_id": "teacher-evaluate-provided-vit_large-p16-0123456789", "role": "teacher-evaluate",
                         "status": "done", "reason": "", "top1": 85.5, "top5": 97.5, "n_eval": 50000,
                         "best_val_top1": None, "last_val_top1": None, "val_last_gain": None}])
@@ -462,7 +463,7 @@ def test_dashboard_lists_claims_of_every_report(tmp_path):
 
 
 def test_distinct_rows_leave_out_a_shared_pretrain_and_the_control():
-    from harness.report import distinct_rows
+    from harness.report.markdown import distinct_rows
     cells = pd.DataFrame([{"row": r, "seed": s, "pretrain_id": p(s), "method": m} for r, p, m in [
         ("mae", lambda s: f"pt-mae-s{s}", "mae"), ("kd", lambda s: f"pt-mae-s{s}", "kd"),
         ("dmae", lambda s: f"pt-dmae-s{s}", "dmae"), ("scratch", lambda s: None, "scratch"),
@@ -564,7 +565,7 @@ def test_summary_block_counts_claims_expected_values_stages_and_gates(tmp_path):
 def test_summary_json_holds_rows_claims_gates_and_provenance(tmp_path):
     import importlib.metadata
     import subprocess
-    from harness.stats import paired
+    from harness.report.stats import paired
     root = fake_tree(tmp_path, table2_top1, real_specs=True)
     report(root, tmp_path)
     out = tmp_path / "reports" / "table2.smoke"
@@ -608,7 +609,7 @@ def test_summary_json_holds_rows_claims_gates_and_provenance(tmp_path):
     assert prov["report_writer"]["package_version"] == version
     assert prov["stage_git_commits"] == {"abc1234": len(json.loads((root / "manifest.json").read_text())["stages"])}
     # the meta-device count is the real model's
-    from harness.models import build_classifier, get_arch
+    from harness.core.models import build_classifier, get_arch
     spec = json.loads((root / cells_of(root, "mae")[0]["finetune"] / "config.json").read_text())["spec"]
     model = build_classifier(get_arch(spec["model"]["preset"]), 10, spec["data"]["img_size"],
                              spec["model"]["patch_size"])
@@ -618,7 +619,7 @@ def test_summary_json_holds_rows_claims_gates_and_provenance(tmp_path):
 
 
 def test_top1_figure_is_zoomed_and_marks_expected_and_teacher(tmp_path):
-    from harness.figures import top1_figure
+    from harness.report.figures import top1_figure
     summary = pd.DataFrame([{"row": r, "method": m, "n": 3, "seeds_top1": [v - 0.4, v, v + 0.5]}
                             for r, m, v in [("mae", "mae", 70.0), ("dmae", "dmae", 71.2), ("kd", "kd", 70.6)]])
     fig = top1_figure(summary, "tiny", teacher=74.0, expected={"mae": 70.3})
@@ -654,7 +655,7 @@ def test_training_curves_put_the_feature_loss_on_its_own_axes(tmp_path):
 
 
 def test_ablation_axis_is_the_one_setting_the_rows_vary():
-    from harness.ablation import ablation_axes, row_settings
+    from harness.report.ablation import ablation_axes, row_settings
     base = {"objective": "dmae", "pretrain": {"mask_ratio": 0.75, "epochs": 8, "warmup_epochs": 1.0},
             "distill": {"alpha": 1.0, "distance": "l1", "pairs": [[2, 4]]}, "model": {"preset": "s"}}
 
@@ -696,7 +697,7 @@ def test_ablation_axis_is_the_one_setting_the_rows_vary():
     ("distance", "pretrain:distill.alpha", ["alpha_0p5", "l1_norm", "alpha_2"]),
     ("student_size", None, []), ("aligned_layer", None, [])])
 def test_recipes_ablation_axes_come_from_their_resolved_specs(tmp_path, table, key, rows):
-    from harness.figures import ablation_files
+    from harness.report.figures import ablation_files
     # the smoke profile's single pre-training epoch scales to 1 at every schedule length: 8 here (warm-up 1)
     c = collect(fake_tree(tmp_path, lambda r, s: 50.0 + s, table=table, seeds=1, real_specs=True,
                           overrides=["pretrain.epochs=8", "pretrain.warmup_epochs=1"]))
@@ -708,7 +709,7 @@ def test_recipes_ablation_axes_come_from_their_resolved_specs(tmp_path, table, k
 
 
 def test_sweep_figure_draws_top1_against_the_swept_value(tmp_path):
-    from harness.figures import sweep_axes, sweep_figures
+    from harness.report.figures import sweep_axes, sweep_figures
     points = [(f"m={m}", collect(fake_tree(tmp_path / m, table2_top1, seeds=2, real_specs=True,
                                            overrides=[f"rows.dmae_95.pretrain.mask_ratio={m}"])))
               for m in ("0.9", "0.95")]
@@ -724,7 +725,7 @@ def test_sweep_figure_draws_top1_against_the_swept_value(tmp_path):
 
 def test_git_state_dirty_flag(tmp_path):
     import subprocess
-    from harness.artefacts import git_state
+    from harness.report.artefacts import git_state
     repo = tmp_path / "repo"
     repo.mkdir()
     git = lambda *a: subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=repo,  # noqa: E731
@@ -774,7 +775,7 @@ def test_report_comes_back_from_its_kept_data_byte_for_byte(tmp_path, monkeypatc
 
 
 def test_load_export_gives_back_the_collected_frames(tmp_path):
-    from harness.collect import load_export
+    from harness.report.collect import load_export
     root = fake_tree(tmp_path, table2_top1, real_specs=True)
     c = collect(root)
     export(c, tmp_path / "data")
@@ -827,7 +828,7 @@ def test_report_table_banner_and_every_link_exists(tree, tmp_path):
     assert "| `dmae_75` DMAE, 75% masking | 84.0 [" in text and NOT_IMAGENET in text
     found = links(text)
     figures = [f.split("/", 1)[1] for f in found if f.endswith(".png")]
-    # top1_vs_<setting>: the rows dmae_75/95/98 differ in the mask ratio alone (harness.ablation)
+    # top1_vs_<setting>: the rows dmae_75/95/98 differ in the mask ratio alone (harness.report.ablation)
     expected = ["claims_forest.png", "top1_by_row.png", "top1_vs_pretrain.mask_ratio.png"] \
         + (["val_curves.png"] if has_val_curves(tree) else []) + ["curves-teacher.png"] \
         + [f"curves-{r}.png" for r in ROWS]

@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
-from harness.config import load_config
-from harness.plan import build_plan
+from harness.plan.config import load_config
+from harness.plan.graph import build_plan
 from harness.run.cli import main, run_table
 from harness.run.preflight import PreflightError
-from harness.spec import spec_dict
+from harness.core.spec import spec_dict
 
 
 def _results(root):
@@ -61,7 +61,7 @@ def test_missing_dataset_fails_before_anything_runs(tmp_path, capsys):
 
 
 def test_bad_teacher_checkpoint_fails_before_anything_runs(tmp_path):
-    from harness.models import PRESETS, build_mae
+    from harness.core.models import PRESETS, build_mae
     wrong = build_mae(PRESETS["vit_w32d2_dec32d1"], 28, 4)  # not the recipe's teacher (vit_w48d3_dec48d1)
     torch.save({"model": wrong.state_dict()}, tmp_path / "wrong.pth")
     base = ["profile=smoke", f"results_root={tmp_path}", "teacher.train=false",

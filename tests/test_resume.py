@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-import harness.train as train_mod
-from harness.checkpoints import LAST, PREV, CheckpointError, atomic_save, safe_load, state_dict_of
-from harness.models import PRESETS, build_mae
-from harness.stages import run_stage
-from harness.rundir import ATTEMPT_FIELDS
+import harness.core.train as train_mod
+from harness.core.checkpoints import LAST, PREV, CheckpointError, atomic_save, safe_load, state_dict_of
+from harness.core.models import PRESETS, build_mae
+from harness.core.stages import run_stage
+from harness.core.rundir import ATTEMPT_FIELDS
 
 DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=64,
             test_subset=32, eval_crop_pct=1.0)
@@ -165,5 +165,5 @@ def test_finished_stage_is_not_rerun(tmp_path, monkeypatch, uninterrupted):
     def boom(**kw):
         raise AssertionError("a finished stage must not train again")
 
-    monkeypatch.setattr("harness.stages.fit", boom)
+    monkeypatch.setattr("harness.core.stages.fit", boom)
     assert run_stage(pretrain_spec("mae"), ref_dir, {}, RUNTIME, "mae") == ref

@@ -1,9 +1,9 @@
-"""harness.rundir owns what a stage directory's files mean: its status (one definition for the planner, launcher,
+"""harness.core.rundir owns what a stage directory's files mean: its status (one definition for the planner, launcher,
 estimator and collector) and its per-epoch log."""
 import json
 
-from harness import rundir
-from harness.rundir import DONE, FAILED, PARTIAL, TODO, epochs_logged, read_log, stage_status
+from harness.core import rundir
+from harness.core.rundir import DONE, FAILED, PARTIAL, TODO, epochs_logged, read_log, stage_status
 
 
 def test_status_from_the_files(tmp_path):

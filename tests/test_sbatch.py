@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from harness.config import load_config
-from harness.plan import build_plan
-from harness.spec import spec_dict
+from harness.plan.config import load_config
+from harness.plan.graph import build_plan
+from harness.core.spec import spec_dict
 from harness.run.cli import run_table
 
 
@@ -25,7 +25,7 @@ def test_scripts_chain_stages_with_dependencies(tmp_path, monkeypatch):
         script = (plan.root / "sbatch" / f"{sid}.sbatch").read_text()
         assert "#SBATCH --partition=debug" in script and "#SBATCH --requeue" in script
         assert "#SBATCH --constraint=a100" in script
-        assert f"-m harness.stages {plan.dir(sid)}" in script
+        assert f"-m harness.core.stages {plan.dir(sid)}" in script
         cfg = json.loads((plan.dir(sid) / "config.json").read_text())
         assert cfg["spec"] == spec_dict(stage.spec) and cfg["inputs"] == plan.input_paths(stage)
         line = next(x for x in submit.splitlines() if x.startswith(f"JOB[{sid}]="))
@@ -77,7 +77,7 @@ def test_usr2_requeues_the_slurm_job(monkeypatch):
     import os
     import signal
 
-    import harness.stages as stages
+    import harness.core.stages as stages
     calls = []
     monkeypatch.setattr(stages.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
     monkeypatch.setenv("SLURM_JOB_ID", "4242")

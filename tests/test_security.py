@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.checkpoints import CheckpointError
-from harness.config import ConfigError, load_config
+from harness.core.checkpoints import CheckpointError
+from harness.plan.config import ConfigError, load_config
 from harness.run.launch import execute as real_execute  # before the autouse fixture replaces it
-from harness.models import PRESETS, build_classifier, build_mae
-from harness.plan import build_plan
+from harness.core.models import PRESETS, build_classifier, build_mae
+from harness.plan.graph import build_plan
 from harness.run.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def test_crafted_teacher_checkpoint_is_refused_at_preflight_and_never_runs(tmp_p
 
 
 def test_planted_checkpoint_last_is_refused_at_resume_and_never_runs(tmp_path):
-    from harness.stages import run_stage
+    from harness.core.stages import run_stage
     marker = tmp_path / "PWNED"
     d = tmp_path / "stage"
     d.mkdir()
@@ -169,7 +169,7 @@ def test_config_values_are_data_never_code(tmp_path):
     cfg = load_config("table2", ["profile=smoke", f"results_root={tmp_path}", f"title=\"{payload}\"",
                                  f"rows.dmae_95.label=\"{payload}\"", f"profile_note=\"{payload}\""])
     plan = build_plan(cfg)
-    from harness.plan import describe, write_manifest
+    from harness.plan.graph import describe, write_manifest
     describe(plan)
     write_manifest(plan, cfg, "test", [])
     assert cfg.title == payload and cfg.rows.dmae_95.label == payload

@@ -1,4 +1,4 @@
-"""The smoke table through a real Slurm (harness/slurm_local.sh), and preemption: a stage interrupted by submitit
+"""The smoke table through a real Slurm (tools/slurm_local.sh), and preemption: a stage interrupted by submitit
 (USR2, as on preemption/timeout) is requeued and resumes from checkpoint-last with the same final weights. The test
 cluster is self-contained: starting it leaves /etc byte-identical, and a second one is refused beside it."""
 import json
@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.checkpoints import safe_load, state_dict_of
-from harness.config import load_config, runtime_of
+from harness.core.checkpoints import safe_load, state_dict_of
+from harness.plan.config import load_config, runtime_of
 from harness.run.launch import _job, slurm_executor
-from harness.plan import build_plan
+from harness.plan.graph import build_plan
 from harness.run.cli import run_table
 from harness.run.preflight import PreflightError
-from harness.stages import run_stage
+from harness.core.stages import run_stage
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def test_usr2_to_a_two_rank_job_with_data_workers_requeues_it_exactly_once(slurm
     assert logs.count("resumed from checkpoint-last at epoch") == 1, logs[-4000:]
 
 
-SCRIPT = ROOT / "harness" / "slurm_local.sh"
+SCRIPT = ROOT / "tools" / "slurm_local.sh"
 ETC_FILES = [Path("/etc/slurm/slurm.conf"), Path("/etc/slurm/slurmdbd.conf"), Path("/etc/hosts"),
              Path("/etc/munge/munge.key")]
 
@@ -153,7 +153,7 @@ def test_a_second_prefix_refuses_to_start_beside_this_cluster(slurm_cluster, tmp
 
 def test_a_pending_array_task_cancelled_before_it_starts_is_seen_as_ended(slurm_cluster, tmp_path):
     """sacct keeps no record of an array task cancelled while pending: submitit reports it UNKNOWN (not done) for
-    ever. The driver reads the array's own record instead (a driver hung on this in the harness.faults campaign)."""
+    ever. The driver reads the array's own record instead (a driver hung on this in the tools.faults campaign)."""
     import submitit
 
     from harness.run.launch import ended_unseen

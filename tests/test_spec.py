@@ -1,14 +1,14 @@
-"""The typed stage spec (harness.spec): what the planner builds is what config.json holds and what the stage reads
+"""The typed stage spec (harness.core.spec): what the planner builds is what config.json holds and what the stage reads
 back; unknown keys are refused; the dict form, and so every stage id, is the one finished results are filed under."""
 import json
 
 import pytest
 
-from harness.config import load_config, runtime_of, tables
-from harness.plan import build_plan
-from harness.rundir import spec_hash
-from harness.spec import (FinetuneStage, PretrainStage, SpecError, StageRuntime, spec_dict, stage_runtime,
-                          stage_spec)
+from harness.plan.config import load_config, runtime_of, tables
+from harness.plan.graph import build_plan
+from harness.core.rundir import spec_hash
+from harness.core.spec import (FinetuneStage, PretrainStage, SpecError, StageRuntime, spec_dict, stage_runtime,
+                               stage_spec)
 
 # Stages of the table2 run committed before the sensitive miniature, with the profile now called tiny-fast: a change
 # to the spec's dict form would move these ids and orphan every finished result filed under them.
@@ -29,7 +29,7 @@ def test_stage_ids_of_finished_results_are_stable(tmp_path):
 
 @pytest.mark.parametrize("table", tables())
 def test_every_planned_spec_reads_back_from_its_json(table, tmp_path):
-    """config.json round trip, as a stage re-reads it (python -m harness.stages <dir>): the same typed spec."""
+    """config.json round trip, as a stage re-reads it (python -m harness.core.stages <dir>): the same typed spec."""
     plan = build_plan(load_config(table, ["profile=smoke", f"results_root={tmp_path}"]))
     for stage in plan.stages.values():
         back = stage_spec(json.loads(json.dumps(spec_dict(stage.spec))))

@@ -1,4 +1,4 @@
-"""Stages through harness.stages.run_stage.
+"""Stages through harness.core.stages.run_stage.
 
 - optimizer parameter groups of the pre-train and fine-tune stages (MAE's weight-decay and layer-decay rules);
 - (slow) an end-to-end smoke pipeline on tiny Fashion-MNIST subsets: teacher MAE pre-train -> teacher fine-tune;
@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-import harness.stages as stages_mod
-from harness.checkpoints import safe_load, state_dict_of
-from harness.stages import run_stage
+import harness.core.stages as stages_mod
+from harness.core.checkpoints import safe_load, state_dict_of
+from harness.core.stages import run_stage
 
 DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=256,
             test_subset=128, holdout=96, eval_crop_pct=1.0)
@@ -148,9 +148,9 @@ def test_smoke_pipeline(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (runs["ft_kd"][0] / "log.jsonl").read_text().splitlines()]
     assert all(_finite(r["loss_kd"]) and _finite(r["loss_ce"]) for r in rows)
     # the evaluation stage reads the test split; the saved model reproduces the fine-tune's last validation numbers
-    from harness.data import Aug, build_dataset
-    from harness.spec import DataConfig, ModelConfig
-    from harness.train import evaluate_classifier, setup_runtime
+    from harness.core.data import Aug, build_dataset
+    from harness.core.spec import DataConfig, ModelConfig
+    from harness.core.train import evaluate_classifier, setup_runtime
     val_ds, _ = build_dataset(DataConfig(**DATA), "val", Aug("eval", DATA["img_size"]))
     for ev, ft in (("eval_dmae", "ft_dmae"), ("eval_kd", "ft_kd")):
         res = runs[ev][1]

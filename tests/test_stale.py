@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from harness.collect import collect
-from harness.config import load_config
-from harness.plan import build_plan, describe
+from harness.report.collect import collect
+from harness.plan.config import load_config
+from harness.plan.graph import build_plan, describe
 from harness.run.cli import run_table
-from harness.rundir import STALE_DIR, sha256_file
+from harness.core.rundir import STALE_DIR, sha256_file
 
 pytestmark = pytest.mark.slow
 
@@ -115,7 +115,7 @@ def test_upstream_recomputed_with_other_weights_invalidates_its_consumers(tmp_pa
 
 
 def test_a_changed_user_checkpoint_makes_its_consumers_stale(tmp_path):
-    from harness.rundir import broken_input
+    from harness.core.rundir import broken_input
     ckpt = tmp_path / "teacher.pth"
     ckpt.write_bytes(b"weights v1")
     res = {"inputs": {"teacher": {"path": str(ckpt), "sha256": sha256_file(ckpt)}}}

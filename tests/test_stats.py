@@ -1,4 +1,4 @@
-"""harness.stats and the claims schema: paired intervals against hand-computed values, the pooled two-way noise
+"""harness.report.stats and the claims schema: paired intervals against hand-computed values, the pooled two-way noise
 against a hand-computed fit, every verdict state of both tests (bound, paper-size effect, gate), seeds at 80% power,
 the convergence flag, the expected-value tolerance, and claims parsed / refused in a recipe.
 Fast: no training, no results tree."""
@@ -10,11 +10,11 @@ import pytest
 from omegaconf import OmegaConf
 from scipy import stats as st
 
-from harness.config import ConfigError, TableConfig, validate_claims
-from harness.stats import (BELOW_BOUND, DECIDED, FAILS, HOLDS, NO_DATA, NOT_APPLICABLE, NOT_TESTABLE, PAPER_EXCLUDED,
-                           UNSURE, Noise, boundary_distance, expected_check, gate_verdict, group_values, judge,
-                           last_epoch_gain, paired, seeds_for_power, seeds_needed, still_rising, t_crit, tolerance,
-                           two_way_noise, verdict)
+from harness.plan.config import ConfigError, TableConfig, validate_claims
+from harness.report.stats import (BELOW_BOUND, DECIDED, FAILS, HOLDS, NO_DATA, NOT_APPLICABLE, NOT_TESTABLE,
+                                  PAPER_EXCLUDED, UNSURE, Noise, boundary_distance, expected_check, gate_verdict,
+                                  group_values, judge, last_epoch_gain, paired, seeds_for_power, seeds_needed,
+                                  still_rising, t_crit, tolerance, two_way_noise, verdict)
 
 T2 = 4.302653  # t(0.975, 2)
 
@@ -298,7 +298,7 @@ GOOD = {"id": "c1", "text": "r1 beats r2", "a": ["r1"], "b": ["r2"], "test": "gr
 
 
 def test_claims_are_parsed_from_a_recipe():
-    from harness.config import load_config
+    from harness.plan.config import load_config
     cfg = load_config("table2", ["profile=smoke"])
     by = {c.id: c for c in cfg.claims}
     assert list(by) == ["dmae_beats_mae", "dmae_beats_kd", "mask95_within_1pp_of_75", "mask98_at_most_3pp_below_75"]
@@ -307,7 +307,7 @@ def test_claims_are_parsed_from_a_recipe():
     assert by["mask98_at_most_3pp_below_75"].margin == -3.0
     assert by["dmae_beats_kd"].bound == 0.5 and by["mask98_at_most_3pp_below_75"].bound is None
     # every recipe's claims validate (and name only its rows)
-    from harness.config import tables
+    from harness.plan.config import tables
     for t in tables():
         assert load_config(t, ["profile=smoke"]).claims, t
 
@@ -341,7 +341,7 @@ def test_duplicate_and_unnamed_claims_are_refused():
 
 
 def test_unknown_row_through_load_config_is_a_config_error():
-    from harness.config import load_config
+    from harness.plan.config import load_config
     with pytest.raises(ConfigError, match=r"table 'table2' claims\[0\] \(id 'dmae_beats_mae'\): a names unknown row"):
         load_config("table2", ["profile=smoke", "claims.0.a=[dmae_99]"])
     # a row removed on the command line keeps its claims (the report calls them not applicable)

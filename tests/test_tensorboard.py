@@ -1,8 +1,9 @@
-"""TensorBoard curves (harness.tblog): a stage's <stage dir>/tb/ read back with TensorBoard's own EventAccumulator --
+"""TensorBoard curves (harness.core.tblog): a stage's <stage dir>/tb/ read back with TensorBoard's own
+EventAccumulator --
 the loss terms, lr and img/s every run.tb_every steps at global step epoch x steps_per_epoch + step, the epoch's log
 line and validation top-1 per epoch; a resumed stage continues the curve without duplicated steps (the earlier
 attempt's file stays); only rank 0 writes; a failure to write warns once and never stops a stage; the runtime
-settings leave stage ids alone; the writer's benchmark writes its figures where harness.estimate does not read."""
+settings leave stage ids alone; the writer's benchmark writes its figures where harness.bench.estimate does not read."""
 import json
 import math
 import warnings
@@ -11,17 +12,17 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import harness.train as train_mod
+import harness.core.train as train_mod
 from harness.bench.results import load_results
 from harness.bench.tblog import INTERVAL_LADDER, SCHEMA, run_tensorboard
-from harness.checkpoints import atomic_save
-from harness.config import ConfigError, load_config, runtime_of
-from harness.models import PRESETS, build_mae
-from harness.plan import build_plan
-from harness.spec import StageRuntime
-from harness.stages import run_stage
-from harness.tblog import TB_DIR, TBLog
-from harness.train import Runtime
+from harness.core.checkpoints import atomic_save
+from harness.plan.config import ConfigError, load_config, runtime_of
+from harness.core.models import PRESETS, build_mae
+from harness.plan.graph import build_plan
+from harness.core.spec import StageRuntime
+from harness.core.stages import run_stage
+from harness.core.tblog import TB_DIR, TBLog
+from harness.core.train import Runtime
 
 # the smoke profile's smallest models, on 64 training images at 16 px: 4 steps of 16 an epoch
 DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=64,

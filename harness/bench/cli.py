@@ -26,7 +26,7 @@ square-matmul peak timed in the same loop (fp32 on CPU, bf16 on GPU). All steps 
 timed interleaved -- repetition r runs every variant once, in a rotated order -- so machine noise hits them alike,
 and ratios are medians of per-repetition ratios. The input pipeline (pretrain / finetune / eval transforms on
 Fashion-MNIST) is timed separately. On a CPU each profile's steps run with its run.threads (--threads overrides).
-Results: <out>/<device>-<date>.json and .md (default results/bench/, or $DMAE_BENCH_DIR); harness.estimate turns
+Results: <out>/<device>-<date>.json and .md (default results/bench/, or $DMAE_BENCH_DIR); harness.bench.estimate turns
 the latest of them into --dry-run cost estimates. Timings are only as quiet as the machine: the files record the
 load average; on a shared 2-core machine, 2 OpenMP threads per process collapse (use --threads 1 there).
 """
@@ -38,10 +38,10 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .results import DEFAULT_DIR, markdown, targets
-from .run import run
-from .spec import ALL_SHAPES, QUICK_SHAPES
-from .steps import ABLATIONS
+from harness.bench.results import DEFAULT_DIR, markdown, targets
+from harness.bench.run import run
+from harness.bench.spec import ALL_SHAPES, QUICK_SHAPES
+from harness.bench.steps import ABLATIONS
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -76,7 +76,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     command = "python -m harness.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.tensorboard:
-        from .tblog import markdown as tb_markdown, run_tensorboard  # local: imports the training loop
+        from harness.bench.tblog import markdown as tb_markdown, run_tensorboard  # local: imports the training loop
         result, path = run_tensorboard(
             args.shapes.split(",") if args.shapes else ["smoke" if args.quick else "tiny"],
             device="cpu" if args.device == "auto" else args.device, reps=args.steps or (3 if args.quick else 9),

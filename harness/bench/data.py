@@ -6,9 +6,9 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from ..data import Aug, FashionMNIST, build_dataset, loader
-from ..spec import DataConfig
-from .spec import profile_cfg, profile_data
+from harness.core.data import Aug, FashionMNIST, build_dataset, loader
+from harness.core.spec import DataConfig
+from harness.bench.spec import profile_cfg, profile_data
 
 
 def bench_data(profiles: Sequence[str], n_images: int, root: str, threads: int = 0, log=print) -> List[dict]:

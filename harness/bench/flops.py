@@ -1,5 +1,5 @@
 """FLOP counting: a step's FLOPs (forward + backward) by torch.utils.flop_counter.FlopCounterMode, on its device
-and on the meta device (no memory, no compute), which is how harness.estimate scales measured costs to shapes that
+and on the meta device (no memory, no compute), which is how harness.bench.estimate scales measured costs to shapes that
 were never benchmarked."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils import flop_counter as fc
 
-from .spec import StepSpec
-from .steps import Pool, build_step
+from harness.bench.spec import StepSpec
+from harness.bench.steps import Pool, build_step
 
 
 def _flop_mapping() -> dict:
@@ -69,7 +69,7 @@ def _flash_sdpa_on_meta():
 
 
 def meta_flops_per_image(s: StepSpec) -> float:
-    """FLOPs per image of step s, counted on the meta device (no memory, no compute): what harness.estimate uses
+    """FLOPs per image of step s, counted on the meta device (no memory, no compute): what harness.bench.estimate uses
     to scale measured costs to shapes that were not benchmarked. Equals the count on a real device."""
     key = s.match_key() + (s.kind, s.drop_path > 0, s.mixup > 0 or s.cutmix > 0)
     if key not in _META_CACHE:

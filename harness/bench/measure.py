@@ -12,9 +12,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .flops import count_flops
-from .spec import StepSpec
-from .steps import Step, sync
+from harness.bench.flops import count_flops
+from harness.bench.spec import StepSpec
+from harness.bench.steps import Step, sync
 
 
 @dataclass

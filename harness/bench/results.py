@@ -1,5 +1,5 @@
 """The benchmark's files: where they live, their schema, the device key they are filed under, reading them back
-(harness.estimate), the issue's targets judged on them and their Markdown summary. Standard library only (torch
+(harness.bench.estimate), the issue's targets judged on them and their Markdown summary. Standard library only (torch
 just to name a GPU), so that --dry-run reads the files without importing torch."""
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def current_device_key(device_type: str) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# reading results back (harness.estimate)
+# reading results back (harness.bench.estimate)
 
 
 def load_results(directory: Optional[str | Path] = None) -> List[dict]:

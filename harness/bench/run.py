@@ -17,13 +17,13 @@ import timm
 import torch
 from timm.layers import use_fused_attn
 
-from ..data import FASHION_MNIST_DIR
-from ..rundir import git_commit
-from .data import bench_data
-from .measure import Variant, measure, peak_step, ratio, stats
-from .results import RATIOS, SCHEMA, bench_dir, cpu_name, device_key, markdown, targets
-from .spec import profile_cfg, profile_steps
-from .steps import ABLATIONS, Pool, build_step
+from harness.core.data import FASHION_MNIST_DIR
+from harness.core.rundir import git_commit
+from harness.bench.data import bench_data
+from harness.bench.measure import Variant, measure, peak_step, ratio, stats
+from harness.bench.results import RATIOS, SCHEMA, bench_dir, cpu_name, device_key, markdown, targets
+from harness.bench.spec import profile_cfg, profile_steps
+from harness.bench.steps import ABLATIONS, Pool, build_step
 
 
 def device_info(device: torch.device, amp: str) -> dict:

@@ -1,6 +1,7 @@
-"""What a benchmarked step is (StepSpec, also the key harness.estimate maps plan stages to) and the steps and input
+"""What a benchmarked step is (StepSpec, also the key harness.bench.estimate maps plan stages to) and the steps and
+input
 pipelines of a profile, read from the table2 recipe at that profile. Standard library, hydra and omegaconf only:
-harness.estimate imports it for --dry-run without importing torch."""
+harness.bench.estimate imports it for --dry-run without importing torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
@@ -8,9 +9,9 @@ from typing import List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
-from ..arch import get_arch, num_visible
-from ..config import ConfigError, load_config, resolve_pairs
-from ..spec import DistillSpec, FinetuneSpec, KDConfig, ModelConfig, PretrainSpec
+from harness.core.arch import get_arch, num_visible
+from harness.plan.config import ConfigError, load_config, resolve_pairs
+from harness.core.spec import DistillSpec, FinetuneSpec, KDConfig, ModelConfig, PretrainSpec
 
 TRAIN_KINDS = ("mae", "dmae", "finetune", "finetune_kd")
 QUICK_SHAPES = ("tiny", "smoke")
@@ -19,10 +20,10 @@ ALL_SHAPES = ("tiny", "smoke", "paper")
 
 @dataclass(frozen=True)
 class StepSpec:
-    """One measured step: what runs and at which shape. Also the key harness.estimate maps plan stages to."""
+    """One measured step: what runs and at which shape. Also the key harness.bench.estimate maps plan stages to."""
 
     kind: str  # mae | dmae | finetune | finetune_kd | eval
-    model: str  # preset of harness.models.PRESETS (the trained / evaluated model)
+    model: str  # preset of harness.core.models.PRESETS (the trained / evaluated model)
     patch_size: int
     img_size: int
     batch: int
@@ -37,7 +38,7 @@ class StepSpec:
     mixup: float = 0.0
     cutmix: float = 0.0
     smoothing: float = 0.0
-    # the optimizer and loss settings of the profile's stages (harness.build makes both from them); the defaults,
+    # the optimizer and loss settings of the profile's stages (harness.core.build makes both from them); the defaults,
     # for specs from elsewhere (the estimator), are the config's
     weight_decay: float = PretrainSpec.weight_decay  # profile_steps sets each kind's own
     layer_decay: float = FinetuneSpec.layer_decay  # fine-tuning kinds
@@ -87,7 +88,7 @@ class StepSpec:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-# the distill settings a DMAE step carries (StepSpec.distill), as harness.build and the stages read them
+# the distill settings a DMAE step carries (StepSpec.distill), as harness.core.build and the stages read them
 DISTILL_FIELDS = ("alpha", "pixel_weight", "distance", "normalize", "include_cls", "projection")
 
 
@@ -96,11 +97,11 @@ def step_spec(kind: str, model: ModelConfig, img_size: int, batch: int, num_clas
               distill: Optional[DistillSpec] = None, kd: Optional[KDConfig] = None,
               teacher: Optional[ModelConfig] = None) -> StepSpec:
     """The step of `kind` that a stage with these spec sections runs, with every setting of them the step depends
-    on (what harness.build and the stages make its models, objective and optimizer from). The benchmark's profile
-    steps and harness.estimate's stage steps both come from here, so the two cannot drift apart.
+    on (what harness.core.build and the stages make its models, objective and optimizer from). The benchmark's profile
+    steps and harness.bench.estimate's stage steps both come from here, so the two cannot drift apart.
 
     model, teacher: the stage's models; pretrain (mae, dmae), distill (dmae: pairs resolved), finetune (finetune,
-    finetune_kd) and kd (finetune_kd): the stage spec's sections of those names (harness.spec)."""
+    finetune_kd) and kd (finetune_kd): the stage spec's sections of those names (harness.core.spec)."""
     if kind not in TRAIN_KINDS + ("eval",):
         raise ValueError(f"step kind must be one of {TRAIN_KINDS + ('eval',)}, got {kind!r}")
     base = dict(model=model.preset, patch_size=model.patch_size, img_size=int(img_size), batch=int(batch),
@@ -124,7 +125,7 @@ def step_spec(kind: str, model: ModelConfig, img_size: int, batch: int, num_clas
 
 
 def _section(cls, d: dict):
-    """A stage spec section (harness.spec) from the table config's section of that name, less its config-only keys
+    """A stage spec section (harness.core.spec) from the table config's section of that name, less its config-only keys
     (effective_batch, epoch_scale, align, teacher_source: resolved away before a stage sees them)."""
     return cls(**{f.name: d[f.name] for f in fields(cls)})
 

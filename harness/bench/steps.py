@@ -1,4 +1,4 @@
-"""Building the measured steps: each step's models, objective and optimizer, made by harness.build -- the functions
+"""Building the measured steps: each step's models, objective and optimizer, made by harness.core.build -- the functions
 the stages build theirs with -- from the profile's settings in its StepSpec, so a benchmarked step is the step
 training runs."""
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .. import build
-from ..spec import DistillSpec, FinetuneSpec, KDConfig, PretrainSpec
-from ..models import build_classifier, build_mae, get_arch
-from .spec import StepSpec
+from harness.core import build
+from harness.core.spec import DistillSpec, FinetuneSpec, KDConfig, PretrainSpec
+from harness.core.models import build_classifier, build_mae, get_arch
+from harness.bench.spec import StepSpec
 
 # the variants --ablate adds to a step: build_step options
 ABLATIONS = {"fused_off": {"fused_attn": False}, "fused_on": {"fused_attn": True}, "compile": {"compile": True},
@@ -65,7 +65,7 @@ def _classifier(pool: Pool, preset: str, s: StepSpec, patch: int, frozen: bool, 
 
 
 def _optimizer(pool: Pool, model: nn.Module, s: StepSpec, impl: str = "default"):
-    """The optimizer the stages build (harness.build), at the profile's weight decay, layer decay and betas."""
+    """The optimizer the stages build (harness.core.build), at the profile's weight decay, layer decay and betas."""
     def make():
         if s.kind in ("mae", "dmae"):
             groups = build.pretrain_param_groups(model, s.weight_decay)
@@ -78,7 +78,7 @@ def _optimizer(pool: Pool, model: nn.Module, s: StepSpec, impl: str = "default")
 
 
 def _objective(pool: Pool, s: StepSpec, teacher: Optional[nn.Module]):
-    """The objective the stages build (harness.build) from the profile's settings."""
+    """The objective the stages build (harness.core.build) from the profile's settings."""
     def make():
         if s.kind in ("mae", "dmae"):
             p = PretrainSpec(mask_ratio=s.mask_ratio, visible_rounding=s.visible_rounding,

@@ -1,10 +1,10 @@
-"""The cost of the TensorBoard curves (harness.tblog), and the per-step interval chosen from it (run.tb_every).
+"""The cost of the TensorBoard curves (harness.core.tblog), and the per-step interval chosen from it (run.tb_every).
 
     python -m harness.bench --tensorboard                  # tiny shapes, 1 thread: a few minutes on 2 cores
     python -m harness.bench --tensorboard --quick          # smoke shapes, 3 repetitions (seconds)
 
 Two measurements, on a profile's MAE, DMAE and fine-tuning steps (built as the benchmark builds them, from
-harness.build):
+harness.core.build):
 
 - **in the loop**: train.train_one_epoch -- the stages' loop, the writer's calls where a stage makes them -- over
   the same batch `--tb-steps` times per repetition, without a writer and with one at each interval of
@@ -20,7 +20,7 @@ harness.build):
   measured step is the recommendation.
 
 Results: <out>/tensorboard-<device>-<date>.json and .md (results/bench/ by default; their schema is not the step
-benchmark's, so harness.estimate never reads them). The load average is recorded at the start and the end.
+benchmark's, so harness.bench.estimate never reads them). The load average is recorded at the start and the end.
 """
 from __future__ import annotations
 
@@ -37,14 +37,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..models import get_arch
-from ..rundir import git_commit
-from ..spec import FinetuneSpec, PretrainSpec, StageRuntime
-from ..tblog import TBLog
-from ..train import Runtime, train_one_epoch
-from .results import bench_dir, cpu_name, device_key
-from .spec import profile_steps
-from .steps import Pool, _classifier, _objective, _optimizer, _student_mae, _teacher_mae
+from harness.core.models import get_arch
+from harness.core.rundir import git_commit
+from harness.core.spec import FinetuneSpec, PretrainSpec, StageRuntime
+from harness.core.tblog import TBLog
+from harness.core.train import Runtime, train_one_epoch
+from harness.bench.results import bench_dir, cpu_name, device_key
+from harness.bench.spec import profile_steps
+from harness.bench.steps import Pool, _classifier, _objective, _optimizer, _student_mae, _teacher_mae
 
 SCHEMA = "tensorboard-1"
 STEPS = ("mae_m75", "dmae_partial_m75", "finetune")
@@ -284,6 +284,6 @@ def markdown(r: dict) -> str:
         lines.append("")
     worst = ", ".join(f"k={k}: {v * 100:.3f}%" for k, v in rec["worst_modelled_overhead"].items())
     lines += [f"Smallest run.tb_every under {rec['target'] * 100:.0f}% of every measured step (modelled): "
-              f"**{rec['interval']}** (the worst step: {worst}). run.tb_every's default (harness/spec.py): "
+              f"**{rec['interval']}** (the worst step: {worst}). run.tb_every's default (harness/core/spec.py): "
               f"{rec['default']}.", ""]
     return "\n".join(lines)

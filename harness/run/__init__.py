@@ -1,7 +1,8 @@
 """The orchestration layer: what turns a recipe into jobs and the jobs into a report.
 
-    cli        `python -m harness.reproduce`: parse, compose (harness.config), plan (harness.plan), preflight, run,
-               report (harness.report); sweeps (-m), `all`, --dry-run, --rehearse
+    cli        `python -m harness.reproduce`: parse, compose (harness.plan.config), plan (harness.plan.graph),
+    preflight, run,
+               report (harness.report.markdown); sweeps (-m), `all`, --dry-run, --rehearse
     preflight  every input checked before anything is submitted: data, teacher checkpoints, the Slurm cluster
     launch     runs a plan's stages: in process (debug), as submitit local jobs or Slurm job arrays; chains a row's
                stages into one job, re-attaches to running jobs, requeues on preemption
@@ -10,6 +11,7 @@
     sweep      -m: one results root per point, stages shared between points, the combined report
     rehearse   --rehearse: every stage for a few steps on a few images, and the REHEARSAL report
 
-Below it: harness.plan and harness.config (torch-free), the ML core the jobs run (harness.stages and what it
-imports), and harness.rundir, the one owner of a stage directory. Nothing below imports this package.
+Below it: harness.plan.graph and harness.plan.config (torch-free), the ML core the jobs run (harness.core.stages and
+what it
+imports), and harness.core.rundir, the one owner of a stage directory. Nothing below imports this package.
 """

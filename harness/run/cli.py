@@ -41,13 +41,13 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import recipes  # standard library only
 
-from ..rundir import DriverLocked, driver_lock  # standard library only
-from .preflight import PreflightError, check_inputs  # standard library at import time
+from harness.core.rundir import DriverLocked, driver_lock  # standard library only
+from harness.run.preflight import PreflightError, check_inputs  # standard library at import time
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from ..plan import Plan
+    from harness.plan.graph import Plan
 
 DEFAULT_TABLE = "table2"  # `python -m harness.reproduce` with no table; first in `all`
 
@@ -55,8 +55,8 @@ DEFAULT_TABLE = "table2"  # `python -m harness.reproduce` with no table; first i
 def prepare(table: str, overrides: Sequence[str]) -> Tuple["DictConfig", "Plan"]:
     """Compose, plan and check every input: what a real run and --dry-run both do before anything else."""
     # local: hydra; --help stays standard-library only
-    from ..config import load_config
-    from ..plan import build_plan, mark_overridden
+    from harness.plan.config import load_config
+    from harness.plan.graph import build_plan, mark_overridden
     cfg = load_config(table, list(overrides))
     plan = build_plan(cfg)
     mark_overridden(plan, cfg, list(overrides))  # a row the command line changed: labelled, not set against the paper
@@ -74,21 +74,22 @@ def run_plan(cfg: "DictConfig", plan: "Plan", overrides: Sequence[str], dry_run:
     """Run a prepared (checked) plan; reuse_from: results roots whose finished stages of the same id are linked in
     first (a sweep's other points); earlier: {stage id: table} planned by tables this command runs before (a dry run
     of `all` counts their shared stages once)."""
-    from ..plan import describe, write_manifest  # local: hydra; --help stays standard-library only
+    from harness.plan.graph import describe, write_manifest  # local: hydra; --help stays standard-library only
     table = cfg.table
     if dry_run or cfg.dry_run:
-        from ..estimate import estimate_plan  # local: only for a dry run; --help stays standard-library only
+        # local: only for a dry run; --help stays standard-library only
+        from harness.bench.estimate import estimate_plan
         print(describe(plan, estimate_plan(plan, cfg), earlier))
         print("inputs checked: a real run would start now")
         return 0
     # local: submitit, torch; looked up per call (tests replace harness.run.launch.execute)
-    from .launch import execute
+    from harness.run.launch import execute
     with driver_lock(plan.root):  # before the manifest: a second driver on this root changes nothing
         write_manifest(plan, cfg, command, list(overrides))
         print(f"{table} ({cfg.profile}): {len(plan.stages)} stages, launcher={cfg.launcher.name}, results in "
               f"{plan.root}", flush=True)
         if cfg.launcher.write_sbatch:
-            from .sbatch import write_sbatch  # local: torch; only with launcher.write_sbatch
+            from harness.run.sbatch import write_sbatch  # local: torch; only with launcher.write_sbatch
             path = write_sbatch(plan, cfg)
             print(f"wrote sbatch scripts; submit them with: bash {path}\n"
                   f"then, when the jobs are done: python -m harness.report {table} --profile {cfg.profile}")
@@ -98,7 +99,7 @@ def run_plan(cfg: "DictConfig", plan: "Plan", overrides: Sequence[str], dry_run:
         states = execute(plan, cfg)
     failed = [sid for sid, st in states.items() if st != "done"]
     if cfg.report:
-        from ..report import write_report  # local: pandas, matplotlib; only when a run reports
+        from harness.report.markdown import write_report  # local: pandas, matplotlib; only when a run reports
         path = write_report(plan.root, cfg.reports_dir)
         print(f"report: {path}")
     if failed:
@@ -109,7 +110,7 @@ def run_plan(cfg: "DictConfig", plan: "Plan", overrides: Sequence[str], dry_run:
 
 def expand_sweep(overrides: List[str]) -> List[List[str]]:
     """Hydra's override grammar: `key=a,b` and `key=range(0,3)` sweeps become the cartesian product of runs."""
-    from .sweep import expand_sweep as expand  # local: hydra, pandas; --help stays standard-library only
+    from harness.run.sweep import expand_sweep as expand  # local: hydra, pandas; --help stays standard-library only
     return expand(overrides)
 
 
@@ -124,7 +125,7 @@ class _Job:
 
 def prepare_rehearsal(job: _Job, steps: int, batch: int) -> None:
     """Compose the run and its rehearsal, write the inputs the rehearsal provides, check every input."""
-    from . import rehearse  # local: hydra; --help stays standard-library only
+    from harness.run import rehearse  # local: hydra; --help stays standard-library only
     full_cfg, full_plan, job.cfg, job.plan, todo = rehearse.compose(job.table, job.overrides, steps, batch)
     notes = rehearse.prepare_inputs(todo, job.plan)
     check_inputs(job.plan, job.cfg)
@@ -140,7 +141,7 @@ def plan_jobs(names: Sequence[str], overrides: List[str], multirun: bool, rehear
     for table in names:
         if rehearse is not None:
             if multirun:
-                from ..config import ConfigError  # local: hydra; --help stays standard-library only
+                from harness.plan.config import ConfigError  # local: hydra; --help stays standard-library only
                 raise ConfigError("--rehearse rehearses one run; drop -m (rehearse one point of the sweep)")
             jobs.append(_Job(table, list(overrides)))
             continue
@@ -148,8 +149,8 @@ def plan_jobs(names: Sequence[str], overrides: List[str], multirun: bool, rehear
             jobs.append(_Job(table, list(overrides)))
             continue
         # local: hydra, pandas; only with -m
-        from ..config import load_config
-        from .sweep import point_overrides, sweep_name, sweep_points
+        from harness.plan.config import load_config
+        from harness.run.sweep import point_overrides, sweep_name, sweep_points
         keys, points = sweep_points(overrides)
         if not keys:
             print("-m: no swept key (key=a,b or key=range(a,b)); one plain run", file=sys.stderr)
@@ -166,7 +167,7 @@ def plan_jobs(names: Sequence[str], overrides: List[str], multirun: bool, rehear
             jobs.append(job)
     for job in jobs:
         if compose_only:
-            from ..config import load_config  # local: hydra; --help stays standard-library only
+            from harness.plan.config import load_config  # local: hydra; --help stays standard-library only
             job.cfg = load_config(job.table, job.overrides)
         elif rehearse is not None:
             prepare_rehearsal(job, *rehearse)
@@ -189,7 +190,7 @@ def run_jobs(jobs: List[_Job], dry_run: bool, command: str) -> int:
         for sid in job.plan.stages:
             planned.setdefault((job.plan.siblings(), sid), job.table)
         if job.rehearsal is not None and not (dry_run or job.cfg.dry_run):
-            from .rehearse import REHEARSAL, write_report  # local: hydra; only after --rehearse
+            from harness.run.rehearse import REHEARSAL, write_report  # local: hydra; only after --rehearse
             r = job.rehearsal
             out = Path(r["cfg"].reports_dir) / REHEARSAL / f"{job.table}.{r['cfg'].profile}.md"
             path = write_report(out, r["cfg"], r["plan"], job.plan, r["notes"], command, r["generated_data"])
@@ -197,8 +198,8 @@ def run_jobs(jobs: List[_Job], dry_run: bool, command: str) -> int:
         sweep = job.sweep
         if sweep is not None and job is sweep["jobs"][-1] and not (dry_run or job.cfg.dry_run):
             # local: pandas, matplotlib; only when a sweep's last point has run
-            from ..report import report_name
-            from .sweep import write_sweep_report
+            from harness.report.markdown import report_name
+            from harness.run.sweep import write_sweep_report
             points = []
             for j in sweep["jobs"]:
                 rep = Path(j.cfg.reports_dir) / f"{report_name(j.table, j.cfg.profile)}.md"
@@ -283,7 +284,7 @@ def main(argv: List[str] | None = None) -> int:
         return 2
     # SIGTERM (kill, a scheduler ending the driver) unwinds like Ctrl-C, so local jobs are cancelled with it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    from ..config import ConfigError, tables  # local: hydra; --help stays standard-library only
+    from harness.plan.config import ConfigError, tables  # local: hydra; --help stays standard-library only
     command = "python -m harness.reproduce " + " ".join(shlex.quote(a) for a in argv)
     # `all`: the default table first (its teacher and rows feed most other tables), then the rest by name
     names = [DEFAULT_TABLE] + [t for t in tables() if t != DEFAULT_TABLE] if args.table == "all" else [args.table]

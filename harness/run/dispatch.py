@@ -2,7 +2,8 @@
 
 The plain order is the graph's, teachers first. With a small slot count (two cores run table2's 16 jobs two at a
 time) the order decides how the run ends: one long chain started last runs alone while the other slot idles. So,
-when per-stage estimates are known (harness.estimate, the figures --dry-run prints), each candidate is tried as the
+when per-stage estimates are known (harness.bench.estimate, the figures --dry-run prints), each candidate is tried as
+the
 next job in a simulation of the rest of the run (every later choice in the plain order), and the one that finishes
 the whole run earliest goes first; ties keep the plain order. Simulated jobs are formed as the driver forms them
 (the same chain rule), and a stage's consumers become ready when it finishes, also in the middle of its job.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..plan import Plan, Stage
+from harness.plan.graph import Plan, Stage
 
 MAX_CANDIDATES = 24  # the first ones in the plain order; a simulation costs O(stages^2), so large plans stay cheap
 MAX_STAGES = 400  # beyond this the plain order is used (a Slurm plan has no slot limit anyway)

@@ -6,7 +6,7 @@
 - slurm: submitit's Slurm executor. The driver submits every stage whose inputs are done (ready stages together as
   one job array), polls, and submits the next wave. Each job is a submitit Checkpointable: on preemption or timeout
   it is requeued (at most launcher.max_requeues times) and the stage resumes from its checkpoint-last. Multi-GPU
-  jobs start torch.distributed from the job's environment (harness.ranks: Slurm's variables, as for an sbatch
+  jobs start torch.distributed from the job's environment (harness.core.ranks: Slurm's variables, as for an sbatch
   script's srun; submitit's for local jobs).
 
 The driver can be stopped and restarted at any time: finished stages are found by their result.json, and a stage
@@ -30,16 +30,16 @@ from typing import Dict, List, Optional, Sequence
 import submitit
 from omegaconf import DictConfig, OmegaConf
 
-from . import dispatch
-from ..config import mem_gb_of, runtime_of, tasks_per_node, world_size
-from ..estimate import estimate_plan
-from ..plan import Plan, Stage
-from ..ranks import export_rank_env
-from ..rundir import (ERROR_FILE, JOB_FILE, RESULT_FILE, StageLocked, epochs_logged, lock_holder, read_log,
-                     write_json)
-from ..spec import AnySpec, Schedule, StageRuntime
-from ..stages import run_stage
-from ..train import end_process_group
+from harness.run import dispatch
+from harness.plan.config import mem_gb_of, runtime_of, tasks_per_node, world_size
+from harness.bench.estimate import estimate_plan
+from harness.plan.graph import Plan, Stage
+from harness.core.ranks import export_rank_env
+from harness.core.rundir import (ERROR_FILE, JOB_FILE, RESULT_FILE, StageLocked, epochs_logged, lock_holder, read_log,
+                                 write_json)
+from harness.core.spec import AnySpec, Schedule, StageRuntime
+from harness.core.stages import run_stage
+from harness.core.train import end_process_group
 
 LOCKED = "locked"  # a job's result when a stage of it was found running in another process
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "UNKNOWN"}
@@ -85,7 +85,7 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict:
         _install_requeue_immune_to_sigterm()  # in the job's process, before any signal can ask for a requeue
-        if self.distributed:  # the same function as an sbatch script's `srun python -m harness.stages` (ranks.py)
+        if self.distributed:  # the same function as an sbatch script's `srun python -m harness.core.stages` (ranks.py)
             export_rank_env()
         try:
             result = run_stage(self.spec, self.run_dir, self.inputs, self.runtime, self.stage_id)
@@ -141,7 +141,8 @@ def _joins_a_chain(plan: Plan, stage: Stage, state: Dict[str, str], busy: set) -
 
 class Progress:
     """The driver's console: one line per state change; while jobs run, one line per new epoch of a running stage
-    ("epoch k/N" from its log.jsonl) with an ETA for the whole run (harness.estimate's figures, else the epoch times
+    ("epoch k/N" from its log.jsonl) with an ETA for the whole run (harness.bench.estimate's figures, else the epoch
+    times
     seen so far). quiet (run.quiet): only submissions, failures and the final table."""
     LOUD = ("submitted", "re-attached", "failed", "blocked")  # what quiet mode still prints
 
@@ -490,7 +491,7 @@ ENDED = {"CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEM
 
 def ended_unseen(job) -> bool:
     """A Slurm array task cancelled (or failed) while still pending never gets a sacct record of its own: submitit
-    then reports it UNKNOWN, i.e. not done, forever, and a driver waiting for it hangs (found by harness.faults: a
+    then reports it UNKNOWN, i.e. not done, forever, and a driver waiting for it hangs (found by tools.faults: a
     `scancel -s KILL` of a pending array). The array's own record, `<id>` or `<id>_[...]`, says that it ended."""
     jid = str(job.job_id)
     if "_" not in jid or job.state.split()[0] != "UNKNOWN":

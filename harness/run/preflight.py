@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Dict, List, Tuple
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from ..plan import Plan
+    from harness.plan.graph import Plan
 
 
 class PreflightError(RuntimeError):
@@ -26,10 +26,10 @@ class PreflightError(RuntimeError):
 
 def check_inputs(plan: Plan, cfg: DictConfig) -> None:
     # local: torch (data, checkpoints); --help stays standard-library only
-    from ..checkpoints import CheckpointError
-    from ..config import data_spec
-    from ..data import DataError, check_data, num_classes_of
-    from ..stages import load_classifier, load_teacher_encoder
+    from harness.core.checkpoints import CheckpointError
+    from harness.plan.config import data_spec
+    from harness.core.data import DataError, check_data, num_classes_of
+    from harness.core.stages import load_classifier, load_teacher_encoder
 
     try:
         check_data(data_spec(cfg))
@@ -80,7 +80,7 @@ def _train_images(data, at_most: int) -> Tuple[int, bool]:
     ImageFolder: its train/<class>/ files with an image extension (as torchvision's ImageFolder finds them), counted
     only until `at_most` (cheap on ImageNet)."""
     if data.name == "fashion_mnist":
-        from ..data import FASHION_FILES  # local: torch; --help stays standard-library only
+        from harness.core.data import FASHION_FILES  # local: torch; --help stays standard-library only
         with gzip.open(Path(data.root) / FASHION_FILES["train"][1], "rb") as f:
             head = f.read(8)
         return int.from_bytes(head[4:8], "big"), True
@@ -122,7 +122,7 @@ def check_batches(plan: "Plan", cfg: "DictConfig") -> List[str]:
     data.loader), so an epoch has (images // world) // batch_size steps and steps // accum_iter updates. Fewer
     images than world x batch_size: no step at all (the stage fails at run time); fewer than world x batch_size x
     accum_iter: steps but no optimizer update. Returns one problem per config key, naming it and the image count."""
-    from ..config import world_size  # local: hydra; --help stays standard-library only
+    from harness.plan.config import world_size  # local: hydra; --help stays standard-library only
     world = world_size(cfg.launcher)
     training = [s for s in plan.stages.values() if s.kind in ("pretrain", "finetune")]
     if not training:
@@ -187,7 +187,7 @@ def checkpoint_keys(cfg: "DictConfig", stage, role: str, path: str) -> List[str]
     checkpoints.base_pretrained)."""
     from omegaconf import OmegaConf  # local: omegaconf; --help stays standard-library only
 
-    from ..config import resolve_row
+    from harness.plan.config import resolve_row
     keys: List[str] = []
     for row in dict.fromkeys(r for r, _ in stage.cells):
         if row not in cfg.rows:
@@ -215,7 +215,7 @@ def check_imagefolder_classes(root: str) -> None:
     # local: torchvision, torch; --help stays standard-library only
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    from ..data import DataError
+    from harness.core.data import DataError
     for split in ("train", "val"):
         d = Path(root) / split
         empty = [c.name for c in sorted(d.iterdir()) if c.is_dir()

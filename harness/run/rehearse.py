@@ -26,12 +26,12 @@ from typing import Dict, List, Tuple
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from ..arch import get_arch
-from ..config import load_config, world_size
-from ..estimate import dataset_sizes
-from ..plan import Plan, build_plan
-from ..rundir import RESULT_FILE, write_text_atomic
-from ..spec import DataConfig, ModelConfig
+from harness.core.arch import get_arch
+from harness.plan.config import load_config, world_size
+from harness.bench.estimate import dataset_sizes
+from harness.plan.graph import Plan, build_plan
+from harness.core.rundir import RESULT_FILE, write_text_atomic
+from harness.core.spec import DataConfig, ModelConfig
 
 REHEARSAL = "rehearsal"
 TEST_IMAGES = 8  # per rank: the evaluation stages and the per-epoch validation read this many images each
@@ -125,7 +125,8 @@ def write_imagefolder(folder: Path, n_train: int, n_test: int, size: int) -> str
     marker = folder / ".complete"
     if marker.exists():
         return f"ImageFolder {folder} (written by an earlier rehearsal)"
-    from ..data import FASHION_MNIST_DIR, FashionMNIST  # local: torch; composing, reporting a rehearsal stay torch-free
+    # local: torch; composing, reporting a rehearsal stay torch-free
+    from harness.core.data import FASHION_MNIST_DIR, FashionMNIST
     for split, n, source in (("train", n_train, "train"), ("val", n_test, "val")):
         ds = FashionMNIST(FASHION_MNIST_DIR, source)
         per_class = max(1, math.ceil(n / len(ds.classes)))
@@ -150,9 +151,9 @@ def write_random_checkpoint(path: Path, arch_cfg: ModelConfig, data: DataConfig,
     # local: torch; composing and reporting a rehearsal stay torch-free
     import torch
 
-    from ..checkpoints import atomic_save
-    from ..data import num_classes_of
-    from ..models import build_classifier, build_mae
+    from harness.core.checkpoints import atomic_save
+    from harness.core.data import num_classes_of
+    from harness.core.models import build_classifier, build_mae
     arch = get_arch(arch_cfg.preset)
     torch.manual_seed(0)
     if finetuned:

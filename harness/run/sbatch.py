@@ -4,11 +4,13 @@
     bash results/table2/paper/sbatch/submit_all.sh      # submits every unfinished stage, chained with afterok
 
 Each stage gets `<stage dir>/config.json` (what it runs) and `sbatch/<stage id>.sbatch`, which runs
-`srun python -m harness.stages <stage dir>`: one task per GPU (launcher.tasks_per_node), each of which takes its rank,
-world size and rendez-vous from Slurm's variables exactly as a submitit job's task does (harness.ranks), so a
+`srun python -m harness.core.stages <stage dir>`: one task per GPU (launcher.tasks_per_node), each of which takes its
+rank,
+world size and rendez-vous from Slurm's variables exactly as a submitit job's task does (harness.core.ranks), so a
 multi-GPU stage runs DDP as under the driver. Dependencies are Slurm's (`--dependency=afterok:<input job ids>`);
 `--requeue` lets a preempted job come back, and the stage resumes from its checkpoint-last;
-`--signal=USR2@<launcher.signal_delay_s or 90>` warns a job before its time limit, and harness.stages then requeues it
+`--signal=USR2@<launcher.signal_delay_s or 90>` warns a job before its time limit, and harness.core.stages then
+requeues it
 (scontrol requeue) instead of being killed as failed. launcher.setup lines run first; with launcher.snapshot (default
 on for slurm) the scripts run a copy of the code taken when they were written, not the working tree of later. After
 the jobs end, `python -m harness.report <table> --profile <profile>` writes the report.
@@ -22,11 +24,11 @@ from typing import List
 
 from omegaconf import DictConfig
 
-from ..config import mem_gb_of, runtime_of, tasks_per_node
-from ..plan import Plan
-from ..rundir import write_stage_config
-from ..spec import spec_dict
-from .launch import code_snapshot, snapshot_wanted
+from harness.plan.config import mem_gb_of, runtime_of, tasks_per_node
+from harness.plan.graph import Plan
+from harness.core.rundir import write_stage_config
+from harness.core.spec import spec_dict
+from harness.run.launch import code_snapshot, snapshot_wanted
 
 
 def _directives(cfg: DictConfig, stage_id: str, log_dir: Path) -> List[str]:
@@ -76,10 +78,10 @@ def write_sbatch(plan: Plan, cfg: DictConfig) -> Path:
                                      # sbatch exports the submitting shell's environment: a rank of another job
                                      # there (torchrun, a test) would make every task here think it is that rank
                                      "unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE MASTER_ADDR"
-                                     "  # each task's ranks come from Slurm (harness.ranks)",
+                                     "  # each task's ranks come from Slurm (harness.core.ranks)",
                                      # --cpus-per-task again: srun of Slurm 22.05 to 23.02 does not inherit it
                                      f"srun --cpus-per-task={int(cfg.launcher.cpus_per_task)} {python} -m "
-                                     f"harness.stages {shlex.quote(str(run_dir))}", ""]))
+                                     f"harness.core.stages {shlex.quote(str(run_dir))}", ""]))
         deps = [d for d in plan.deps(stage) if plan.status(d) != "done"]
         dep_arg = (f"--dependency=afterok:{':'.join('${JOB[' + d + ']}' for d in deps)} " if deps else "")
         submit.append(f"JOB[{sid}]=$(sbatch --parsable {dep_arg}{shlex.quote(str(script))})")

@@ -27,9 +27,9 @@ from typing import Dict, List, Sequence, Tuple
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
-from ..collect import collect, load_paper_numbers, summarize
-from ..config import ConfigError
-from ..figures import sweep_figures
+from harness.report.collect import collect, load_paper_numbers, summarize
+from harness.plan.config import ConfigError
+from harness.report.figures import sweep_figures
 
 SWEEP_DIR = "sweeps"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.,=+-]")
@@ -112,7 +112,8 @@ def _fmt(mean, std, n) -> str:
 def write_sweep_report(path: Path, table: str, keys: Sequence[str], points: Sequence[Tuple[Point, Path, Path]],
                        command: str) -> Path:
     """One Markdown table: a row per (point, table row) with top-1 mean ± std over seeds and n, read from each
-    point's results tree with harness.collect. points: (point, its results tree <...>/<table>/<profile>, its report
+    point's results tree with harness.report.collect. points: (point, its results tree <...>/<table>/<profile>, its
+    report
     or None)."""
     papers = load_paper_numbers()
     path = Path(path)

@@ -1,7 +1,7 @@
 """torch.distributed's env:// variables (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) of
 a job's task, from the job's own environment: one function for every way a multi-process stage starts.
 
-- a Slurm task, submitit's (launcher=slurm) or a plain `srun python -m harness.stages <dir>` of an sbatch script
+- a Slurm task, submitit's (launcher=slurm) or a plain `srun python -m harness.core.stages <dir>` of an sbatch script
   (launcher.write_sbatch=true): from Slurm's variables, computed exactly as submitit's
   TorchDistributedEnvironment computes them, so both paths give a task the same rank, world and rendez-vous
       RANK = SLURM_PROCID, LOCAL_RANK = SLURM_LOCALID, WORLD_SIZE = SLURM_NTASKS,
@@ -96,7 +96,7 @@ def rank_env(env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
 
 def export_rank_env(env: Optional[MutableMapping[str, str]] = None) -> Dict[str, str]:
     """Put this task's env:// variables into the environment (os.environ by default) for
-    torch.distributed.init_process_group(init_method="env://") (harness.train.setup_runtime); returns them. A
+    torch.distributed.init_process_group(init_method="env://") (harness.core.train.setup_runtime); returns them. A
     variable already set to another value (e.g. by a launcher of the site) is refused, naming it, rather than
     overwritten: ranks that disagree would hang in the rendez-vous."""
     env = os.environ if env is None else env

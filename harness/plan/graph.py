@@ -23,10 +23,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, Row, check_name, data_spec, load_config, neutral_overrides, resolve_row
-from .spec import AnySpec, build_stage, spec_dict
-from .rundir import (MANIFEST_FILE, MODEL_FILE, STALE_DIR, FileHashes, broken_input, find_finished, git_commit,
-                     link_stage_dir, lock_holder, read_result, spec_hash, stage_status, write_json)
+from harness.plan.config import ConfigError, Row, check_name, data_spec, load_config, neutral_overrides, resolve_row
+from harness.core.spec import AnySpec, build_stage, spec_dict
+from harness.core.rundir import (MANIFEST_FILE, MODEL_FILE, STALE_DIR, FileHashes, broken_input, find_finished,
+                                 git_commit, link_stage_dir, lock_holder, read_result, spec_hash, stage_status,
+                                 write_json)
 
 MANIFEST = MANIFEST_FILE
 
@@ -38,7 +39,7 @@ class Stage:
     # teacher-pretrain | teacher-finetune | teacher-evaluate | teacher-probe | student-pretrain | student-finetune |
     # student-probe | evaluate
     role: str
-    spec: AnySpec  # harness.spec: typed; its dict form is config.json's spec
+    spec: AnySpec  # harness.core.spec: typed; its dict form is config.json's spec
     inputs: Dict[str, str]  # input role -> stage id, or "file:<path>" for a provided checkpoint
     cells: List[Tuple[str, int]] = field(default_factory=list)  # (row, seed) pairs this stage serves
 

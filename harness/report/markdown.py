@@ -11,15 +11,17 @@ other. `reproduce` calls write_report(results/<table>/<profile>, reports_dir) wh
 
 The data kept beside a report: cells.csv, stages.csv, epochs.csv (what the figures draw of each stage's log.jsonl)
 and run.json (the run's manifest, the warnings, the rows' resolved stage specs, their model sizes and FLOPs), written
-by harness.collect.export, from which the report is then drawn (render_report); rows.csv, claims.csv and summary.json
+by harness.report.collect.export, from which the report is then drawn (render_report); rows.csv, claims.csv and
+summary.json
 (the report's numbers for machines: rows, claims, gates, provenance) are drawn with it. So a clone, which has no
 results/, gets the same report back from the committed data (`--from-reports`, or by default when
 <results-root>/<table> has no results): the same inputs give the same bytes, except the "Report generated" line
 (SOURCE_DATE_EPOCH fixes it) and, in the provenance, the versions and git state of the code writing the report.
 
 The report knows no recipe: the claims come from the run's manifest (the recipe's `claims:` section, resolved), and
-are judged by harness.stats; the setting a table's rows vary (drawn as top-1 against it) is found from their resolved
-specs (harness.ablation). Nothing under results/ is linked (results/ is not committed): stage ids and the
+are judged by harness.report.stats; the setting a table's rows vary (drawn as top-1 against it) is found from their
+resolved
+specs (harness.report.ablation). Nothing under results/ is linked (results/ is not committed): stage ids and the
 config/manifest paths are written as plain text, from results/<table>/<profile> on, never as this machine's path.
 """
 from __future__ import annotations
@@ -41,17 +43,17 @@ from omegaconf import OmegaConf
 
 import recipes
 
-from .ablation import ablation_axes, row_settings
-from .artefacts import jsonable, model_costs, write_json, writer_state
-from .collect import (NOT_AVAILABLE, NOT_IMAGENET, RUN_FILE, Collected, collect, export, load_export,
-                      load_paper_numbers, overridden_text, row_costs, summarize, teacher_results)
-from .config import CONTROL_METHOD, RECIPES_DIR, GateConfig
-from .figures import make_figures
-from .gates import Gate, check_gates, not_passed
-from .rundir import MANIFEST_FILE
-from .stats import (BELOW_BOUND, DECIDED, FAILS, HOLDS, LEVEL, MIN_OWN_DOF, NO_DATA, NOT_APPLICABLE, NOT_TESTABLE,
-                    PAPER_EXCLUDED, RISING_PP, TOLERANCE_FLOOR, TOLERANCE_SE, UNSURE, USER, Noise, boundary_distance,
-                    expected_check, gate_verdict, judge, paired, two_way_noise)
+from harness.report.ablation import ablation_axes, row_settings
+from harness.report.artefacts import jsonable, model_costs, write_json, writer_state
+from harness.report.collect import (NOT_AVAILABLE, NOT_IMAGENET, RUN_FILE, Collected, collect, export, load_export,
+                                    load_paper_numbers, overridden_text, row_costs, summarize, teacher_results)
+from harness.plan.config import CONTROL_METHOD, RECIPES_DIR, GateConfig
+from harness.report.figures import make_figures
+from harness.report.gates import Gate, check_gates, not_passed
+from harness.core.rundir import MANIFEST_FILE
+from harness.report.stats import (BELOW_BOUND, DECIDED, FAILS, HOLDS, LEVEL, MIN_OWN_DOF, NO_DATA, NOT_APPLICABLE,
+                                  NOT_TESTABLE, PAPER_EXCLUDED, RISING_PP, TOLERANCE_FLOOR, TOLERANCE_SE, UNSURE, USER,
+                                  Noise, boundary_distance, expected_check, gate_verdict, judge, paired, two_way_noise)
 
 PACKAGES = ("torch", "timm", "submitit", "pandas", "numpy", "scipy", "hydra-core", "matplotlib")
 EXPECTED_DIR = None  # the expected/ folder beside the table's recipe (recipes.table_dir): a user's table keeps its own
@@ -169,7 +171,7 @@ def distinct_rows(cells: pd.DataFrame) -> Tuple[List[str], Dict[str, str]]:
 
 
 def report_noise(cells: pd.DataFrame) -> Tuple[Noise, Dict[str, str]]:
-    """The whole report's noise (harness.stats.two_way_noise over its distinct rows) and the rows left out."""
+    """The whole report's noise (harness.report.stats.two_way_noise over its distinct rows) and the rows left out."""
     kept, left = distinct_rows(cells)
     return two_way_noise(cells, kept), left
 
@@ -191,7 +193,7 @@ def noise_text(noise: Optional[Noise], left: Optional[Dict[str, str]] = None) ->
 
 def check_claims(claims: List[dict], cells: pd.DataFrame, summary: pd.DataFrame,
                  noise: Optional[Noise] = None) -> List[dict]:
-    """Each claim judged on paired seeds (harness.stats.judge; with `noise`, the report's pooled noise where the
+    """Each claim judged on paired seeds (harness.report.stats.judge; with `noise`, the report's pooled noise where the
     claim's own sd has too few degrees of freedom) against the paper's difference where both sides have paper
     numbers (paper_value, paper_text)."""
     by = {r["row"]: r for r in summary.to_dict("records")}
@@ -496,8 +498,8 @@ def _gates(gates: Optional[List[Gate]], res: Optional[List[dict]]) -> List[str]:
     rows = [[g.key, g.text, g.value, f"**{g.state}**" if g.passed else g.state, g.detail] for g in gates]
     return [head, "", md_table(["gate", "asks", "measured", "state", "detail"], rows), "",
             f"Claims: {len(decided)} of {len(res or [])} decided ({len(paper)} from the paper). Gates "
-            "(harness/gates.py, the recipe's `gates:`): (i) the MAE row against the same student fine-tuned from "
-            "random initialisation, paired (its own sd), interval's lower bound above the threshold; (ii) kNN "
+            "(harness/report/gates.py, the recipe's `gates:`): (i) the MAE row against the same student fine-tuned "
+            "from random initialisation, paired (its own sd), interval's lower bound above the threshold; (ii) kNN "
             "probes (frozen features, test split) of the teacher's aligned block against the MAE student's last "
             "block; (iii) the convergence check below. "
             "A gate whose rows or probes are missing is not checked, and counts as not passed."]
@@ -587,8 +589,8 @@ def _results(summary: pd.DataFrame, c: Collected) -> List[str]:
         rows.append([f"`{r['row']}` {r['label']}", paper, reproduced(r), probe, r["delta_text"], r["status"]])
     out = ["Reproduced = the evaluation stage's TEST top-1 (the whole test split); fine-tuning monitors a validation "
            "split carved out of the training images, never the test split. Probe = the kNN top-1 (k = 20, "
-           "harness/probe.py) of the row's encoder before fine-tuning (its last block, frozen; the scratch row: its "
-           "random initialisation), bank = the training images, queries = the test split: it shows what "
+           "harness/core/probe.py) of the row's encoder before fine-tuning (its last block, frozen; the scratch row: "
+           "its random initialisation), bank = the training images, queries = the test split: it shows what "
            "pre-training put into the features, which fine-tuning can wash out.", "",
            md_table(["row", "paper", "reproduced test top-1 (mean ± std, n)", "probe top-1 (mean ± std)", "Δ",
                      "status"], rows), ""]
@@ -650,7 +652,7 @@ def si(x, unit: str = "") -> str:
 
 
 def _model_sizes(c: Collected, summary: pd.DataFrame) -> List[str]:
-    """Parameters and FLOPs per image of each row's models (harness.artefacts.model_costs, kept in run.json)."""
+    """Parameters and FLOPs per image of each row's models (harness.report.artefacts.model_costs, kept in run.json)."""
     if not c.models:
         return []
     rows = []
@@ -660,7 +662,7 @@ def _model_sizes(c: Collected, summary: pd.DataFrame) -> List[str]:
         rows.append([f"`{r['row']}`", count("params"), count("params_pretrain"),
                      si(m.get("pretrain_flops_per_image"), "FLOP"), si(m.get("finetune_flops_per_image"), "FLOP"),
                      si(m.get("eval_flops_per_image"), "FLOP"), m.get("error", "")])
-    return ["", "Model size and compute per image, from each row's resolved stage specs (harness/artefacts.py): "
+    return ["", "Model size and compute per image, from each row's resolved stage specs (harness/report/artefacts.py): "
             "trainable parameters of the models built on the meta device; FLOPs per image counted by "
             "harness/bench/flops.py for the step the benchmark builds from the same specs (forward + backward for a "
             "training step, forward for the evaluation). A DMAE pre-training step includes the teacher's forward up to "
@@ -1042,7 +1044,7 @@ def write_report(root: Path, reports_dir: str | Path, figures: bool = True,
                  expected_dir: Optional[Path] = EXPECTED_DIR, costs: bool = True) -> Path:
     """results/<table>/<profile> -> <reports_dir>/<name>.md (+ figures and data, in <reports_dir>/<name>/), where
     name = report_name(table, profile); then the dashboard <reports_dir>/README.md. The tree is first exported
-    (harness.collect.export: cells, stages, epochs, run.json; with costs, the rows' parameters and FLOPs) and the
+    (harness.report.collect.export: cells, stages, epochs, run.json; with costs, the rows' parameters and FLOPs) and the
     report is drawn from that export (render_report), so a clone's committed data gives the same report back.
     figures=False skips drawing (the slow part), for tests of the text."""
     c = collect(Path(root))
@@ -1054,7 +1056,7 @@ def write_report(root: Path, reports_dir: str | Path, figures: bool = True,
 def render_report(reports_dir: str | Path, name: str, figures: bool = True,
                   expected_dir: Optional[Path] = EXPECTED_DIR) -> Path:
     """<reports_dir>/<name>.md, its figures, rows.csv, claims.csv and summary.json from the data kept in
-    <reports_dir>/<name>/ (harness.collect.load_export: run.json, cells.csv, stages.csv, epochs.csv); then the
+    <reports_dir>/<name>/ (harness.report.collect.load_export: run.json, cells.csv, stages.csv, epochs.csv); then the
     dashboard. No results tree is read."""
     reports_dir = Path(reports_dir)
     fig_dir = reports_dir / name

@@ -1,16 +1,17 @@
 """Positive controls: can this profile see an effect of the kind the paper claims? Checked before any paper claim is
-judged (harness.report), from the recipe's `gates` section (harness.config.GateConfig):
+judged (harness.report.markdown), from the recipe's `gates` section (harness.plan.config.GateConfig):
 
     (i)   pre-training matters: the MAE baseline beats the same student fine-tuned from random initialisation
           (`scratch`) by at least `min_pretraining_gain` pp of test top-1: the paired interval's lower bound is above
-          it (harness.stats.judge, a `greater` claim with that margin, on its own paired sd: the report's pooled
+          it (harness.report.stats.judge, a `greater` claim with that margin, on its own paired sd: the report's pooled
           noise leaves the scratch row out, as its noise is its own)
     (ii)  the teacher has something to give: the kNN probe of the teacher's aligned block beats the probe of the MAE
           student's last block by at least `min_teacher_probe_gap` pp (mean over the student's seeds)
-    (iii) the fine-tunes have converged: no row is still rising (harness.stats.RISING_PP)
+    (iii) the fine-tunes have converged: no row is still rising (harness.report.stats.RISING_PP)
 
 A gate passes, fails, or is not checked (its rows or probes are missing); a paper claim on a profile where any gate
-did not pass reads "not testable at this profile (gate … did not pass)" (harness.stats.gate_verdict), with its numbers
+did not pass reads "not testable at this profile (gate … did not pass)" (harness.report.stats.gate_verdict), with its
+numbers
 kept. Pure pandas, no torch.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import List, Mapping, Optional
 
 import pandas as pd
 
-from .stats import HOLDS, judge
+from harness.report.stats import HOLDS, judge
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
-"""What a report keeps beside its Markdown for machines and for a clone (harness.report writes them into
+"""What a report keeps beside its Markdown for machines and for a clone (harness.report.markdown writes them into
 reports/<name>/): the rows' model sizes and FLOPs, where the report was written (git commit, a dirty flag, the
 package version) and summary.json.
 
     model_costs(specs)   per row: trainable parameters of the fine-tuned classifier and of the pre-training model
                          (encoder + decoder + projection heads), built on the meta device from the row's resolved
-                         stage specs (harness.models); FLOPs per image of its pre-training step, fine-tuning step
+                         stage specs (harness.core.models); FLOPs per image of its pre-training step, fine-tuning step
                          (forward + backward) and evaluation (forward), counted by harness.bench.flops on the meta
                          device for the step the benchmark builds from those specs (harness.bench.spec.step_spec)
     writer_state()       the code writing the report: git commit, dirty flag (`git status --porcelain` lists a
@@ -21,9 +21,9 @@ import subprocess
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence
 
-from .arch import get_arch
-from .bench.spec import step_spec
-from .spec import stage_spec
+from harness.core.arch import get_arch
+from harness.bench.spec import step_spec
+from harness.core.spec import stage_spec
 
 PACKAGE = "dmae-harness"
 REPO = Path(__file__).resolve().parent.parent
@@ -31,14 +31,14 @@ _COSTS: Dict[str, dict] = {}  # a spec pair's costs, by its JSON (models on the 
 
 
 def _n_classes(data: Mapping) -> int:
-    return 10 if data.get("name") == "fashion_mnist" else 1000  # as harness.estimate costs a stage
+    return 10 if data.get("name") == "fashion_mnist" else 1000  # as harness.bench.estimate costs a stage
 
 
 def _row_costs(pretrain: Optional[dict], finetune: Optional[dict]) -> dict:
     import torch  # local: model sizes and FLOPs build the models (on the meta device); only when a report is written
 
-    from .bench.flops import meta_flops_per_image  # local: torch, as above
-    from .models import build_classifier, build_mae  # local: torch, as above
+    from harness.bench.flops import meta_flops_per_image  # local: torch, as above
+    from harness.core.models import build_classifier, build_mae  # local: torch, as above
 
     def trainable(m) -> int:
         return int(sum(p.numel() for p in m.parameters() if p.requires_grad))
@@ -75,7 +75,8 @@ def _row_costs(pretrain: Optional[dict], finetune: Optional[dict]) -> dict:
 
 def model_costs(specs: Mapping[str, Mapping]) -> Dict[str, dict]:
     """{row: {params, params_pretrain, pretrain_flops_per_image, finetune_flops_per_image, eval_flops_per_image}}
-    from {row: {"pretrain": spec dict | None, "finetune": spec dict | None}} (harness.collect's Collected.specs); a
+    from {row: {"pretrain": spec dict | None, "finetune": spec dict | None}} (harness.report.collect.s
+    Collected.specs); a
     key is absent where the row has no such stage. A row whose models cannot be built here gets {"error": why}."""
     out: Dict[str, dict] = {}
     for row, by_stage in specs.items():

@@ -52,17 +52,79 @@ def write_json(obj, path: Path) -> None:
 
 def write_stage_config(run_dir: str | Path, stage_id: str, spec: dict, inputs: Dict[str, str], runtime: dict) -> None:
     """config.json: everything a stage runs from (its spec, input paths, runtime settings) and the spec's hash. The
-    stage writes it when it starts; an sbatch script's stage, before submission (`python -m harness.stages <dir>`
+    stage writes it when it starts; an sbatch script's stage, before submission (`python -m harness.core.stages <dir>`
     reads it back)."""
     write_json({"stage_id": stage_id, "spec": spec, "inputs": inputs, "runtime": runtime,
                 "spec_hash": spec_hash(spec)}, Path(run_dir) / CONFIG_FILE)
 
 
+def tmp_path(path: str | Path) -> Path:
+    """The temporary file an atomic write of `path` goes through (.<name>.tmp-<pid>), renamed over it when complete;
+    one left by a killed process is removed when its stage starts again (stale_tmp_files)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def stale_tmp_files(run_dir: str | Path, pattern: str = "*") -> List[Path]:
+    """Temporary files of other (killed) processes in run_dir whose target name matches `pattern`."""
+    return sorted(p for p in Path(run_dir).glob(f".{pattern}.tmp-*") if not p.name.endswith(f".tmp-{os.getpid()}"))
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename it: a reader sees the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = tmp_path(path)
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------ `file:` input references
+# A stage input is another stage's id, or "file:<absolute path>" for a checkpoint the user provides.
+FILE_REF = "file:"
+
+
+def file_ref(path: str | Path) -> str:
+    return f"{FILE_REF}{os.path.abspath(path)}"
+
+
+def file_of_ref(ref: str) -> Optional[str]:
+    """The path of a `file:` input reference; None for a stage id."""
+    return ref[len(FILE_REF):] if ref.startswith(FILE_REF) else None
+
+
+# ------------------------------------------------------------------------------------------------ stage-file readers
+def read_json(path: str | Path) -> Optional[dict]:
+    """A JSON object file of a stage or a plan; None when it is missing, unreadable or not an object (a reader that
+    must tell those apart calls load_json)."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def load_json(path: str | Path) -> dict:
+    """A JSON object file; OSError / ValueError (naming the file) when it is missing, damaged or not an object."""
+    obj = json.loads(Path(path).read_text())
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return obj
+
+
+def read_error(run_dir: str | Path) -> Optional[dict]:
+    return read_json(Path(run_dir) / ERROR_FILE)
+
+
+def read_job(run_dir: str | Path) -> Optional[dict]:
+    return read_json(Path(run_dir) / JOB_FILE)
+
+
+def read_config(run_dir: str | Path) -> Optional[dict]:
+    return read_json(Path(run_dir) / CONFIG_FILE)
+
+
+def read_manifest(plan_root: str | Path) -> Optional[dict]:
+    """<results root>/<table>/<profile>/manifest.json: the plan the driver wrote."""
+    return read_json(Path(plan_root) / MANIFEST_FILE)
 
 
 def git_commit() -> Optional[str]:
@@ -255,10 +317,7 @@ def epochs_logged(run_dir: str | Path) -> int:
 
 
 def read_result(run_dir: str | Path) -> Optional[dict]:
-    try:
-        return json.loads((Path(run_dir) / RESULT_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json(Path(run_dir) / RESULT_FILE)
 
 
 def broken_input(result: dict, inputs: Dict[str, str], status_of: Callable[[str], str],
@@ -271,8 +330,8 @@ def broken_input(result: dict, inputs: Dict[str, str], status_of: Callable[[str]
     used = result.get("inputs") if isinstance(result.get("inputs"), dict) else {}
     for role, ref in inputs.items():
         was = (used.get(role) or {}).get("sha256") if isinstance(used.get(role), dict) else None
-        if ref.startswith("file:"):
-            path = ref[len("file:"):]
+        path = file_of_ref(ref)
+        if path is not None:
             now = file_sha(path)
             if now is None:
                 return f"its input {role} ({path}) is missing"

@@ -1,5 +1,6 @@
 """What a stage trains with, built from its spec sections: the objective, the optimizer's parameter groups and the
-optimizer. The stages (harness.stages) and the benchmark (harness.bench) call these same functions, so a benchmarked
+optimizer. The stages (harness.core.stages) and the benchmark (harness.bench) call these same functions, so a
+benchmarked
 step is the step training runs (nanoGPT's `configure_optimizers` serving both train.py and bench.py)."""
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .objectives import ClassifyObjective, DMAEObjective, MAEObjective
-from .spec import DistillSpec, FinetuneSpec, KDConfig, PretrainSpec
+from harness.core.objectives import ClassifyObjective, DMAEObjective, MAEObjective
+from harness.core.spec import DistillSpec, FinetuneSpec, KDConfig, PretrainSpec
 
 
 def pretrain_objective(objective: str, p: PretrainSpec, d: Optional[DistillSpec] = None,

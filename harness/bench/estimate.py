@@ -32,11 +32,11 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .bench.results import current_device_key, load_results
-from .bench.spec import StepSpec, step_spec
-from .config import world_size
-from .rundir import CONFIG_FILE, RESULT_FILE, epochs_logged
-from .spec import AnySpec, ModelConfig, kd_teacher_logits_cached, spec_dict
+from harness.bench.results import current_device_key, load_results
+from harness.bench.spec import StepSpec, step_spec
+from harness.plan.config import world_size
+from harness.core.rundir import CONFIG_FILE, RESULT_FILE, epochs_logged
+from harness.core.spec import AnySpec, ModelConfig, kd_teacher_logits_cached, spec_dict
 
 REPO_BENCH = Path(__file__).resolve().parent.parent / "results" / "bench"
 # Sizes of the datasets the profiles use, when no subset is set.
@@ -128,7 +128,7 @@ class _Index:
                  if e["trains"] == spec.trains and e.get("achieved_flops_per_s")]
         if not cands:
             return None, "no measured step to scale from"
-        from .bench.flops import meta_flops_per_image  # torch: only for shapes never benchmarked
+        from harness.bench.flops import meta_flops_per_image  # torch: only for shapes never benchmarked
         flops = meta_flops_per_image(spec)
         e = min(cands, key=lambda e: (e["_spec"].kind != spec.kind, abs(math.log(flops / e["flops_per_image"])),
                                       bool(threads) and int(e.get("threads", 0)) != threads, -e["_order"]))

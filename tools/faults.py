@@ -1,8 +1,8 @@
 """A seeded random preemption campaign: faults injected at random moments of a smoke table, every recovery compared
 stage by stage with an uninterrupted run of the same launcher.
 
-    python -m harness.faults --seed 0 --trials 12                 # local launcher and the local Slurm
-    python -m harness.faults --seed 0 --trials 6 --launchers local
+    python -m tools.faults --seed 0 --trials 12                 # local launcher and the local Slurm
+    python -m tools.faults --seed 0 --trials 6 --launchers local
 
 Per trial, in a fresh results root: start `python -m harness.reproduce table2 profile=smoke seeds=2 ...`, inject one
 fault at a moment drawn uniformly from the reference run's wall time, let the driver finish or, when the fault
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .rundir import DONE, JOB_FILE, stage_status
+from harness.core.rundir import DONE, JOB_FILE, stage_status
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULTS = {"local": ["driver-sigkill", "job-sigkill"],
@@ -134,7 +134,7 @@ def run_trial(launcher: str, fault: str, at_s: float, root: Path, log) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness.faults", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.faults", description=__doc__.split("\n")[0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trials", type=int, default=12)
     p.add_argument("--launchers", default="local,slurm")
@@ -185,7 +185,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                             "trials": trials}, indent=2) + "\n")
     ok = sum(t["identical"] for t in trials)
     lines = [f"# Preemption campaign, seed {args.seed}: {ok} of {len(trials)} recoveries identical", "",
-             f"`python -m harness.faults --seed {args.seed} --trials {args.trials} --launchers {args.launchers}"
+             f"`python -m tools.faults --seed {args.seed} --trials {args.trials} --launchers {args.launchers}"
              + (f" --faults {args.faults}" if args.faults else "") + "`; "
              f"table: `{' '.join(TABLE)}`. Each trial is compared stage by stage with the uninterrupted run of its "
              "launcher (model.pth sha256 of every training stage, top-1 of every evaluation).", "",

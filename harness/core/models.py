@@ -17,7 +17,7 @@ from torch import nn
 from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .arch import PRESETS, Arch, get_arch, num_visible  # noqa: F401  (re-exported: their home is harness.arch)
+from harness.core.arch import PRESETS, Arch, get_arch, num_visible  # noqa: F401  (re-exported: their home is harness.core.arch)
 
 
 _norm = partial(nn.LayerNorm, eps=1e-6)

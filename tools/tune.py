@@ -1,6 +1,6 @@
 """Tuning runs that can only see the validation split.
 
-    python -m harness.tune table2 --record recipes/profile/tiny-tuning.csv --trial ft-lr2e-3 \
+    python -m tools.tune table2 --record recipes/profile/tiny-tuning.csv --trial ft-lr2e-3 \
         profile=tiny '~rows.dmae_95' finetune.blr=2e-3
 
 runs the table's pre-training and fine-tuning stages in this process (launcher=debug semantics, results under
@@ -21,17 +21,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
-from .config import load_config, runtime_of
-from .plan import build_plan
-from .rundir import LOG_FILE, RESULT_FILE, git_commit
-from .stats import last_epoch_gain
+from harness.plan.config import load_config, runtime_of
+from harness.plan.graph import build_plan
+from harness.core.rundir import LOG_FILE, RESULT_FILE, git_commit
+from harness.report.stats import last_epoch_gain
 
 RECORD_COLUMNS = ["when", "trial", "overrides", "stage", "role", "row_seed", "epochs", "train_images",
                   "last_val_top1", "best_val_top1", "last_epoch_gain", "val_curve", "train_s", "git_commit"]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness.tune", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.tune", description=__doc__.split("\n")[0])
     p.add_argument("table")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--trial", required=True, help="a name for this trial in the record")
@@ -40,7 +40,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="run only the teacher's pre-training and fine-tuning (the teacher is tuned once, alone)")
     args = p.parse_intermixed_args(argv)
     # local: torch, submitit; --help and argument errors answer without loading them
-    from .stages import run_stage
+    from harness.core.stages import run_stage
 
     overrides = list(args.overrides)
     if not any(o.startswith("results_root=") for o in overrides):

@@ -1,5 +1,5 @@
 """Training objectives. Each is a callable `objective(model, images, labels) -> (loss, {term: float tensor})` that
-plugs into the one training loop (harness.train.fit).
+plugs into the one training loop (harness.core.train.fit).
 
 - MAEObjective: per-patch MSE on the masked patches (norm_pix switch).
 - DMAEObjective: MAE + alpha * feature distance, summed over aligned pairs, between projected student blocks and
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import MaskedAutoencoderViT, Masking, random_masking
+from harness.core.models import MaskedAutoencoderViT, Masking, random_masking
 
 Terms = Dict[str, torch.Tensor]
 

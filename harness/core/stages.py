@@ -1,9 +1,9 @@
-"""Stage functions: pretrain, finetune, evaluate, probe. Each takes a typed stage spec (harness.spec, built by
-harness.plan), a run directory and the paths of its inputs' model files, and leaves in the run directory:
+"""Stage functions: pretrain, finetune, evaluate, probe. Each takes a typed stage spec (harness.core.spec, built by
+harness.plan.graph), a run directory and the paths of its inputs' model files, and leaves in the run directory:
 
     config.json          the spec (its dict form), inputs and runtime
     log.jsonl            one line per epoch (losses, lr, img/s, top-1/top-5 when fine-tuning)
-    tb/                  TensorBoard event files of the training stages (harness.tblog; one per attempt, rank 0)
+    tb/                  TensorBoard event files of the training stages (harness.core.tblog; one per attempt, rank 0)
     checkpoint-last.pth  resumable state, rewritten atomically every epoch (checkpoint-prev.pth: the one before);
                          both deleted once the stage is done, unless run.keep_checkpoints=true
     model.pth            final weights, official MAE layout: {'model': state_dict, 'arch': ..., 'stage_id': ...}
@@ -13,7 +13,7 @@ harness.plan), a run directory and the paths of its inputs' model files, and lea
 
 Temporary files (.<name>.tmp-<pid>) left by a killed process are removed when the stage starts again.
 
-Run one by hand:  python -m harness.stages results/table2/smoke/<stage-id>
+Run one by hand:  python -m harness.core.stages results/table2/smoke/<stage-id>
 """
 from __future__ import annotations
 
@@ -33,18 +33,19 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 
-from .build import finetune_objective, finetune_param_groups, pretrain_objective, pretrain_param_groups
-from .checkpoints import atomic_save, encoder_to_classifier, load_weights, safe_load, state_dict_of, DECODER_KEYS
-from .data import Aug, build_dataset
-from .models import build_classifier, build_mae, get_arch
-from .probe import block_features, knn_top1
-from .ranks import export_rank_env
-from .rundir import (CONFIG_FILE, ERROR_FILE, MODEL_FILE, RESULT_FILE, StageLocked, git_commit,
-                     input_record, sha256_file, spec_hash, stage_lock, write_json, write_stage_config)
-from .spec import (AnySpec, EvaluateStage, FinetuneStage, ModelConfig, PretrainStage, ProbeStage, StageRuntime,
-                   kd_teacher_logits_cached, spec_dict, stage_runtime, stage_spec)
-from .train import (NonFiniteLoss, Runtime, end_process_group, evaluate_classifier, fit, peak_memory_mb,
-                    reset_peak_memory, seed_all, setup_runtime)
+from harness.core.build import finetune_objective, finetune_param_groups, pretrain_objective, pretrain_param_groups
+from harness.core.checkpoints import (atomic_save, encoder_to_classifier, load_weights, safe_load, state_dict_of,
+                                      DECODER_KEYS)
+from harness.core.data import Aug, build_dataset
+from harness.core.models import build_classifier, build_mae, get_arch
+from harness.core.probe import block_features, knn_top1
+from harness.core.ranks import export_rank_env
+from harness.core.rundir import (CONFIG_FILE, ERROR_FILE, MODEL_FILE, RESULT_FILE, StageLocked, git_commit,
+                                 input_record, sha256_file, spec_hash, stage_lock, write_json, write_stage_config)
+from harness.core.spec import (AnySpec, EvaluateStage, FinetuneStage, ModelConfig, PretrainStage, ProbeStage,
+                               StageRuntime, kd_teacher_logits_cached, spec_dict, stage_runtime, stage_spec)
+from harness.core.train import (NonFiniteLoss, Runtime, end_process_group, evaluate_classifier, fit, peak_memory_mb,
+                                reset_peak_memory, seed_all, setup_runtime)
 
 
 def _img(spec: AnySpec) -> dict:
@@ -157,7 +158,8 @@ def evaluate(spec: EvaluateStage, run_dir: Path, inputs: Dict[str, str], rt: Run
 
 
 def probe(spec: ProbeStage, run_dir: Path, inputs: Dict[str, str], rt: Runtime, stage_id: str) -> dict:
-    """kNN top-1 of a frozen encoder's block (harness.probe): bank = the training images with their labels, queries =
+    """kNN top-1 of a frozen encoder's block (harness.core.probe): bank = the training images with their labels,
+    queries =
     spec.split. No `encoder` input: the random initialisation of spec.seed, as a scratch fine-tune starts."""
     data = spec.data
     depth = get_arch(spec.model.preset).depth
@@ -200,7 +202,7 @@ def run_stage(spec: AnySpec | dict, run_dir: str | Path, inputs: Dict[str, str],
               stage_id: str) -> dict:
     """Run (or resume) one stage; returns its result dict. A finished stage returns its stored result at once.
 
-    spec, runtime: typed (harness.spec), or their dict form (config.json), which is type-checked here. Besides
+    spec, runtime: typed (harness.core.spec), or their dict form (config.json), which is type-checked here. Besides
     setup_runtime()'s settings, runtime holds nan_restarts: how many times a non-finite loss restarts the stage from
     its last checkpoint (logged) before it fails, and keep_checkpoints (false: checkpoint-* files are deleted once
     model.pth and result.json are written)."""
@@ -318,10 +320,10 @@ def main(argv=None) -> None:
     launcher.write_sbatch runs)."""
     import argparse  # local: only for the command line
     p = argparse.ArgumentParser(
-        prog="python -m harness.stages", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m harness.core.stages", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run (or resume) one stage from its run directory's config.json: the spec, inputs and runtime "
                     "the planner wrote there. Prints the stage's result as JSON.",
-        epilog="Example: python -m harness.stages results/table2/smoke/<stage-id>\n"
+        epilog="Example: python -m harness.core.stages results/table2/smoke/<stage-id>\n"
                "A finished stage (result.json) is not run again; an unfinished one resumes from checkpoint-last.pth. "
                "Under Slurm (srun of a multi-task job) the tasks join one torch.distributed group.")
     p.add_argument("run_dir", type=Path, help=f"a stage directory holding {CONFIG_FILE} (results/<table>/<profile>/"
@@ -334,7 +336,7 @@ def main(argv=None) -> None:
     cfg = json.loads((run_dir / CONFIG_FILE).read_text())
     _requeue_on_usr2()
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and os.environ.get("SLURM_PROCID") is not None:
-        # srun of a multi-task sbatch job: the ranks from Slurm's variables, as a submitit job's (harness.ranks); a
+        # srun of a multi-task sbatch job: the ranks from Slurm's variables, as a submitit job's (harness.core.ranks); a
         # RANK / MASTER_ADDR inherited from elsewhere that disagrees is refused by name, not joined (it would hang)
         export_rank_env()
     try:

@@ -1,5 +1,5 @@
-"""The typed stage spec: what one stage runs, built once by the planner (harness.plan), written into the stage's
-config.json, and read back by the stage (harness.stages), the cost estimate and the benchmark's step builder.
+"""The typed stage spec: what one stage runs, built once by the planner (harness.plan.graph), written into the stage's
+config.json, and read back by the stage (harness.core.stages), the cost estimate and the benchmark's step builder.
 
     PretrainStage   kind=pretrain: objective (mae | dmae), model, pretrain; dmae adds distill and teacher_model
     FinetuneStage   kind=finetune: model, finetune, kd (null unless the row distils logits; then teacher_model too)
@@ -8,7 +8,7 @@ config.json, and read back by the stage (harness.stages), the cost estimate and 
 
 Every stage also has name, seed, data, amp and inputs (role -> stage id or "file:<path>"). The sections are the
 recipe's sections as a stage uses them: `PretrainSpec` and `FinetuneSpec` are `Schedule`s (what train.fit reads)
-plus their own settings; the table config (harness.config) extends each with the keys that are resolved away before
+plus their own settings; the table config (harness.plan.config) extends each with the keys that are resolved away before
 a stage sees them (effective_batch -> accum_iter, epoch_scale -> epochs, align -> pairs, teacher_source).
 
 A spec's dict form (`spec_dict`) is what config.json holds and what a stage id hashes. An optional section a stage
@@ -31,7 +31,7 @@ OMIT_WHEN_NONE = {"omit_when_none": True}
 
 @dataclass
 class ModelConfig:
-    preset: str = "vit_base"  # a key of harness.arch.PRESETS
+    preset: str = "vit_base"  # a key of harness.core.arch.PRESETS
     patch_size: int = 16
 
 
@@ -120,7 +120,8 @@ class StageRuntime:
     # false: a finished stage's checkpoint-last/-prev (resume state, 2+ GB at paper scale) are deleted once its
     # model.pth and result.json exist
     keep_checkpoints: bool = False
-    # TensorBoard event files in <stage dir>/tb/ (rank 0; harness.tblog): per-epoch points, and per-step points every
+    # TensorBoard event files in <stage dir>/tb/ (rank 0; harness.core.tblog): per-epoch points, and per-step points
+    # every
     # tb_every steps (the mean since the previous point; 0 = per-epoch only); false: none written. Every step: the
     # writer measured at 0.05-0.24% of a tiny-profile CPU step (python -m harness.bench --tensorboard)
     tensorboard: bool = True
@@ -163,7 +164,7 @@ class EvaluateStage(StageSpec):
 
 @dataclass
 class ProbeSpec:
-    """The frozen-feature probe (harness.probe): a weighted kNN vote over the mean patch token of one block."""
+    """The frozen-feature probe (harness.core.probe): a weighted kNN vote over the mean patch token of one block."""
     k: int = 20
     temperature: float = 0.07
     batch_size: int = 512
@@ -188,7 +189,7 @@ SECTIONS = {"model": ModelConfig, "teacher_model": ModelConfig, "data": DataConf
 
 def build_stage(kind: str, **fields) -> AnySpec:
     """The planner's constructor: a stage spec from sections the config layer has already validated and resolved
-    (harness.config.resolve_row), each a dict or typed. A key a section or the stage does not have is a TypeError.
+    (harness.plan.config.resolve_row), each a dict or typed. A key a section or the stage does not have is a TypeError.
     Plain dataclass construction: ~100x faster than `stage_spec`'s schema merge, which checks what it reads back."""
     return STAGE_SPECS[kind](**{k: SECTIONS[k](**v) if k in SECTIONS and isinstance(v, Mapping) else v
                                 for k, v in fields.items()})

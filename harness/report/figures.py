@@ -1,7 +1,8 @@
 """The report's figures (matplotlib, Agg canvas, no pyplot state): the claims as a forest plot (paired mean difference
 with its 95% interval, the paper's difference and the claim's margin), test top-1 per row as dots and intervals on a
 zoomed axis (the row's expected value and the teacher marked), top-1 against the setting the rows vary
-(harness.ablation: a mask ratio, the pre-training epochs, alpha), the fine-tune validation curves of every row on one
+(harness.report.ablation: a mask ratio, the pre-training epochs, alpha), the fine-tune validation curves of every row
+on one
 axis, and training curves per row (pre-training pixel loss, the feature (distillation) loss on its own axes, and
 fine-tune validation top-1 per epoch and seed).
 
@@ -21,9 +22,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .ablation import Axis, ablation_axes, row_settings
-from .collect import Collected, summarize, val_curve
-from .stats import paired
+from harness.report.ablation import Axis, ablation_axes, row_settings
+from harness.report.collect import Collected, summarize, val_curve
+from harness.report.stats import paired
 
 # top1_vs_*.png: the ablation axes (top1_vs_mask.png: written by earlier versions; removed when figures are redrawn)
 OUR_FIGURES = ("claims_forest.png", "top1_by_row.png", "val_curves.png", "curves-*.png", "top1_vs_*.png")
@@ -47,7 +48,7 @@ def _zoom(ax, values: Sequence[float]) -> None:
 
 
 def _interval(values: Sequence[float]):
-    """(mean, lo, hi) of the values: the mean's 95% t-interval over seeds (harness.stats.paired); lo/hi None for
+    """(mean, lo, hi) of the values: the mean's 95% t-interval over seeds (harness.report.stats.paired); lo/hi None for
     n < 2."""
     p = paired(values)
     return p.mean, p.lo, p.hi
@@ -278,7 +279,8 @@ def _fig_forest(c: Collected, claims: Sequence[dict], path: Path) -> bool:
 def make_figures(c: Collected, summary: pd.DataFrame, fig_dir: Path, claims: Optional[Sequence[dict]] = None,
                  expected: Optional[Mapping[str, float]] = None, teacher: Optional[float] = None) -> List[tuple]:
     """Write the PNGs; returns [(caption, file name)] of those written. `claims`: the report's judged claims
-    (harness.stats.judge results with paper_value); `expected`: {row: expected mean} where the report checks expected
+    (harness.report.stats.judge results with paper_value); `expected`: {row: expected mean} where the report checks
+    expected
     values; `teacher`: the fine-tuned teacher's test top-1."""
     for pattern in OUR_FIGURES:
         for old in fig_dir.glob(pattern):
@@ -320,7 +322,7 @@ def _save_drawn(fig: Figure, path: Path) -> None:
 
 
 def ablation_files(c: Collected) -> List[tuple]:
-    """[(axis, PNG name)] of the table's ablation axes (harness.ablation, from the rows' resolved specs)."""
+    """[(axis, PNG name)] of the table's ablation axes (harness.report.ablation, from the rows' resolved specs)."""
     methods = dict(zip(c.cells["row"], c.cells["method"])) if len(c.cells) else {}
     return _named(ablation_axes(row_settings(c.specs), methods))
 
@@ -341,7 +343,8 @@ def _named(axes: Sequence[Axis]) -> List[tuple]:
 def sweep_axes(points: Sequence[tuple]) -> tuple:
     """(axes, {row: seeds' top-1}, profiles) of a sweep. points: [(point name, Collected)], one per point. Each
     (row, point) is a row of its own, `<row> @ <point>`, with the row's resolved specs at that point;
-    harness.ablation finds the setting they vary (the swept one, where it reaches the stage specs; a row the sweep
+    harness.report.ablation finds the setting they vary (the swept one, where it reaches the stage specs; a row the
+    sweep
     does not touch is the same computation at every point and counts once) and names each series by its table
     row."""
     specs, methods, names, top1, profiles = {}, {}, {}, {}, []

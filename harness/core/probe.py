@@ -17,7 +17,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from .data import loader
+from harness.core.data import loader
 
 KNN_K = 20
 KNN_T = 0.07  # DINO's temperature

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
-from .spec import DataConfig
+from harness.core.spec import DataConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -339,7 +339,7 @@ def num_classes_of(spec: DataConfig) -> int:
     return len([c for c in (Path(spec.root) / "train").iterdir() if c.is_dir()])
 
 
-# The scheduler's requeue and stop signals: USR2 (time limit near / preemption, submitit's and harness.stages'
+# The scheduler's requeue and stop signals: USR2 (time limit near / preemption, submitit's and harness.core.stages'
 # requeue handlers) and TERM (preemption, scancel)
 WORKER_IGNORED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 

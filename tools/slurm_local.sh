@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # slurm_local.sh -- a self-contained single-node Slurm test cluster (with accounting) on loopback.
 #
-# Usage: bash harness/slurm_local.sh {install|start|status|stop|conf}
+# Usage: bash tools/slurm_local.sh {install|start|status|stop|conf}
 #   install  apt-get install slurmctld slurmd slurm-client munge slurmdbd mariadb-server (only those missing;
 #            Debian packages, their own files in /etc and /usr; no service is started)
 #   start    install if needed, then cold-start this cluster's own munged, mariadbd, slurmdbd, slurmctld and slurmd;
@@ -107,7 +107,7 @@ claim_prefix() {
   fi
   [[ ${1:-} == check ]] && return 0
   mkdir -p "$PREFIX"; chmod 755 "$PREFIX"
-  [[ -f $MARKER ]] || echo "created by harness/slurm_local.sh on $(date -Is); safe to delete after 'stop'" >"$MARKER"
+  [[ -f $MARKER ]] || echo "created by tools/slurm_local.sh on $(date -Is); safe to delete after 'stop'" >"$MARKER"
 }
 
 # Slurm daemons running that this script did not start (another cluster on this machine): refuse.
@@ -170,7 +170,7 @@ write_configs() {
   mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$node")
   node=$(sed "s/RealMemory=[0-9]*/RealMemory=$((mem * 85 / 100))/; s/^NodeName=[^ ]*/NodeName=$HOST/" <<<"$node")
   cat >"$ETC/slurm.conf" <<EOF
-# Written by harness/slurm_local.sh -- single-node loopback test cluster under $PREFIX; edits are overwritten.
+# Written by tools/slurm_local.sh -- single-node loopback test cluster under $PREFIX; edits are overwritten.
 # Use it with: export SLURM_CONF=$ETC/slurm.conf
 ClusterName=$CLUSTER
 SlurmctldHost=$HOST(127.0.0.1)
@@ -210,7 +210,7 @@ $node NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
   cat >"$ETC/slurmdbd.conf" <<EOF
-# Written by harness/slurm_local.sh (test cluster under $PREFIX)
+# Written by tools/slurm_local.sh (test cluster under $PREFIX)
 AuthType=auth/munge
 AuthInfo=socket=$MUNGE_SOCK
 DbdHost=localhost

@@ -1,6 +1,6 @@
 """Structured configs (hydra-core / OmegaConf). A table recipe (recipes/<table>.yaml) is validated against
 `TableConfig`: unknown or mistyped keys and wrong types are errors that name the key, before anything runs. Its
-sections extend the stage spec's (harness.spec) with the keys `resolve_row` resolves away, so a resolved section is
+sections extend the stage spec's (harness.core.spec) with the keys `resolve_row` resolves away, so a resolved section is
 exactly what a stage receives.
 
 Compose a table's config exactly as the command line does:
@@ -27,9 +27,9 @@ from yaml import YAMLError
 
 import recipes
 
-from .arch import PRESETS
-from .spec import (DataConfig, DistillSpec, FinetuneSpec, KDConfig, ModelConfig, PretrainSpec, ProbeSpec,
-                   StageRuntime)
+from harness.core.arch import PRESETS
+from harness.core.spec import (DataConfig, DistillSpec, FinetuneSpec, KDConfig, ModelConfig, PretrainSpec, ProbeSpec,
+                               StageRuntime)
 
 RECIPES_DIR = recipes.path()
 
@@ -62,14 +62,16 @@ class DataSection(DataConfig):
 
 @dataclass
 class ProbeConfig(ProbeSpec):
-    # a kNN probe (harness.probe) of every student pre-train's last block, of the scratch rows' random initialisation
+    # a kNN probe (harness.core.probe) of every student pre-train's last block, of the scratch rows' random
+    # initialisation
     # and of the teacher's aligned block, on the test split; false = no probe stages
     enabled: bool = True
 
 
 @dataclass
 class GateConfig:
-    """Positive controls checked before any paper claim is judged (harness.stats gates): a paper claim judged on a
+    """Positive controls checked before any paper claim is judged (harness.report.stats gates): a paper claim judged
+    on a
     profile whose gate failed reads "not testable at this profile"."""
     # false: no positive controls for this run (a pipeline check, a user's table without a scratch row): the report
     # says the gates are off and judges paper claims without them
@@ -167,7 +169,7 @@ class ClaimConfig:
     test: str = ""  # greater: a - b > margin | within: |a - b| < margin
     margin: Optional[float] = None  # required
     # greater only, optional: the smallest effect of interest (top-1 points, >= 0); the claim also ends as "does not
-    # hold (effect < bound)" when the interval's upper limit is below margin + bound (harness/stats.py)
+    # hold (effect < bound)" when the interval's upper limit is below margin + bound (harness/report/stats.py)
     bound: Optional[float] = None
     # paper: the paper says it | official-default: the official code's default is at least as good | user: a user's
     # own hypothesis (judged like the others, reported as the user's, never set against a paper number)
@@ -205,7 +207,7 @@ class TableConfig:
     run: RunConfig = field(default_factory=RunConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     rows: Dict[str, RowConfig] = field(default_factory=dict)
-    claims: List[ClaimConfig] = field(default_factory=list)  # checked by the report (harness/stats.py)
+    claims: List[ClaimConfig] = field(default_factory=list)  # checked by the report (harness/report/stats.py)
 
 
 def register() -> None:
@@ -633,7 +635,8 @@ def resolve_row(cfg: DictConfig, key: str) -> Row:
 
 # Overrides that do not change what a row computes, only where, how fast or how many times (issue: honest
 # overrides): a row they alone touch keeps its label, paper number and claims. Everything else that changes a row's
-# stages marks the row as overridden (harness.plan.mark_overridden). Keys below rows.<row>. count by their section.
+# stages marks the row as overridden (harness.plan.graph.mark_overridden). Keys below rows.<row>. count by their
+# section.
 NEUTRAL_OVERRIDES = ("profile", "launcher", "seed", "seeds", "results_root", "reports_dir", "dry_run", "report",
                      "run", "checkpoints", "data.root", "teacher.pretrained_ckpt", "teacher.finetuned_ckpt", "title",
                      "gates", "probe")
@@ -815,7 +818,7 @@ def validate(cfg: DictConfig) -> None:
     validate_claims(cfg)
 
 
-# claim sources: only `paper` claims are set against the paper's numbers and gated (harness.stats)
+# claim sources: only `paper` claims are set against the paper's numbers and gated (harness.report.stats)
 CLAIM_TESTS, CLAIM_SOURCES = ("greater", "within"), ("paper", "official-default", "user")
 CONTROL_METHOD = "scratch"  # the positive control: the same fine-tune from random initialisation, no pre-training
 METHODS = ("mae", "dmae", "kd", CONTROL_METHOD)

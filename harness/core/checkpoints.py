@@ -17,7 +17,7 @@ from typing import Dict, Iterable, Optional
 import torch
 from torch import nn
 
-from .rundir import LAST_CHECKPOINT as LAST, PREV_CHECKPOINT as PREV
+from harness.core.rundir import LAST_CHECKPOINT as LAST, PREV_CHECKPOINT as PREV
 DECODER_KEYS = ("decoder_", "mask_token")
 STUDENT_ONLY_KEYS = ("distill_proj.",)
 

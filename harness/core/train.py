@@ -2,7 +2,7 @@
 
 Per epoch it appends a line to `log.jsonl` and writes `checkpoint-last.pth` atomically (model, optimizer, scaler,
 epoch, every rank's RNG states, history, the stage's config hash); on start it resumes from it, refusing a checkpoint
-written for another config or another world size. Rank 0 also writes TensorBoard curves to `tb/` (harness.tblog:
+written for another config or another world size. Rank 0 also writes TensorBoard curves to `tb/` (harness.core.tblog:
 the loss terms, lr and img/s every run.tb_every steps, the log line per epoch). Schedules are per iteration: linear
 warmup, then half-cosine to min_lr (MAE's lr_sched formula, set where the official engine sets it, see lr_at).
 
@@ -34,12 +34,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .build import optimizer as build_optimizer
-from .checkpoints import CheckpointError, load_last, save_last
-from .data import loader
-from .rundir import LOG_FILE
-from .spec import Schedule, StageRuntime
-from .tblog import TBLog
+from harness.core.build import optimizer as build_optimizer
+from harness.core.checkpoints import CheckpointError, load_last, save_last
+from harness.core.data import loader
+from harness.core.rundir import LOG_FILE
+from harness.core.spec import Schedule, StageRuntime
+from harness.core.tblog import TBLog
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -61,7 +61,7 @@ class Runtime:
     log_every: int = 20
     num_workers: int = 0
     owns_process_group: bool = False  # setup_runtime started torch.distributed: close() ends it
-    tensorboard: bool = False  # rank 0 writes <run_dir>/tb/ (harness.tblog); a bare Runtime writes none
+    tensorboard: bool = False  # rank 0 writes <run_dir>/tb/ (harness.core.tblog); a bare Runtime writes none
     tb_every: int = 0  # steps between per-step TensorBoard points (0: per-epoch points only)
 
     @property

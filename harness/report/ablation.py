@@ -1,5 +1,6 @@
-"""Which numeric setting a table's rows vary: the axis to draw top-1 against (harness.figures), found from the rows'
-resolved stage specs (each row's pre-train and fine-tune `config.json` spec, harness.collect), never from recipe
+"""Which numeric setting a table's rows vary: the axis to draw top-1 against (harness.report.figures), found from the
+rows'
+resolved stage specs (each row's pre-train and fine-tune `config.json` spec, harness.report.collect), never from recipe
 names.
 
 A row's settings are its stage specs flattened to `<stage>:<section>.<key>` (stage = pretrain | finetune; a scratch
@@ -77,7 +78,7 @@ def _flat(d: Mapping, prefix: str, out: Dict[str, object]) -> None:
 
 def row_settings(specs: Mapping[str, Mapping]) -> Dict[str, Dict[str, object]]:
     """{row: {"<stage>:<path>": value}} from {row: {"pretrain": spec dict | None, "finetune": spec dict | None}}
-    (harness.collect's Collected.specs); a row with no spec at all is left out."""
+    (harness.report.collect's Collected.specs); a row with no spec at all is left out."""
     out: Dict[str, Dict[str, object]] = {}
     for row, by_stage in specs.items():
         flat: Dict[str, object] = {}

@@ -26,7 +26,8 @@ out of the training images; results written before that split existed (`top1`, `
 the same way. A fine-tune whose validation top-1 rose by >= 0.5 pp over its last epoch is flagged `still_rising`;
 so is a row (summarize) whose finished seeds rose by >= 0.5 pp on average, i.e. whose mean curve did.
 
-    python -m harness.collect results/table2/tiny [--csv out/]      # print the per-cell frame, export CSVs + run.json
+    python -m harness.report.collect results/table2/tiny [--csv out/]      # print the per-cell frame, export CSVs +
+    run.json
 """
 from __future__ import annotations
 
@@ -42,9 +43,9 @@ import pandas as pd
 
 import recipes
 
-from .rundir import (CONFIG_FILE, DONE, ERROR_FILE, FAILED, JOB_FILE, LAST_CHECKPOINT, MANIFEST_FILE, PARTIAL,
-                     RESULT_FILE, FileHashes, broken_input, read_log, read_result, stage_status)
-from .stats import RISING_PP, last_epoch_gain, metric_curve
+from harness.core.rundir import (CONFIG_FILE, DONE, ERROR_FILE, FAILED, JOB_FILE, LAST_CHECKPOINT, MANIFEST_FILE,
+                                 PARTIAL, RESULT_FILE, FileHashes, broken_input, read_log, read_result, stage_status)
+from harness.report.stats import RISING_PP, last_epoch_gain, metric_curve
 
 PAPER_NUMBERS = recipes.path("paper-numbers.csv")
 NOT_AVAILABLE = "not available"
@@ -70,7 +71,7 @@ class Collected:
     epochs: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=EPOCH_COLUMNS))
     # row -> {"pretrain": spec, "finetune": spec}: the resolved stage specs (config.json) of the row's first cell
     specs: Dict[str, dict] = field(default_factory=dict)
-    # row -> parameters and FLOPs per image (harness.artefacts.model_costs), when an export recorded them
+    # row -> parameters and FLOPs per image (harness.report.artefacts.model_costs), when an export recorded them
     models: Dict[str, dict] = field(default_factory=dict)
     # the tree as a report names it, never this machine's path: results/<table>/<profile>
     results: str = ""
@@ -544,7 +545,7 @@ def load_export(folder: Path) -> Collected:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness.collect", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m harness.report.collect", description=__doc__.split("\n")[0])
     p.add_argument("root", type=Path, help="results/<table>/<profile>")
     p.add_argument("--csv", type=Path, default=None, help="also write cells/stages/rows CSVs into this folder")
     args = p.parse_args(argv)

@@ -1,5 +1,5 @@
 """Model presets by name: encoder width/depth/heads and the MAE decoder's; and how many patches a mask ratio leaves
-visible. Standard library only, so planning and --dry-run never import torch; harness.models builds the networks
+visible. Standard library only, so planning and --dry-run never import torch; harness.core.models builds the networks
 from these."""
 from __future__ import annotations
 

@@ -1,0 +1,3 @@
+from harness.report.markdown import main
+
+raise SystemExit(main())
