@@ -1,6 +1,6 @@
 """Fidelity to the official DMAE code (UCSC-VLAA/DMAE, a fork of facebookresearch/mae) where it changes numbers:
 the lr schedule's placement with gradient accumulation, fp16 training with a dynamic loss scaler, and golden losses
-recorded from the official implementation (python -m harness.verify_official regenerates them)."""
+recorded from the official implementation (python -m tools.verify_official regenerates them)."""
 import copy
 import math
 
@@ -209,8 +209,8 @@ def test_fp16_gradients_are_unscaled_before_clipping(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # golden values from the official implementation
 #
-# Produced by the official side of `python -m harness.verify_official <checkout> --golden` at small shapes
-# (harness.verify_official.SMALL: 32 px, patch 4 -> 64 patches; teacher 96-d x 6 blocks, student 64-d x 4 blocks;
+# Produced by the official side of `python -m tools.verify_official <checkout> --golden` at small shapes
+# (tools.verify_official.SMALL: 32 px, patch 4 -> 64 patches; teacher 96-d x 6 blocks, student 64-d x 4 blocks;
 # batch 2), i.e. by the official code's own model classes (models_mae_distill.MaskedAutoencoderViT: teacher
 # forward_encoder_customized + forward_decoder, student forward, loss += each aligned block's loss as in
 # engine_distill; MAE: forward_encoder + forward_decoder + forward_loss) and its own engine loop
@@ -241,13 +241,13 @@ OFFICIAL_LR = [0.0, 0.0, 0.0, 0.0, 0.0009599999999999999, 0.0009599999999999999,
 
 @pytest.fixture(scope="module")
 def small_models():
-    from harness import verify_official as vo
+    from tools import verify_official as vo
     return {len(pairs): (pairs, *vo.harness_models(vo.SMALL, pairs)) for pairs in vo.SMALL.pairs}
 
 
 @pytest.mark.parametrize("ratio,n_pairs", sorted(OFFICIAL_LOSSES))
 def test_losses_match_official_golden_values(small_models, ratio, n_pairs):
-    from harness import verify_official as vo
+    from tools import verify_official as vo
     pairs, teacher, student = small_models[n_pairs]
     h = vo.harness_losses(teacher, student, pairs, vo.seeded_images(vo.SMALL), ratio)
     gold = OFFICIAL_LOSSES[(ratio, n_pairs)]
@@ -260,14 +260,14 @@ def test_losses_match_official_golden_values(small_models, ratio, n_pairs):
 
 
 def test_lr_curve_matches_official_golden_values():
-    from harness import verify_official as vo
+    from tools import verify_official as vo
     lr, trace = vo.harness_lr_trace()  # harness.core.train.fit, recorded at every iteration
     assert lr == pytest.approx(2.4e-3, rel=1e-12)
     assert trace == pytest.approx(OFFICIAL_LR, rel=1e-12, abs=1e-18)
 
 
 def test_verify_official_refuses_a_missing_or_foreign_path(tmp_path, capsys):
-    from harness.verify_official import main
+    from tools.verify_official import main
     assert main([str(tmp_path / "nowhere")]) == 2
     assert "no such directory" in capsys.readouterr().err
     (tmp_path / "models_vit.py").write_text("")
@@ -280,6 +280,6 @@ def test_verify_official_refuses_a_missing_or_foreign_path(tmp_path, capsys):
                     reason="set DMAE_OFFICIAL to a checkout of github.com/UCSC-VLAA/DMAE to compare live")
 def test_verify_official_passes_against_a_checkout(capsys):
     import os
-    from harness.verify_official import main
+    from tools.verify_official import main
     assert main([os.environ["DMAE_OFFICIAL"]]) == 0
     assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("PASS")

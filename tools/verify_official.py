@@ -1,8 +1,8 @@
 """Side-by-side check of this harness against a checkout of the official DMAE code (github.com/UCSC-VLAA/DMAE).
 
-    python -m harness.verify_official /path/to/DMAE                 # small shapes, seconds
-    python -m harness.verify_official /path/to/DMAE --paper-shapes  # ViT-L/16 teacher -> ViT-B/16 student, 224 px
-    python -m harness.verify_official /path/to/DMAE --golden        # print the official values as Python literals
+    python -m tools.verify_official /path/to/DMAE                 # small shapes, seconds
+    python -m tools.verify_official /path/to/DMAE --paper-shapes  # ViT-L/16 teacher -> ViT-B/16 student, 224 px
+    python -m tools.verify_official /path/to/DMAE --golden        # print the official values as Python literals
 
 Both implementations get the same seeded weights, images and mask (the mask comes from the same torch RNG state, with
 the official int() count of visible patches), and the script prints, official beside harness: the MAE pixel loss and
@@ -594,7 +594,7 @@ def run(path: Path, shapes: Shapes, golden: bool = False) -> bool:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m harness.verify_official",
+    ap = argparse.ArgumentParser(prog="python -m tools.verify_official",
                                  description="Compare this harness with a checkout of the official DMAE code.")
     ap.add_argument("path", help="checkout of github.com/UCSC-VLAA/DMAE (never copied into this repository)")
     ap.add_argument("--paper-shapes", action="store_true",
