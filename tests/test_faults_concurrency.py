@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.core.rundir import CONFIG_FILE, LOCK_FILE, StageLocked, lock_holder, spec_hash, stage_lock, write_json
+from harness.core.locks import LOCK_FILE, StageLocked, lock_holder, stage_lock
+from harness.core.rundir import CONFIG_FILE, spec_hash, write_json
 from harness.core.stages import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +90,7 @@ def test_stage_lock_between_two_real_processes(tmp_path):
 
 
 def test_driver_lock_is_taken_once_and_exclusive_across_processes(tmp_path):
-    from harness.core.rundir import DriverLocked, driver_lock
+    from harness.core.locks import DriverLocked, driver_lock
     with driver_lock(tmp_path):
         assert (tmp_path / ".driver.lock").read_text().startswith(f"pid {os.getpid()}")
         with pytest.raises(DriverLocked):  # not re-entrant: run_plan takes it once, around the manifest and execute

@@ -3,6 +3,7 @@ import pytest
 
 from harness.plan.config import ConfigError, load_config, tables
 from harness.plan.graph import build_plan, describe
+from harness.core.rundir import RunTree
 
 
 def plan_for(*overrides, tmp_path=None):
@@ -143,12 +144,12 @@ def test_stages_finished_by_another_table_are_reused_and_not_costed(tmp_path):
     busy.mkdir(parents=True)
     with open(busy / LOCK_FILE, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        linked = masking.reuse_finished(log=lambda msg: None)
+        linked = RunTree.of(masking).reuse_finished(log=lambda msg: None)
     assert sorted(linked) == sorted(shared[1:])
     for sid in linked:
-        assert masking.status(sid) == "done"
+        assert RunTree.of(masking).status(sid) == "done"
         assert os.path.samefile(masking.dir(sid) / "model.pth", table2.dir(sid) / "model.pth")
-    assert masking.status(shared[0]) == "todo"
+    assert RunTree.of(masking).status(shared[0]) == "todo"
 
 
 @pytest.mark.parametrize("override, message", [

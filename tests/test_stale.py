@@ -12,7 +12,7 @@ from harness.report.collect import collect
 from harness.plan.config import load_config
 from harness.plan.graph import build_plan, describe
 from harness.run.cli import run_table
-from harness.core.rundir import STALE_DIR, sha256_file
+from harness.core.rundir import STALE_DIR, RunTree, sha256_file
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def test_result_records_what_it_consumed_and_produced(tmp_path):
     assert used == {"path": str(plan.dir(cell.pretrain) / "model.pth"), "sha256": pt["model_sha256"]}
     assert ev["inputs"][next(iter(ev["inputs"]))]["sha256"] == ft["model_sha256"]
     assert ft["runtime"]["threads"] is not None and ft["git_commit"]
-    assert plan.stale() == {}
+    assert RunTree.of(plan).stale() == {}
 
 
 def test_failed_upstream_makes_the_chain_stale_named_in_the_report_and_the_rerun_recomputes_it(tmp_path, capsys):
@@ -62,7 +62,7 @@ def test_failed_upstream_makes_the_chain_stale_named_in_the_report_and_the_rerun
     (pre / "model.pth").unlink()
     (pre / "checkpoint-last.pth").write_bytes(b"not a checkpoint")
 
-    stale = plan.stale()
+    stale = RunTree.of(plan).stale()
     assert set(stale) == {cell.finetune, cell.evaluate}
     assert "its input" in stale[cell.finetune] and cell.pretrain in stale[cell.finetune]
     c = collect(plan.root)
@@ -102,7 +102,7 @@ def test_upstream_recomputed_with_other_weights_invalidates_its_consumers(tmp_pa
     res["model_sha256"] = sha256_file(pre / "model.pth")
     (pre / "result.json").write_text(json.dumps(res))
 
-    stale = plan.stale()
+    stale = RunTree.of(plan).stale()
     assert set(stale) == {cell.finetune, cell.evaluate}
     assert "recomputed with other weights" in stale[cell.finetune]
     listing = describe(plan)  # --dry-run
@@ -111,7 +111,7 @@ def test_upstream_recomputed_with_other_weights_invalidates_its_consumers(tmp_pa
     assert run_table("table2", args) == 0
     ft = json.loads((plan.dir(cell.finetune) / "result.json").read_text())
     assert next(iter(ft["inputs"].values()))["sha256"] == res["model_sha256"]
-    assert plan.stale() == {} and collect(plan.root).cells.iloc[0]["status"] == "done"
+    assert RunTree.of(plan).stale() == {} and collect(plan.root).cells.iloc[0]["status"] == "done"
 
 
 def test_a_changed_user_checkpoint_makes_its_consumers_stale(tmp_path):
@@ -130,3 +130,37 @@ def test_a_changed_user_checkpoint_makes_its_consumers_stale(tmp_path):
     # a result written before inputs were recorded is trusted as far as its inputs are done
     assert broken_input({}, {"model": "up"}, lambda s: "done", lambda s: {"model_sha256": "x"}, sha256_file) is None
     assert "is failed" in broken_input({}, {"model": "up"}, lambda s: "failed", lambda s: None, sha256_file)
+
+
+@pytest.mark.parametrize("consumers", ["kept", "removed"])
+def test_a_damaged_model_under_an_intact_result_is_recomputed_by_one_plain_rerun(tmp_path, capsys, consumers):
+    """A finished pre-training's model.pth truncated while its result.json stays intact: the stage is not done (its
+    model no longer has the sha256 its result records), the message names the damaged file, and one plain rerun moves
+    it and its consumers aside and ends where a clean run ends. With its consumers removed first, the fine-tune no
+    longer fails on the damaged upstream file (its error recorded against the fine-tune, on every rerun)."""
+    args, plan, cell = finished(tmp_path, consumers)
+    clean = fingerprint(plan)
+    model = plan.dir(cell.pretrain) / "model.pth"
+    data = model.read_bytes()
+    model.write_bytes(data[: len(data) // 2])
+    if consumers == "removed":
+        for sid in (cell.finetune, cell.evaluate):
+            for f in plan.dir(sid).iterdir():
+                f.unlink()
+            plan.dir(sid).rmdir()
+
+    tree = RunTree.of(plan)
+    stale = tree.stale()
+    assert "damaged" in stale[cell.pretrain] and str(model) in stale[cell.pretrain]
+    assert set(stale) == ({cell.pretrain, cell.finetune, cell.evaluate} if consumers == "kept" else {cell.pretrain})
+    assert f"[  stale] {cell.pretrain}" in describe(plan)  # --dry-run no longer lists it done
+    assert collect(plan.root).cells.iloc[0]["status"] != "done"
+
+    capsys.readouterr()
+    assert run_table("table2", args) == 0  # one plain rerun
+    out = capsys.readouterr().out
+    assert f"{cell.pretrain}: stale, its model file {model} is damaged" in out
+    assert fingerprint(plan) == clean  # bit-identical to the clean run
+    assert RunTree.of(plan).stale() == {} and collect(plan.root).cells.iloc[0]["status"] == "done"
+    moved = [p for p in (plan.root / STALE_DIR).iterdir() if p.name.startswith(cell.pretrain)]
+    assert len(moved) == 1 and (moved[0] / "model.pth").stat().st_size == len(data) // 2  # kept, not deleted

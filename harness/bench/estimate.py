@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Tuple
 from harness.bench.results import current_device_key, load_results
 from harness.bench.spec import StepSpec, step_spec
 from harness.plan.config import world_size
-from harness.core.rundir import CONFIG_FILE, RESULT_FILE, epochs_logged
+from harness.core.rundir import CONFIG_FILE, RESULT_FILE, epochs_logged, stage_status
 from harness.core.spec import AnySpec, ModelConfig, kd_teacher_logits_cached, spec_dict
 
 REPO_BENCH = Path(__file__).resolve().parent.parent / "results" / "bench"
@@ -277,7 +277,7 @@ def estimate_details(plan, cfg, bench_dir: Optional[str | Path] = None) -> dict:
         if not known:
             counts["none"] += 1
             continue
-        if stage.kind in ("pretrain", "finetune") and plan.status(sid) == "partial":
+        if stage.kind in ("pretrain", "finetune") and stage_status(plan.dir(sid)) == "partial":
             done = epochs_logged(plan.dir(sid))  # resumes after its last finished epoch
             if 0 < done < epochs:
                 total *= (epochs - done) / epochs

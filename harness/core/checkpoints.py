@@ -17,7 +17,7 @@ from typing import Dict, Iterable, Optional
 import torch
 from torch import nn
 
-from harness.core.rundir import LAST_CHECKPOINT as LAST, PREV_CHECKPOINT as PREV
+from harness.core.rundir import LAST_CHECKPOINT as LAST, PREV_CHECKPOINT as PREV, tmp_path
 DECODER_KEYS = ("decoder_", "mask_token")
 STUDENT_ONLY_KEYS = ("distill_proj.",)
 
@@ -145,7 +145,7 @@ def signals_deferred(sigs=DEFERRED_SIGNALS):
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: readers never see a partial file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = tmp_path(path)
     with signals_deferred():
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -170,7 +170,7 @@ def save_last(state: dict, run_dir: Path) -> None:
     """Rotate checkpoint-last -> checkpoint-prev, then write the new checkpoint-last atomically. Between the two
     renames only checkpoint-prev exists, and load_last() falls back to it."""
     run_dir = Path(run_dir)
-    tmp = run_dir / f".{LAST}.tmp-{os.getpid()}"
+    tmp = tmp_path(run_dir / LAST)
     with signals_deferred():  # a requeue signal waits until both renames are done
         with open(tmp, "wb") as f:
             torch.save(state, f)

@@ -9,17 +9,16 @@ it aside and recomputes it, and the report never shows a number from it.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
+
+from harness.core.locks import DRIVER_LOCK_FILE, LOCK_FILE, lock_holder  # noqa: F401 (names of the stage directory)
 
 MODEL_FILE = "model.pth"
 RESULT_FILE = "result.json"
@@ -28,8 +27,6 @@ CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"  # one JSON line per epoch
 JOB_FILE = "job.json"  # the job that runs the stage (Slurm job id / local controller pid, its chain)
 LAST_CHECKPOINT, PREV_CHECKPOINT = "checkpoint-last.pth", "checkpoint-prev.pth"
-LOCK_FILE = ".stage.lock"
-DRIVER_LOCK_FILE = ".driver.lock"  # <results root>/<table>/<profile>/.driver.lock
 MANIFEST_FILE = "manifest.json"  # <results root>/<table>/<profile>/manifest.json: the plan
 STALE_DIR = ".stale"  # <results root>/.stale/<stage id>.<time>: stale stages moved aside, never deleted
 
@@ -137,92 +134,13 @@ def git_commit() -> Optional[str]:
         return None
 
 
-class StageLocked(RuntimeError):
-    """Another process is running this stage (it holds <run_dir>/.stage.lock)."""
-
-    def __init__(self, message: str, stage_id: str = "", holder: str = ""):
-        super().__init__(message)
-        self.stage_id, self.holder = stage_id, holder
-
-
-class DriverLocked(RuntimeError):
-    """Another `reproduce` driver holds the results root."""
-
-
-def _read_holder(f) -> str:
-    f.seek(0)
-    return f.read().strip()
-
-
-@contextmanager
-def _held(path: Path, wait_s: float, busy: Callable[[str], Exception]):
-    """Exclusive flock on `path` while the block runs, the holder ("pid N on host since T") written into it;
-    released by the kernel when the process dies, so a killed run never leaves a stale lock. Retries for wait_s,
-    then raises busy(holder)."""
-    f = open(path, "a+")
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                holder = _read_holder(f)
-                f.close()
-                raise busy(holder) from None
-            time.sleep(0.05)
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}")
-    f.flush()
-    try:
-        yield
-    finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
-
-
-def stage_lock(run_dir: Path, stage_id: str, wait_s: float = 1.0):
-    """Held on <run_dir>/.stage.lock for as long as the stage runs. A brief retry (wait_s) absorbs a driver's probe
-    (lock_holder); then StageLocked names the holder."""
-    path = Path(run_dir) / LOCK_FILE
-    return _held(path, wait_s, lambda holder: StageLocked(
-        f"stage {stage_id} is already being run by {holder or 'another process'} (it holds {path}); refusing to run "
-        "it twice at once. Wait for that run to end, or stop it first.", stage_id, holder or "another process"))
-
-
-def driver_lock(root: Path):
-    """One driver per results root (<root>/.driver.lock): a second `reproduce` on the same root stops with a clear
-    error instead of running the same stages twice at once. Taken once per run, by run.cli.run_plan, around the
-    manifest and execute()."""
-    root = Path(root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return _held(root / DRIVER_LOCK_FILE, 0.0, lambda holder: DriverLocked(
-        f"another reproduce driver ({holder or 'unknown pid'}) is running on {root}; wait for it or stop it first"))
-
-
-def lock_holder(run_dir: str | Path) -> Optional[str]:
-    """Who runs the stage in run_dir now ('pid N on host since ...'), or None when nobody holds its lock."""
-    path = Path(run_dir) / LOCK_FILE
-    try:
-        f = open(path, "r")
-    except FileNotFoundError:
-        return None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return _read_holder(f) or "another process"
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return None
-
-
 def find_finished(stage_id: str, profile: str, roots: Sequence[Path], not_at: Path) -> Optional[Path]:
-    """A finished directory of this stage, <root>/<any table>/<profile>/<stage id>/ under one of `roots`, other than
-    `not_at`. A stage id hashes the whole spec and its inputs' ids, so such a directory is the same computation."""
+    """A finished, intact directory of this stage, <root>/<any table>/<profile>/<stage id>/ under one of `roots`,
+    other than `not_at`. A stage id hashes the whole spec and its inputs' ids, so such a directory is the same
+    computation; one whose model file no longer matches its result (damaged) is never taken."""
     for root in roots:
         for res in sorted(Path(root).glob(f"*/{profile}/{stage_id}/{RESULT_FILE}")):
-            if res.parent.resolve() != Path(not_at).resolve():
+            if res.parent.resolve() != Path(not_at).resolve() and damaged(res.parent) is None:
                 return res.parent
     return None
 
@@ -262,6 +180,27 @@ class FileHashes:
         if key not in self._seen:
             self._seen[key] = sha256_file(path)
         return self._seen[key]
+
+
+FILE_HASHES = FileHashes()  # one per process: a driver hashes each artefact once per (size, mtime)
+
+
+def damaged(run_dir: str | Path, hashes: Callable[[str | Path], Optional[str]] = FILE_HASHES) -> Optional[str]:
+    """Why a finished stage's artefact is not what its result records, or None while it is (or the stage is not
+    finished, or its result records no artefact). A stage is done only when its model file still has the sha256
+    its result.json recorded: a truncated or replaced model.pth makes it not done."""
+    res = read_result(run_dir)
+    want = res.get("model_sha256") if res else None
+    if not want:
+        return None
+    path = Path(run_dir) / MODEL_FILE
+    now = hashes(path)
+    if now is None:
+        return f"its model file {path} is missing (its {RESULT_FILE} records sha256 {want[:12]})"
+    if now != want:
+        return (f"its model file {path} is damaged: sha256 {now[:12]} where its {RESULT_FILE} records "
+                f"{want[:12]}")
+    return None
 
 
 def input_record(inputs: Dict[str, str]) -> Dict[str, dict]:
@@ -345,3 +284,80 @@ def broken_input(result: dict, inputs: Dict[str, str], status_of: Callable[[str]
         if was and now and now != was:
             return f"its input {role} {ref} was recomputed with other weights (sha256 {was[:12]} -> {now[:12]})"
     return None
+
+
+# ----------------------------------------------------------------------------------------------- a plan's stage tree
+class RunTree:
+    """The stage directories of one plan, <root> = <results root>/<table>/<profile>/<stage id>/: which stages are
+    done and still valid, moving stale ones aside, and linking in stages finished elsewhere. The plan (the graph)
+    stays a plain value; this is the live state of its files.
+
+    inputs: {stage id: {role: upstream stage id | "file:<path>"}} in dependency order (RunTree.of(plan))."""
+
+    def __init__(self, root: Path, profile: str, inputs: Dict[str, Dict[str, str]]):
+        self.root, self.profile, self.inputs = Path(root), profile, inputs
+
+    @classmethod
+    def of(cls, plan) -> "RunTree":
+        return cls(plan.root, plan.profile, {sid: dict(st.inputs) for sid, st in plan.stages.items()})
+
+    def dir(self, stage_id: str) -> Path:
+        return self.root / stage_id
+
+    def status(self, stage_id: str) -> str:
+        return stage_status(self.dir(stage_id))
+
+    def stale(self) -> Dict[str, str]:
+        """{stage id: why} for every finished stage that is no longer valid: its model file does not match its
+        result (damaged), or an input it consumed is not done or not the file it read then (broken_input). In
+        dependency order; a stage computed from a stale one is stale too."""
+        out: Dict[str, str] = {}
+
+        def status(sid: str) -> str:
+            return "stale" if sid in out else self.status(sid)
+
+        for sid, inputs in self.inputs.items():
+            res = read_result(self.dir(sid))
+            if res is None:
+                continue
+            why = damaged(self.dir(sid)) or broken_input(res, inputs, status, lambda ref: read_result(self.dir(ref)),
+                                                          FILE_HASHES)
+            if why:
+                out[sid] = why
+        return out
+
+    def set_aside_stale(self, log=print) -> Dict[str, str]:
+        """Move every stale stage's directory to <root>/.stale/<stage id>.<time> (with a stale.json saying why), so
+        it is recomputed; nothing is deleted. Returns {stage id: why}."""
+        stale = self.stale()
+        for sid, why in stale.items():
+            dest = self.root / STALE_DIR / f"{sid}.{time.strftime('%Y%m%d-%H%M%S')}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.dir(sid), dest)
+            write_json({"stage_id": sid, "why": why, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}, dest / "stale.json")
+            log(f"[reproduce] {sid}: stale, {why}; moved aside to {dest}, recomputing")
+        return stale
+
+    def siblings(self) -> Path:
+        """The results root this plan's tables share (<results_root>; the plan lives in <table>/<profile>/ below)."""
+        return self.root.parent.parent
+
+    def finished_elsewhere(self, stage_id: str, roots: Sequence[Path] = ()) -> Optional[Path]:
+        """Where this not-yet-done stage is already finished: in another table of this results root (the teacher,
+        the rows table2 and masking share) or under `roots` (a sweep's other points)."""
+        if self.status(stage_id) == DONE:
+            return None
+        return find_finished(stage_id, self.profile, [self.siblings(), *roots], self.dir(stage_id))
+
+    def reuse_finished(self, roots: Sequence[Path] = (), log=lambda msg: print(msg, flush=True)) -> List[str]:
+        """Link in every stage finished elsewhere (finished_elsewhere) instead of running it again; a stage being
+        run right now is left alone. Returns the stage ids linked."""
+        reused = []
+        for sid in self.inputs:
+            src = self.finished_elsewhere(sid, roots)
+            if src is None or lock_holder(self.dir(sid)):
+                continue
+            link_stage_dir(src, self.dir(sid))
+            log(f"[reproduce] {sid}: reused from {src}")
+            reused.append(sid)
+        return reused

@@ -40,8 +40,9 @@ from harness.core.data import Aug, build_dataset
 from harness.core.models import build_classifier, build_mae, get_arch
 from harness.core.probe import block_features, knn_top1
 from harness.core.ranks import export_rank_env
-from harness.core.rundir import (CONFIG_FILE, ERROR_FILE, MODEL_FILE, RESULT_FILE, StageLocked, git_commit,
-                                 input_record, sha256_file, spec_hash, stage_lock, write_json, write_stage_config)
+from harness.core.locks import StageLocked, stage_lock
+from harness.core.rundir import (CONFIG_FILE, ERROR_FILE, MODEL_FILE, RESULT_FILE, git_commit, input_record,
+                                 sha256_file, spec_hash, write_json, write_stage_config)
 from harness.core.spec import (AnySpec, EvaluateStage, FinetuneStage, ModelConfig, PretrainStage, ProbeStage,
                                StageRuntime, kd_teacher_logits_cached, spec_dict, stage_runtime, stage_spec)
 from harness.core.train import (NonFiniteLoss, Runtime, end_process_group, evaluate_classifier, fit, peak_memory_mb,

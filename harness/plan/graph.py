@@ -9,14 +9,12 @@
 
 A stage's id is `<what it is>-<hash>`, the hash taken over its resolved spec, which holds its inputs' ids: equal
 stages are shared (the MAE-baseline pre-train feeds the MAE and the KD rows; one teacher serves every row) and a
-rerun finds finished stages by id, as does another table of the same results root (Plan.reuse_finished). Results
-live in <results_root>/<table>/<profile>/<stage id>/.
+rerun finds finished stages by id, as does another table of the same results root (rundir.RunTree.reuse_finished).
+Results live in <results_root>/<table>/<profile>/<stage id>/.
 """
 from __future__ import annotations
 
-import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -25,8 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.plan.config import ConfigError, Row, check_name, data_spec, load_config, neutral_overrides, resolve_row
 from harness.core.spec import AnySpec, build_stage, spec_dict
-from harness.core.rundir import (MANIFEST_FILE, MODEL_FILE, STALE_DIR, FileHashes, broken_input, find_finished,
-                                 git_commit, link_stage_dir, lock_holder, read_result, spec_hash, stage_status,
+from harness.core.rundir import (MANIFEST_FILE, MODEL_FILE, RunTree, file_of_ref, file_ref, git_commit, spec_hash,
                                  write_json)
 
 MANIFEST = MANIFEST_FILE
@@ -75,11 +72,11 @@ class Plan:
         return self.root / stage_id
 
     def input_paths(self, stage: Stage) -> Dict[str, str]:
-        return {role: ref[len("file:"):] if ref.startswith("file:") else str(self.dir(ref) / MODEL_FILE)
+        return {role: file_of_ref(ref) or str(self.dir(ref) / MODEL_FILE)
                 for role, ref in stage.inputs.items()}
 
     def deps(self, stage: Stage) -> List[str]:
-        return [ref for ref in stage.inputs.values() if not ref.startswith("file:")]
+        return [ref for ref in stage.inputs.values() if file_of_ref(ref) is None]
 
     def check_paths(self) -> None:
         """Every stage directory is a direct child of the plan's root (nothing is written outside results_root)."""
@@ -89,64 +86,9 @@ class Plan:
             if d.parent != root or not check_name_ok(sid):
                 raise ConfigError(f"stage directory {d} (stage id {sid!r}) is not inside {root}; refusing to write it")
 
-    def stale(self) -> Dict[str, str]:
-        """{stage id: why} for every finished stage that is no longer valid: an input it consumed is not done, or is
-        not the file it read then (rundir.broken_input). In dependency order; a stage computed from a stale one is
-        stale too."""
-        out: Dict[str, str] = {}
-        hashes = FileHashes()
-
-        def status(sid: str) -> str:
-            return "stale" if sid in out else self.status(sid)
-
-        for sid, stage in self.stages.items():
-            res = read_result(self.dir(sid)) if self.status(sid) == "done" else None
-            if res is None:
-                continue
-            why = broken_input(res, stage.inputs, status, lambda ref: read_result(self.dir(ref)), hashes)
-            if why:
-                out[sid] = why
-        return out
-
-    def set_aside_stale(self, log=print) -> Dict[str, str]:
-        """Move every stale stage's directory to <root>/.stale/<stage id>.<time> (with a stale.json saying why), so
-        it is recomputed; nothing is deleted. Returns {stage id: why}."""
-        stale = self.stale()
-        for sid, why in stale.items():
-            dest = self.root / STALE_DIR / f"{sid}.{time.strftime('%Y%m%d-%H%M%S')}"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.dir(sid), dest)
-            (dest / "stale.json").write_text(json.dumps({"stage_id": sid, "why": why,
-                                                         "at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
-            log(f"[reproduce] {sid}: stale, {why}; moved aside to {dest}, recomputing")
-        return stale
-
-    def status(self, stage_id: str) -> str:
-        return stage_status(self.dir(stage_id))
-
     def siblings(self) -> Path:
         """The results root this plan's tables share (<results_root>; the plan lives in <table>/<profile>/ below)."""
         return self.root.parent.parent
-
-    def finished_elsewhere(self, stage_id: str, roots: Sequence[Path] = ()) -> Optional[Path]:
-        """Where this not-yet-done stage is already finished: in another table of this results root (the teacher,
-        the rows table2 and masking share) or under `roots` (a sweep's other points)."""
-        if self.status(stage_id) == "done":
-            return None
-        return find_finished(stage_id, self.profile, [self.siblings(), *roots], self.dir(stage_id))
-
-    def reuse_finished(self, roots: Sequence[Path] = (), log=lambda msg: print(msg, flush=True)) -> List[str]:
-        """Link in every stage finished elsewhere (finished_elsewhere) instead of running it again; a stage being
-        run right now is left alone. Returns the stage ids linked."""
-        reused = []
-        for sid in self.stages:
-            src = self.finished_elsewhere(sid, roots)
-            if src is None or lock_holder(self.dir(sid)):
-                continue
-            link_stage_dir(src, self.dir(sid))
-            log(f"[reproduce] {sid}: reused from {src}")
-            reused.append(sid)
-        return reused
 
 
 def _model_tag(m: dict) -> str:
@@ -181,7 +123,7 @@ class _Builder:
         if not t["train"]:
             if not t[need + "_ckpt"]:
                 raise ConfigError(f"rows.{cell[0]}: needs the {need} teacher: set teacher.{need}_ckpt")
-            ref = f"file:{os.path.abspath(t[need + '_ckpt'])}"
+            ref = file_ref(t[need + '_ckpt'])
             if need == "finetuned":  # a provided fine-tuned teacher is measured too: every KD claim rests on it
                 self.add("evaluate", "teacher-evaluate", f"teacher-evaluate-provided-{tag}",
                          {"model": t["model"], "eval_batch_size": fin["eval_batch_size"], "seed": self.cfg.seed},
@@ -324,7 +266,7 @@ def _spec_diff(plan: Plan, sid: Optional[str], base: Plan, bid: Optional[str], p
     keys; inputs left out: the chain is compared stage by stage). A teacher's chain is followed to its pre-train."""
     if sid == bid:
         return []
-    if sid is None or bid is None or sid.startswith("file:") or bid.startswith("file:"):
+    if sid is None or bid is None or file_of_ref(sid) or file_of_ref(bid):
         return [f"{prefix}{'stage' if sid else 'no stage'}: {sid or bid}"] if (sid or bid) else []
     a, b = plan.stages[sid].spec, base.stages[bid].spec
     mine, theirs = _flat(spec_dict(a)), _flat(spec_dict(b))
@@ -365,7 +307,7 @@ def _toposort(stages: Dict[str, Stage]) -> List[str]:
             return
         seen.add(sid)
         for ref in stages[sid].inputs.values():
-            if not ref.startswith("file:"):
+            if file_of_ref(ref) is None:
                 visit(ref)
         order.append(sid)
 
@@ -399,12 +341,13 @@ def describe(plan: Plan, estimates: Optional[Dict[str, float]] = None,
     lines = [f"Plan for {plan.table} ({plan.profile}): {len(plan.stages)} stages, {len(plan.cells)} table cells",
              f"results: {plan.root}"]
     total, n_free = 0.0, 0
-    stale = plan.stale()
+    tree = RunTree.of(plan)
+    stale = tree.stale()
     for s in plan.stages.values():
         st, note = ("stale", f"stale: {stale[s.id]}; would be moved aside and recomputed") if s.id in stale \
-            else (plan.status(s.id), "")
+            else (tree.status(s.id), "")
         if st != "done" and s.id not in stale:
-            src = plan.finished_elsewhere(s.id)
+            src = tree.finished_elsewhere(s.id)
             if src is not None:
                 st, note = "reused", f"finished in {src.parent.parent.name}: would be linked in, not run"
             elif (earlier or {}).get(s.id):

@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import recipes  # standard library only
 
-from harness.core.rundir import DriverLocked, driver_lock  # standard library only
+from harness.core.locks import DriverLocked, driver_lock  # standard library only
+from harness.core.rundir import RunTree  # standard library only
 from harness.run.preflight import PreflightError, check_inputs  # standard library at import time
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ def run_plan(cfg: "DictConfig", plan: "Plan", overrides: Sequence[str], dry_run:
                   f"then, when the jobs are done: python -m harness.report {table} --profile {cfg.profile}")
             return 0
         if reuse_from:  # a sweep's other points
-            plan.reuse_finished(reuse_from)
+            RunTree.of(plan).reuse_finished(reuse_from)
         states = execute(plan, cfg)
     failed = [sid for sid, st in states.items() if st != "done"]
     if cfg.report:

@@ -35,8 +35,8 @@ from harness.plan.config import mem_gb_of, runtime_of, tasks_per_node, world_siz
 from harness.bench.estimate import estimate_plan
 from harness.plan.graph import Plan, Stage
 from harness.core.ranks import export_rank_env
-from harness.core.rundir import (ERROR_FILE, JOB_FILE, RESULT_FILE, StageLocked, epochs_logged, lock_holder, read_log,
-                                 write_json)
+from harness.core.locks import StageLocked, lock_holder
+from harness.core.rundir import ERROR_FILE, JOB_FILE, RESULT_FILE, RunTree, epochs_logged, read_log, write_json
 from harness.core.spec import AnySpec, Schedule, StageRuntime
 from harness.core.stages import run_stage
 from harness.core.train import end_process_group
@@ -149,7 +149,8 @@ class Progress:
     def __init__(self, plan: Plan, quiet: bool = False, estimates: Optional[Dict[str, float]] = None):
         self.plan, self.quiet = plan, quiet
         # a stage that failed in an earlier run is tried again
-        self.state: Dict[str, str] = {sid: "done" if plan.status(sid) == "done" else "todo" for sid in plan.stages}
+        tree = RunTree.of(plan)
+        self.state: Dict[str, str] = {sid: "done" if tree.status(sid) == "done" else "todo" for sid in plan.stages}
         self.t0 = time.time()
         self.estimates = dict(estimates or {})  # stage id -> wall seconds still to run when the driver started
         self.start_epochs = {sid: epochs_logged(plan.dir(sid)) for sid in plan.stages}
@@ -343,8 +344,9 @@ def execute(plan: Plan, cfg: DictConfig) -> Dict[str, str]:
     """Run every stage that is not done; the caller holds rundir.driver_lock(plan.root). Returns {stage id: done |
     failed | blocked}."""
     plan.check_paths()
-    plan.reuse_finished()  # stages another table of this results root has finished: the same computation
-    plan.set_aside_stale()
+    tree = RunTree.of(plan)
+    tree.reuse_finished()  # stages another table of this results root has finished: the same computation
+    tree.set_aside_stale()  # damaged or computed from inputs that changed: moved aside with their consumers
     name = cfg.launcher.name
     if name == "debug":
         states = _run_in_process(plan, cfg)
@@ -619,7 +621,7 @@ def _drive(plan: Plan, cfg: DictConfig, ex, prog: Progress, running: Dict[str, o
         prog.poll(running, members)
         for first, job in list(running.items()):
             for sid in members[first]:  # stages of a chain finish one by one: their consumers may start now
-                if prog.state[sid] != "done" and plan.status(sid) == "done":
+                if prog.state[sid] != "done" and RunTree.of(plan).status(sid) == "done":
                     prog.set(sid, "done")
             if not job.done() and not (isinstance(job, submitit.SlurmJob) and ended_unseen(job)):
                 continue
@@ -627,14 +629,14 @@ def _drive(plan: Plan, cfg: DictConfig, ex, prog: Progress, running: Dict[str, o
             chain_ids = members.pop(first)
             failed = None
             for sid in chain_ids:
-                if prog.state[sid] == "done" or plan.status(sid) == "done":
+                if prog.state[sid] == "done" or RunTree.of(plan).status(sid) == "done":
                     if prog.state[sid] != "done":
                         prog.set(sid, "done")
                     continue
                 if failed is not None:  # each chained stage consumes the one before it
                     prog.set(sid, "blocked", f"(input {failed} failed)")
                     continue
-                if isinstance(job, Elsewhere) and plan.status(sid) != "failed":
+                if isinstance(job, Elsewhere) and RunTree.of(plan).status(sid) != "failed":
                     prog.set(sid, "todo", f"(the run by {job.job_id} stopped without a result; resubmitting)")
                     continue
                 try:

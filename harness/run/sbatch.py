@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from harness.plan.config import mem_gb_of, runtime_of, tasks_per_node
 from harness.plan.graph import Plan
-from harness.core.rundir import write_stage_config
+from harness.core.rundir import RunTree, write_stage_config
 from harness.core.spec import spec_dict
 from harness.run.launch import code_snapshot, snapshot_wanted
 
@@ -64,8 +64,10 @@ def write_sbatch(plan: Plan, cfg: DictConfig) -> Path:
         setup.append(f"export PYTHONSAFEPATH=1 PYTHONPATH={shlex.quote(str(snap))}${{PYTHONPATH:+:$PYTHONPATH}}")
     submit = ["#!/usr/bin/env bash", f"# {plan.table} ({plan.profile}): submit every unfinished stage in graph order.",
               "set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}", "declare -A JOB"]
+    tree = RunTree.of(plan)
+    tree.set_aside_stale()  # as a driver would: a damaged or stale stage is recomputed, not listed done
     for sid, stage in plan.stages.items():
-        if plan.status(sid) == "done":
+        if tree.status(sid) == "done":
             submit.append(f"# {sid}: done")
             continue
         run_dir = plan.dir(sid)
@@ -82,7 +84,7 @@ def write_sbatch(plan: Plan, cfg: DictConfig) -> Path:
                                      # --cpus-per-task again: srun of Slurm 22.05 to 23.02 does not inherit it
                                      f"srun --cpus-per-task={int(cfg.launcher.cpus_per_task)} {python} -m "
                                      f"harness.core.stages {shlex.quote(str(run_dir))}", ""]))
-        deps = [d for d in plan.deps(stage) if plan.status(d) != "done"]
+        deps = [d for d in plan.deps(stage) if tree.status(d) != "done"]
         dep_arg = (f"--dependency=afterok:{':'.join('${JOB[' + d + ']}' for d in deps)} " if deps else "")
         submit.append(f"JOB[{sid}]=$(sbatch --parsable {dep_arg}{shlex.quote(str(script))})")
         submit.append(f'echo "{sid}: job ${{JOB[{sid}]}}"')
