@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from harness.core.rundir import DONE, JOB_FILE, stage_status
+from harness.core.rundir import DONE, JOB_FILE, load_json, read_job, stage_status
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULTS = {"local": ["driver-sigkill", "job-sigkill"],
@@ -49,7 +49,7 @@ def fingerprint(root: Path) -> Dict[str, object]:
     """Stage id -> model sha256 (training stages) or top-1 (evaluations), for every finished stage."""
     out: Dict[str, object] = {}
     for f in sorted((root / "table2" / "smoke").glob("*/result.json")):
-        r = json.loads(f.read_text())
+        r = load_json(f)
         out[r["stage_id"]] = r.get("model_sha256") or r.get("top1")
     return out
 
@@ -78,10 +78,9 @@ def running_job(root: Path) -> Optional[dict]:
     jobs = []
     for f in (root / "table2" / "smoke").glob(f"*/{JOB_FILE}"):
         if stage_status(f.parent) != DONE:
-            try:
-                jobs.append(json.loads(f.read_text()))
-            except (OSError, ValueError):
-                pass
+            job = read_job(f.parent)
+            if job is not None:
+                jobs.append(job)
     return jobs[0] if jobs else None
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 import time
 from dataclasses import replace
@@ -23,7 +22,7 @@ from typing import List, Optional
 
 from harness.plan.config import load_config, runtime_of
 from harness.plan.graph import build_plan
-from harness.core.rundir import LOG_FILE, RESULT_FILE, git_commit
+from harness.core.rundir import git_commit, read_log, read_result
 from harness.report.stats import last_epoch_gain
 
 RECORD_COLUMNS = ["when", "trial", "overrides", "stage", "role", "row_seed", "epochs", "train_images",
@@ -70,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         res = run_stage(stage.spec, plan.dir(sid), plan.input_paths(stage), runtime_of(cfg), sid)
         if stage.kind != "finetune":
             continue
-        log = [json.loads(line) for line in (plan.dir(sid) / LOG_FILE).read_text().splitlines() if line.strip()]
+        log = read_log(plan.dir(sid))
         gain = last_epoch_gain(log) or 0.0
         row = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "trial": args.trial, "overrides": " ".join(args.overrides),
                "stage": stage.spec.name, "role": stage.role,
@@ -78,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                "train_images": res["train_images"], "last_val_top1": round(res["last_val_top1"], 2),
                "best_val_top1": round(res["best_val_top1"], 2), "last_epoch_gain": round(gain, 2),
                "val_curve": " ".join(f"{r['val_top1']:.1f}" for r in log),
-               "train_s": round(json.loads((plan.dir(sid) / RESULT_FILE).read_text())["wall_s"], 1),
+               "train_s": round(read_result(plan.dir(sid))["wall_s"], 1),
                "git_commit": (git_commit() or "")[:10]}
         _append(record, row)
         print(f"[tune {args.trial}] {stage.spec.name}: val top-1 last {res['last_val_top1']:.2f} "

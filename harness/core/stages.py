@@ -41,7 +41,7 @@ from harness.core.models import build_classifier, build_mae, get_arch
 from harness.core.probe import block_features, knn_top1
 from harness.core.ranks import export_rank_env
 from harness.core.locks import StageLocked, stage_lock
-from harness.core.rundir import (CONFIG_FILE, ERROR_FILE, MODEL_FILE, RESULT_FILE, git_commit, input_record,
+from harness.core.rundir import (CONFIG_FILE, ERROR_FILE, MODEL_FILE, RESULT_FILE, git_commit, input_record, load_json,
                                  sha256_file, spec_hash, write_json, write_stage_config)
 from harness.core.spec import (AnySpec, EvaluateStage, FinetuneStage, ModelConfig, PretrainStage, ProbeStage,
                                StageRuntime, kd_teacher_logits_cached, spec_dict, stage_runtime, stage_spec)
@@ -212,7 +212,7 @@ def run_stage(spec: AnySpec | dict, run_dir: str | Path, inputs: Dict[str, str],
     run_dir.mkdir(parents=True, exist_ok=True)
     done = run_dir / RESULT_FILE
     if done.exists():
-        return json.loads(done.read_text())
+        return load_json(done)
     rt = setup_runtime(device=runtime.device, amp=runtime.amp, threads=runtime.threads, log_every=runtime.log_every,
                        num_workers=runtime.num_workers, tensorboard=runtime.tensorboard, tb_every=runtime.tb_every)
     with ExitStack() as stack:
@@ -231,7 +231,7 @@ def run_stage(spec: AnySpec | dict, run_dir: str | Path, inputs: Dict[str, str],
         if locked is not None:
             raise locked
         if done.exists():  # finished by the runner that held the lock before us
-            return json.loads(done.read_text())
+            return load_json(done)
         return _run_locked(spec, run_dir, inputs, runtime, stage_id, rt)
 
 
@@ -334,7 +334,7 @@ def main(argv=None) -> None:
     if not (run_dir / CONFIG_FILE).is_file():
         p.error(f"{run_dir / CONFIG_FILE} not found: give a stage directory the planner wrote (its {CONFIG_FILE} "
                 "holds the spec); `python -m harness.reproduce <table> --dry-run` lists the stage ids")
-    cfg = json.loads((run_dir / CONFIG_FILE).read_text())
+    cfg = load_json(run_dir / CONFIG_FILE)
     _requeue_on_usr2()
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and os.environ.get("SLURM_PROCID") is not None:
         # srun of a multi-task sbatch job: the ranks from Slurm's variables, as a submitit job's (harness.core.ranks); a

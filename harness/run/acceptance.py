@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from harness.core.rundir import read_manifest, read_result  # standard library only
+
 ROOT = Path(__file__).resolve().parents[2]  # harness/run/acceptance.py -> the repository
 TABLE = "table2"
 # Datasheet dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name();
@@ -107,11 +109,10 @@ def check_stages(part: Part, stage_dirs: List[Path], device: str, amp: str) -> L
     """Every stage finished (result.json), on `device` with run.amp `amp`; returns the results."""
     results, unfinished, elsewhere = [], [], []
     for d in stage_dirs:
-        f = d / "result.json"
-        if not f.is_file():
+        r = read_result(d)
+        if r is None:
             unfinished.append(d.name)
             continue
-        r = json.loads(f.read_text())
         got = (r.get("device"), (r.get("runtime") or {}).get("amp"))
         if got != (device, amp):
             elsewhere.append(f"{d.name} ({got[0]}, amp {got[1]})")
@@ -130,10 +131,8 @@ def check_stages(part: Part, stage_dirs: List[Path], device: str, amp: str) -> L
 
 def planned(root: Path) -> List[Path]:
     """The stage directories a run's manifest lists (results/<table>/<profile>/manifest.json)."""
-    manifest = root / "manifest.json"
-    if not manifest.is_file():
-        return []
-    return [root / sid for sid in json.loads(manifest.read_text())["stages"]]
+    manifest = read_manifest(root)
+    return [root / sid for sid in manifest["stages"]] if manifest else []
 
 
 def smoke_checks(part: Part, results: Path, reports: Path, device: str, amp: str) -> None:

@@ -18,7 +18,6 @@ device-hours: each real stage's steps x the step time its rehearsal measured, sc
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -30,7 +29,7 @@ from harness.core.arch import get_arch
 from harness.plan.config import load_config, world_size
 from harness.bench.estimate import dataset_sizes
 from harness.plan.graph import Plan, build_plan
-from harness.core.rundir import RESULT_FILE, write_text_atomic
+from harness.core.rundir import read_result, write_text_atomic
 from harness.core.spec import DataConfig, ModelConfig
 
 REHEARSAL = "rehearsal"
@@ -180,8 +179,7 @@ def write_report(path: Path, full_cfg: "DictConfig", full: "Plan", rehearsal: "P
     """The REHEARSAL report: per rehearsed stage its step time and peak memory; the full run's device-hours."""
     results = {}
     for sid in rehearsal.stages:
-        f = rehearsal.dir(sid) / RESULT_FILE
-        results[sid] = json.loads(f.read_text()) if f.exists() else None
+        results[sid] = read_result(rehearsal.dir(sid))
     world = world_size(full_cfg.launcher)
     lines = [f"# REHEARSAL of {full_cfg.table} ({full_cfg.profile} profile): not results", "",
              "Every stage ran with the real models, shapes, dtypes, data path and launcher, for a handful of steps "
