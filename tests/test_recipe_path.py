@@ -8,9 +8,11 @@ import pytest
 import yaml
 
 import recipes
-from harness.plan.config import ConfigError, load_config, tables
+from harness.plan.config import ConfigError, load_config
+from recipes import tables
 from harness.plan.graph import build_plan, mark_overridden
-from harness.report.markdown import default_profile, expected_path
+from harness.report.expected import expected_path
+from harness.report.markdown import default_profile
 from harness.run.cli import main
 from user_recipe import USER_RECIPE
 
@@ -52,8 +54,10 @@ def test_a_profile_of_the_users_folder_is_found_and_unknown_ones_list_every_fold
 
 def test_a_folder_that_is_not_there_is_an_error_not_skipped(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(recipes.PATH_ENV, str(tmp_path / "nowhere"))
-    with pytest.raises(ConfigError, match="HARNESS_RECIPE_PATH names .*nowhere.*which is not a folder"):
+    with pytest.raises(NotADirectoryError, match="HARNESS_RECIPE_PATH names .*nowhere.*which is not a folder"):
         tables()
+    with pytest.raises(ConfigError, match="HARNESS_RECIPE_PATH names .*nowhere.*which is not a folder"):
+        load_config("table2", ["profile=smoke"])
     monkeypatch.delenv(recipes.PATH_ENV)
     assert main(["table2", "--recipe-dir", str(tmp_path / "nowhere"), "--dry-run"]) == 2
     assert "--recipe-dir: " in capsys.readouterr().err

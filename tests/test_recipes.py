@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from harness.plan.config import load_config, tables
+from harness.plan.config import load_config
+from recipes import tables
 from harness.plan.graph import build_plan
 from harness.run.cli import run_table
 

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from harness.plan.config import load_config, runtime_of, tables
+from harness.plan.config import load_config
+from harness.plan.resolve import runtime_of
+from recipes import tables
 from harness.plan.graph import build_plan
 from harness.core.rundir import spec_hash
 from harness.core.spec import (FinetuneStage, PretrainStage, SpecError, StageRuntime, spec_dict, stage_runtime,

@@ -10,7 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 from scipy import stats as st
 
-from harness.plan.config import ConfigError, TableConfig, validate_claims
+from harness.plan.config import ConfigError, validate_claims
+from harness.plan.schema import TableConfig
 from harness.report.stats import (BELOW_BOUND, DECIDED, FAILS, HOLDS, NO_DATA, NOT_APPLICABLE, NOT_TESTABLE,
                                   PAPER_EXCLUDED, UNSURE, Noise, boundary_distance, expected_check, gate_verdict,
                                   group_values, judge, last_epoch_gain, paired, seeds_for_power, seeds_needed,
@@ -307,7 +308,7 @@ def test_claims_are_parsed_from_a_recipe():
     assert by["mask98_at_most_3pp_below_75"].margin == -3.0
     assert by["dmae_beats_kd"].bound == 0.5 and by["mask98_at_most_3pp_below_75"].bound is None
     # every recipe's claims validate (and name only its rows)
-    from harness.plan.config import tables
+    from recipes import tables
     for t in tables():
         assert load_config(t, ["profile=smoke"]).claims, t
 

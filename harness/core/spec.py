@@ -8,7 +8,7 @@ config.json, and read back by the stage (harness.core.stages), the cost estimate
 
 Every stage also has name, seed, data, amp and inputs (role -> stage id or "file:<path>"). The sections are the
 recipe's sections as a stage uses them: `PretrainSpec` and `FinetuneSpec` are `Schedule`s (what train.fit reads)
-plus their own settings; the table config (harness.plan.config) extends each with the keys that are resolved away before
+plus their own settings; the table config (harness.plan.schema) extends each with the keys that are resolved away before
 a stage sees them (effective_batch -> accum_iter, epoch_scale -> epochs, align -> pairs, teacher_source).
 
 A spec's dict form (`spec_dict`) is what config.json holds and what a stage id hashes. An optional section a stage
@@ -20,10 +20,13 @@ omegaconf only: the planner and --dry-run use it without importing torch.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from math import inf
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from harness.core.rules import at_least, in_range, one_of
 
 # a field with this metadata is absent from the spec's dict form while it is None (see the module docstring)
 OMIT_WHEN_NONE = {"omit_when_none": True}
@@ -51,42 +54,45 @@ class DataConfig:
 @dataclass
 class Schedule:
     """The optimizer and its lr schedule (train.fit): per-iteration linear warmup, then half-cosine to min_lr;
-    lr = blr x effective batch / 256. Defaults: the official pre-training's."""
-    epochs: int = 100
+    lr = blr x effective batch / 256. Defaults: the official pre-training's. Each field's rule (harness.core.rules)
+    is checked when a recipe is composed."""
+    epochs: int = at_least(1, default=100)
     warmup_epochs: float = 20
-    batch_size: int = 128  # per device
-    accum_iter: int = 4
-    blr: float = 1.5e-4
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
+    batch_size: int = at_least(1, default=128)  # per device
+    accum_iter: int = at_least(1, default=4)
+    blr: float = in_range(0, inf, "()", default=1.5e-4)
+    min_lr: float = in_range(0, inf, "[)", default=0.0)
+    weight_decay: float = in_range(0, inf, "[)", default=0.05)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    clip_grad: Optional[float] = None
+    clip_grad: Optional[float] = in_range(0, inf, "()", default=None)
 
 
 @dataclass
 class PretrainSpec(Schedule):
-    mask_ratio: float = 0.75
-    crop_min: float = 0.2  # RandomResizedCrop scale (crop_min, 1): official 0.2
-    visible_rounding: str = "paper"  # paper: round(N(1-r)) | official: int(N(1-r))
+    mask_ratio: float = in_range(0, 1, "[)", default=0.75)
+    crop_min: float = in_range(0, 1, "(]", default=0.2)  # RandomResizedCrop scale (crop_min, 1): official 0.2
+    # paper: round(N(1-r)) | official: int(N(1-r))
+    visible_rounding: str = one_of("paper", "official", default="paper")
     norm_pix_loss: bool = False
 
 
 @dataclass
 class FinetuneSpec(Schedule):
     # the official fine-tuning's optimizer (its other Schedule defaults are the pre-training's)
-    accum_iter: int = 1
-    blr: float = 5e-4
-    min_lr: float = 1e-6
+    accum_iter: int = at_least(1, default=1)
+    blr: float = in_range(0, inf, "()", default=5e-4)
+    min_lr: float = in_range(0, inf, "[)", default=1e-6)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    layer_decay: float = 0.75
-    drop_path: float = 0.15
-    crop_min: float = 0.08  # RandomResizedCrop scale (crop_min, 1): timm's default, as the official fine-tuning
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    smoothing: float = 0.1
-    reprob: float = 0.25
+    layer_decay: float = in_range(0, 1, "(]", default=0.75)
+    drop_path: float = in_range(0, 1, "[)", default=0.15)
+    # RandomResizedCrop scale (crop_min, 1): timm's default, as the official fine-tuning
+    crop_min: float = in_range(0, 1, "(]", default=0.08)
+    mixup: float = in_range(0, inf, "[)", default=0.8)
+    cutmix: float = in_range(0, inf, "[)", default=1.0)
+    smoothing: float = in_range(0, 1, "[)", default=0.1)
+    reprob: float = in_range(0, 1, "[]", default=0.25)
     randaug: str = "rand-m9-mstd0.5-inc1"
-    eval_batch_size: int = 256
+    eval_batch_size: int = at_least(1, default=256)
 
 
 @dataclass
@@ -110,7 +116,7 @@ class KDConfig:
 
 @dataclass
 class StageRuntime:
-    """Where and how a stage runs (train.setup_runtime), not what it computes: not part of a stage's id."""
+    """Where and how a stage runs (runtime.setup_runtime), not what it computes: not part of a stage's id."""
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | none | bf16 | fp16
     threads: int = 0  # torch CPU threads (0 = torch's default)
@@ -189,20 +195,10 @@ SECTIONS = {"model": ModelConfig, "teacher_model": ModelConfig, "data": DataConf
 
 def build_stage(kind: str, **fields) -> AnySpec:
     """The planner's constructor: a stage spec from sections the config layer has already validated and resolved
-    (harness.plan.config.resolve_row), each a dict or typed. A key a section or the stage does not have is a TypeError.
+    (harness.plan.resolve.resolve_row), each a dict or typed. A key a section or the stage does not have is a TypeError.
     Plain dataclass construction: ~100x faster than `stage_spec`'s schema merge, which checks what it reads back."""
     return STAGE_SPECS[kind](**{k: SECTIONS[k](**v) if k in SECTIONS and isinstance(v, Mapping) else v
                                 for k, v in fields.items()})
-
-
-def kd_teacher_logits_cached(spec: FinetuneStage, device_type: str) -> bool:
-    """Whether a KD fine-tune looks its teacher's logits up (baselines.kd.CachedTeacherLogits) instead of running
-    the teacher every step: on CPU, for the in-memory dataset at its native 28 px with a flip-only augmentation (no
-    crop, RandAug, erasing, Mixup or CutMix), where every training input is an image or its mirror. The stages and
-    the cost estimate both ask this."""
-    f, data = spec.finetune, spec.data
-    return spec.kd is not None and device_type == "cpu" and data.name == "fashion_mnist" and data.img_size == 28 \
-        and f.crop_min >= 1.0 and not f.randaug and not f.reprob and not f.mixup and not f.cutmix
 
 
 class SpecError(ValueError):

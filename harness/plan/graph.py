@@ -21,7 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.plan.config import ConfigError, Row, check_name, data_spec, load_config, neutral_overrides, resolve_row
+from harness.plan.config import ConfigError, check_name, load_config, neutral_overrides
+from harness.plan.resolve import Row, data_spec, resolve_row
 from harness.core.spec import AnySpec, build_stage, spec_dict
 from harness.core.rundir import (MANIFEST_FILE, MODEL_FILE, RunTree, file_of_ref, file_ref, git_commit, spec_hash,
                                  write_json)
