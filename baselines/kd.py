@@ -12,18 +12,27 @@ The paper does not say which variant its "distilling a fine-tuned ViT-L" baselin
 `CachedTeacherLogits`: when every training input is one of a few fixed views of each image (a flip-only
 augmentation of an in-memory dataset, no Mixup/CutMix), the teacher's logits are computed once per view and looked
 up by the input's exact bytes; any other input goes through the teacher. The loss is the same; the teacher runs on
-2 N images instead of epochs x N.
+2 N images instead of epochs x N. The objective owns it: `KDObjective.teacher_logits_cached` is the rule (which the
+cost estimate asks too), `prepare` builds the cache before training where the rule holds, `result_fields` reports
+its counts in result.json (kd_cached_views, kd_cache_hits, kd_cache_misses).
+
+The harness finds the objective in harness.core.build's registry of fine-tuning objectives (FINETUNE_OBJECTIVES).
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Optional, Tuple
+import time
+from typing import TYPE_CHECKING, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from harness.core.objectives import ClassifyObjective, Terms
+
+if TYPE_CHECKING:
+    from harness.core.runtime import Runtime
+    from harness.core.spec import FinetuneStage
 
 
 def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, temperature: float
@@ -81,9 +90,36 @@ class KDObjective(ClassifyObjective):
         self.kind, self.weight, self.temperature = kind, weight, temperature
         self.cached: Optional[CachedTeacherLogits] = None
 
+    @staticmethod
+    def teacher_logits_cached(spec: FinetuneStage, device_type: str) -> bool:
+        """Whether a KD fine-tune looks its teacher's logits up (CachedTeacherLogits) instead of running the
+        teacher every step: on CPU, for the in-memory dataset at its native 28 px with a flip-only augmentation (no
+        crop, RandAug, erasing, Mixup or CutMix), where every training input is an image or its mirror. `prepare` and
+        the cost estimate (harness.bench.estimate) both ask this."""
+        f, data = spec.finetune, spec.data
+        return spec.kd is not None and device_type == "cpu" and data.name == "fashion_mnist" and data.img_size == 28 \
+            and f.crop_min >= 1.0 and not f.randaug and not f.reprob and not f.mixup and not f.cutmix
+
     def cache_teacher_logits(self, views: Iterable[torch.Tensor]) -> CachedTeacherLogits:
         self.cached = CachedTeacherLogits(self.teacher, views)
         return self.cached
+
+    def prepare(self, spec: FinetuneStage, train_ds, rt: Runtime) -> None:
+        """Before training: the teacher's logits of every view of the training set, once, where the rule holds
+        and the training set confirms that its augmentation is flip-only."""
+        if not (self.teacher_logits_cached(spec, rt.device.type) and train_ds.flip_only):
+            return
+        t0 = time.time()
+        cache = self.cache_teacher_logits(train_ds.flip_views())
+        rt.log(f"[{spec.name}] teacher logits of {len(cache)} views (each image and its mirror) computed once "
+               f"({time.time() - t0:.1f} s): the augmentation is flip-only")
+
+    def result_fields(self) -> dict:
+        """The cache's counts when there is one (a resumed run counts only its own epochs)."""
+        c = self.cached
+        if c is None:
+            return {}
+        return {"kd_cached_views": len(c), "kd_cache_hits": c.hits, "kd_cache_misses": c.misses}
 
     def __call__(self, model: nn.Module, imgs: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, Terms]:
         imgs, targets = self.mix(imgs, labels)

@@ -114,13 +114,13 @@ def install(hook):
             return real(state, run_dir)
         harness.core.train.save_last = save_last
     elif kind == "step":  # in the middle of an epoch: the nth forward pass
-        real, n = harness.core.train._autocast, [0]
-        def autocast(rt):
+        real, n = harness.core.train.autocast, [0]
+        def autocast(device, amp):
             n[0] += 1
             if n[0] == hook["n"]:
                 die()
-            return real(rt)
-        harness.core.train._autocast = autocast
+            return real(device, amp)
+        harness.core.train.autocast = autocast
     else:
         raise ValueError(kind)
 
@@ -399,7 +399,8 @@ def test_timeout_requeues_and_resumes_identically(tmp_path):
 
     from omegaconf import OmegaConf
 
-    from harness.run.launch import StageJob, local_executor
+    from harness.run.executors import local_executor
+    from harness.run.stage_job import StageJob
     from harness.core.stages import run_stage
     spec = pretrain_spec(epochs=30)
     spec["data"] = dict(DATA, train_subset=512)
@@ -436,8 +437,9 @@ def test_real_slurm_timeout_requeues_and_resumes_identically(slurm_cluster, tmp_
     import time
 
     from harness.plan.config import load_config
-    from harness.plan.config import runtime_of
-    from harness.run.launch import _job, slurm_executor
+    from harness.plan.resolve import runtime_of
+    from harness.run.executors import slurm_executor
+    from harness.run.stage_job import stage_job as _job
     from harness.plan.graph import build_plan
     from harness.core.stages import run_stage
     args = ["profile=smoke", "launcher=slurm", "launcher.partition=debug", "launcher.mem_gb=3", "launcher.poll_s=1",
@@ -467,7 +469,7 @@ def test_the_requeue_request_survives_the_sigterm_of_a_preemption(tmp_path, monk
     import subprocess
     import types
 
-    from harness.run.launch import requeue_immune_to_sigterm
+    from harness.run.stage_job import requeue_immune_to_sigterm
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"

@@ -15,7 +15,9 @@ import harness.core.objectives as objectives
 from harness.core.checkpoints import LAST, safe_load
 from harness.core.stages import run_stage
 from harness.core.spec import Schedule
-from harness.core.train import NonFiniteLoss, Runtime, fit
+from harness.core.rank_status import NonFiniteLoss
+from harness.core.runtime import Runtime
+from harness.core.train import fit
 from harness.core.rundir import ATTEMPT_FIELDS
 
 RUNTIME = dict(device="cpu", amp="none", threads=1, log_every=0, num_workers=0)
@@ -107,7 +109,8 @@ def test_nan_that_persists_fails_after_the_restarts(tmp_path, monkeypatch, capsy
 
 
 def test_nan_restarts_is_a_validated_config_key():
-    from harness.plan.config import ConfigError, load_config, runtime_of
+    from harness.plan.config import ConfigError, load_config
+    from harness.plan.resolve import runtime_of
     cfg = load_config("table2", ["profile=smoke", "run.nan_restarts=1"])
     assert runtime_of(cfg).nan_restarts == 1
     assert runtime_of(load_config("table2", ["profile=smoke"])).nan_restarts == 0  # default: no restart

@@ -10,7 +10,8 @@ from torch import nn
 
 import harness.core.train as train_mod
 from harness.core.spec import Schedule
-from harness.core.train import Runtime, fit, lr_at
+from harness.core.runtime import Runtime
+from harness.core.train import fit, lr_at
 
 # ---------------------------------------------------------------------------------------------------------------
 # learning-rate schedule

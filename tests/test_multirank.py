@@ -28,11 +28,13 @@ import torch.multiprocessing as mp
 
 import harness.core.data as data_mod
 import harness.core.objectives as objectives
+import harness.core.runtime as runtime_mod
 import harness.core.train as train_mod
 from harness.core.checkpoints import LAST, CheckpointError, load_last, safe_load, save_last, state_dict_of
 from harness.core.rundir import ATTEMPT_FIELDS
 from harness.core.stages import run_stage
-from harness.core.train import Runtime, own_rng_state, rng_state, seed_all, set_rng_state, setup_runtime
+from harness.core.resume import own_rng_state, rng_state, seed_all, set_rng_state
+from harness.core.runtime import Runtime, setup_runtime
 
 WORLDS = (2, 4)
 GLOO_TIMEOUT_S = 60  # a rank left waiting in a collective fails after this instead of blocking the test run
@@ -379,7 +381,7 @@ def test_cuda_device_is_local_rank_modulo_visible_devices_and_bf16_warns_once(mo
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 0))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts as support
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100")
-    monkeypatch.setattr(train_mod, "_bf16_warned", False)
+    monkeypatch.setattr(runtime_mod, "_bf16_warned", False)
     with pytest.warns(UserWarning, match=r"run.amp=bf16 on Tesla V100 \(compute capability 7.0\), which has no "
                                          r"native bf16"):
         rt = setup_runtime(device="cuda", amp="bf16")
@@ -387,7 +389,7 @@ def test_cuda_device_is_local_rank_modulo_visible_devices_and_bf16_warns_once(mo
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         setup_runtime(device="cuda", amp="auto")  # bf16 again: said once per process
-        monkeypatch.setattr(train_mod, "_bf16_warned", False)
+        monkeypatch.setattr(runtime_mod, "_bf16_warned", False)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
         assert setup_runtime(device="cuda", amp="bf16").amp == "bf16"  # native: nothing to say
 

@@ -150,7 +150,8 @@ def test_smoke_pipeline(tmp_path, monkeypatch):
     # the evaluation stage reads the test split; the saved model reproduces the fine-tune's last validation numbers
     from harness.core.data import Aug, build_dataset
     from harness.core.spec import DataConfig, ModelConfig
-    from harness.core.train import evaluate_classifier, setup_runtime
+    from harness.core.runtime import setup_runtime
+    from harness.core.train import evaluate_classifier
     val_ds, _ = build_dataset(DataConfig(**DATA), "val", Aug("eval", DATA["img_size"]))
     for ev, ft in (("eval_dmae", "ft_dmae"), ("eval_kd", "ft_kd")):
         res = runs[ev][1]

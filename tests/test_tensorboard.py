@@ -16,13 +16,14 @@ import harness.core.train as train_mod
 from harness.bench.results import load_results
 from harness.bench.tblog import INTERVAL_LADDER, SCHEMA, run_tensorboard
 from harness.core.checkpoints import atomic_save
-from harness.plan.config import ConfigError, load_config, runtime_of
+from harness.plan.config import ConfigError, load_config
+from harness.plan.resolve import runtime_of
 from harness.core.models import PRESETS, build_mae
 from harness.plan.graph import build_plan
 from harness.core.spec import StageRuntime
 from harness.core.stages import run_stage
 from harness.core.tblog import TB_DIR, TBLog
-from harness.core.train import Runtime
+from harness.core.runtime import Runtime
 
 # the smoke profile's smallest models, on 64 training images at 16 px: 4 steps of 16 an epoch
 DATA = dict(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist", img_size=16, train_subset=64,

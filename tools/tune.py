@@ -20,7 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
-from harness.plan.config import load_config, runtime_of
+from harness.plan.config import load_config
+from harness.plan.resolve import runtime_of
 from harness.plan.graph import build_plan
 from harness.core.rundir import git_commit, read_log, read_result
 from harness.report.stats import last_epoch_gain

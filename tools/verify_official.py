@@ -48,7 +48,8 @@ from torch import nn
 from harness.core.models import PRESETS, Arch, build_classifier, build_mae, num_visible, sincos_pos_embed_2d
 from harness.core.objectives import DMAEObjective, MAEObjective
 from harness.core.spec import Schedule
-from harness.core.train import Runtime, fit
+from harness.core.runtime import Runtime
+from harness.core.train import fit
 
 OFFICIAL_MODULES = ("models_mae_distill", "models_vit", "engine_distill", "util", "util.misc", "util.lr_sched",
                     "util.pos_embed", "util.lr_decay")

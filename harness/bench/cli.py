@@ -42,6 +42,9 @@ from harness.bench.results import DEFAULT_DIR, markdown, targets
 from harness.bench.run import run
 from harness.bench.spec import ALL_SHAPES, QUICK_SHAPES
 from harness.bench.steps import ABLATIONS
+from harness.core.lazy import lazy
+
+bench_tblog = lazy("harness.bench.tblog")  # --tensorboard only: it imports the training loop
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -76,15 +79,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     command = "python -m harness.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.tensorboard:
-        from harness.bench.tblog import markdown as tb_markdown, run_tensorboard  # local: imports the training loop
-        result, path = run_tensorboard(
+        result, path = bench_tblog.run_tensorboard(
             args.shapes.split(",") if args.shapes else ["smoke" if args.quick else "tiny"],
             device="cpu" if args.device == "auto" else args.device, reps=args.steps or (3 if args.quick else 9),
             steps=args.tb_steps, intervals=[int(k) for k in args.tb_intervals.split(",") if k],
             threads=args.threads or 1, out_dir=args.out, command=command, write=not args.no_write,
             only=args.only.split(",") if args.only else None)
         print()
-        print(tb_markdown(result))
+        print(bench_tblog.markdown(result))
         if path:
             print(f"wrote {path} and {path.with_suffix('.md')}")
         return 0

@@ -34,9 +34,15 @@ from typing import Dict, List, Optional, Tuple
 
 from harness.bench.results import current_device_key, load_results
 from harness.bench.spec import StepSpec, step_spec
-from harness.plan.config import world_size
-from harness.core.rundir import CONFIG_FILE, RESULT_FILE, epochs_logged, stage_status
-from harness.core.spec import AnySpec, ModelConfig, kd_teacher_logits_cached, spec_dict
+from harness.plan.resolve import world_size
+from harness.core.rundir import CONFIG_FILE, RESULT_FILE, epochs_logged, load_json, stage_status
+from harness.core.spec import AnySpec, ModelConfig, spec_dict
+from harness.core.lazy import lazy
+
+# torch (~1 s) only where a plan needs it: run.device=auto, a shape never benchmarked, a KD fine-tune
+torch = lazy("torch")
+flops_of = lazy("harness.bench.flops")
+build = lazy("harness.core.build")
 
 REPO_BENCH = Path(__file__).resolve().parent.parent / "results" / "bench"
 # Sizes of the datasets the profiles use, when no subset is set.
@@ -57,7 +63,6 @@ def estimate_plan(plan, cfg, bench_dir: Optional[str | Path] = None, verbose: bo
 def _device_type(cfg) -> str:
     dev = str(cfg.run.device)
     if dev == "auto":
-        import torch  # local: only to resolve run.device=auto; a CPU plan is costed without torch
         return "cuda" if torch.cuda.is_available() else "cpu"
     return "cuda" if dev.startswith("cuda") else dev
 
@@ -128,8 +133,7 @@ class _Index:
                  if e["trains"] == spec.trains and e.get("achieved_flops_per_s")]
         if not cands:
             return None, "no measured step to scale from"
-        from harness.bench.flops import meta_flops_per_image  # torch: only for shapes never benchmarked
-        flops = meta_flops_per_image(spec)
+        flops = flops_of.meta_flops_per_image(spec)  # torch: only for shapes never benchmarked
         e = min(cands, key=lambda e: (e["_spec"].kind != spec.kind, abs(math.log(flops / e["flops_per_image"])),
                                       bool(threads) and int(e.get("threads", 0)) != threads, -e["_order"]))
         return flops / e["achieved_flops_per_s"], (f"FLOP-scaled from {e['id']} ({flops / 1e9:.3g} vs "
@@ -160,6 +164,15 @@ def _step_spec(stage_spec: AnySpec, kind: str, batch: int, num_classes: int,
                      teacher=getattr(stage_spec, "teacher_model", None))
 
 
+def _teacher_logits_cached(spec: AnySpec, dev_type: str) -> bool:
+    """Whether a KD fine-tune computes its teacher's logits once per view before training instead of running the
+    teacher every step: the KD objective's own rule (KDObjective.teacher_logits_cached, found in harness.core.build's
+    registry), asked only of a stage with a kd section, so a plan without KD is costed without importing torch."""
+    if not spec.kd:
+        return False
+    return build.registered_objective("kd").teacher_logits_cached(spec, dev_type)
+
+
 def _twin_key(spec: dict) -> str:
     """A stage's spec (dict form) but for its seed, name and inputs."""
     s = {k: v for k, v in spec.items() if k not in ("seed", "name", "inputs")}
@@ -173,8 +186,8 @@ def _finished(root: Path) -> Dict[str, dict]:
         return out
     for d in root.iterdir():
         try:
-            res = json.loads((d / RESULT_FILE).read_text())
-            spec = json.loads((d / CONFIG_FILE).read_text())["spec"]
+            res = load_json(d / RESULT_FILE)
+            spec = load_json(d / CONFIG_FILE)["spec"]
         except (OSError, ValueError, KeyError):
             continue
         if res.get("wall_s") and not res.get("resumed_from_epoch"):
@@ -239,7 +252,7 @@ def estimate_details(plan, cfg, bench_dir: Optional[str | Path] = None) -> dict:
             parts.append((st, per_epoch * epochs, data_spi))
         elif stage.kind == "finetune":
             sec = spec.finetune
-            cached = kd_teacher_logits_cached(spec, dev_type)
+            cached = _teacher_logits_cached(spec, dev_type)
             kind = "finetune_kd" if spec.kd and not cached else "finetune"
             st = _step_spec(spec, kind, sec.batch_size, n_cls)
             data_spi, dn = idx.pipeline("finetune", img, sec.randaug or "", sec.reprob)

@@ -10,6 +10,10 @@ import re
 from pathlib import Path
 from typing import List, Optional
 
+from harness.core.lazy import lazy
+
+torch = lazy("torch")  # only to name the GPU: reading results for a CPU plan stays free of torch
+
 SCHEMA = 1
 DEFAULT_DIR = "results/bench"
 # the paired ratios a shape's result holds: (name, numerator step, denominator step)
@@ -52,7 +56,6 @@ def device_key(device_type: str, name: str) -> str:
 def current_device_key(device_type: str) -> Optional[str]:
     """The key this machine's benchmarks are filed under (None for cuda without a GPU)."""
     if device_type == "cuda":
-        import torch  # only to name the GPU: reading results for a CPU plan stays free of torch
         if not torch.cuda.is_available():
             return None
         return device_key("cuda", torch.cuda.get_device_name(0))

@@ -18,6 +18,7 @@ import torch
 from timm.layers import use_fused_attn
 
 from harness.core.data import FASHION_MNIST_DIR
+from harness.core.runtime import resolve_amp, resolve_device
 from harness.core.rundir import git_commit
 from harness.bench.data import bench_data
 from harness.bench.measure import Variant, measure, peak_step, ratio, stats
@@ -135,15 +136,13 @@ def run(shapes: Sequence[str], device: str = "auto", steps: Optional[int] = None
 def _run(shapes, device, steps, warmup, batch, batch_cap, out_dir, data, data_images, only, ablate, ablate_on,
          breakdown, target_rep_s, peak_n, command, write, log, threads, default_threads
          ) -> Tuple[dict, Optional[Path]]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = torch.device(resolve_device(device))
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device is available here")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    amp = "bf16" if dev.type == "cuda" else "none"
+    amp = resolve_amp("auto", dev)
     info = device_info(dev, amp)
     result = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": info,
               "command": command, "torch": torch.__version__, "timm": timm.__version__,

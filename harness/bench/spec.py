@@ -10,7 +10,8 @@ from typing import List, Optional, Tuple
 from omegaconf import OmegaConf
 
 from harness.core.arch import get_arch, num_visible
-from harness.plan.config import ConfigError, load_config, resolve_pairs
+from harness.plan.config import ConfigError, load_config
+from harness.plan.resolve import resolve_pairs
 from harness.core.spec import DistillSpec, FinetuneSpec, KDConfig, ModelConfig, PretrainSpec
 
 TRAIN_KINDS = ("mae", "dmae", "finetune", "finetune_kd")

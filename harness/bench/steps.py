@@ -4,7 +4,7 @@ training runs."""
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -14,6 +14,7 @@ from torch import nn
 from harness.core import build
 from harness.core.spec import DistillSpec, FinetuneSpec, KDConfig, PretrainSpec
 from harness.core.models import build_classifier, build_mae, get_arch
+from harness.core.runtime import autocast
 from harness.bench.spec import StepSpec
 
 # the variants --ablate adds to a step: build_step options
@@ -102,12 +103,6 @@ def _set_fused_attn(models: Sequence[nn.Module], flag: bool) -> Dict[nn.Module, 
     return before
 
 
-def _autocast(device: torch.device, amp: str):
-    if amp == "none":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -167,7 +162,7 @@ def build_step(pool: Pool, s: StepSpec, amp: str, options: Optional[dict] = None
         def fn():
             model.train()
             with attn():
-                with _autocast(dev, amp):
+                with autocast(dev, amp):
                     loss, _ = objective(run_model, x, y)
                 loss.backward()
             opt.step()
@@ -176,7 +171,7 @@ def build_step(pool: Pool, s: StepSpec, amp: str, options: Optional[dict] = None
         def fwd_bwd(m=run_model):
             model.train()
             with attn():
-                with _autocast(dev, amp):
+                with autocast(dev, amp):
                     loss, _ = objective(m, x, y)
                 loss.backward()
             opt.zero_grad(set_to_none=True)
@@ -187,7 +182,7 @@ def build_step(pool: Pool, s: StepSpec, amp: str, options: Optional[dict] = None
             with attn():
                 sync(dev)
                 t0 = time.perf_counter()
-                with _autocast(dev, amp):
+                with autocast(dev, amp):
                     loss, _ = objective(run_model, x, y)
                 sync(dev)
                 t1 = time.perf_counter()
@@ -203,7 +198,7 @@ def build_step(pool: Pool, s: StepSpec, amp: str, options: Optional[dict] = None
     else:
         def fn():
             model.eval()
-            with attn(), torch.no_grad(), _autocast(dev, amp):
+            with attn(), torch.no_grad(), autocast(dev, amp):
                 run_model(x)
 
         def phases():
@@ -217,6 +212,6 @@ def build_step(pool: Pool, s: StepSpec, amp: str, options: Optional[dict] = None
 
     def eager_eval():
         model.eval()
-        with attn(), torch.no_grad(), _autocast(dev, amp):
+        with attn(), torch.no_grad(), autocast(dev, amp):
             model(x)
     return Step(fn, s.batch, models, phases, eager_eval, fn)

@@ -41,7 +41,8 @@ from harness.core.models import get_arch
 from harness.core.rundir import git_commit
 from harness.core.spec import FinetuneSpec, PretrainSpec, StageRuntime
 from harness.core.tblog import TBLog
-from harness.core.train import Runtime, train_one_epoch
+from harness.core.runtime import Runtime
+from harness.core.train import train_one_epoch
 from harness.bench.results import bench_dir, cpu_name, device_key
 from harness.bench.spec import profile_steps
 from harness.bench.steps import Pool, _classifier, _objective, _optimizer, _student_mae, _teacher_mae

@@ -1,14 +1,17 @@
 """What a stage trains with, built from its spec sections: the objective, the optimizer's parameter groups and the
 optimizer. The stages (harness.core.stages) and the benchmark (harness.bench) call these same functions, so a
-benchmarked
-step is the step training runs (nanoGPT's `configure_optimizers` serving both train.py and bench.py)."""
+benchmarked step is the step training runs (nanoGPT's `configure_optimizers` serving both train.py and bench.py).
+Also the registry of fine-tuning objectives (FINETUNE_OBJECTIVES): plain cross-entropy and the KD baseline of
+baselines/kd.py, imported here (baselines.kd imports harness.core.objectives, never this module)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
+from baselines.kd import KDObjective
 from harness.core.objectives import ClassifyObjective, DMAEObjective, MAEObjective
 from harness.core.spec import DistillSpec, FinetuneSpec, KDConfig, PretrainSpec
 
@@ -27,6 +30,17 @@ def pretrain_objective(objective: str, p: PretrainSpec, d: Optional[DistillSpec]
     raise ValueError(f"pre-training objective must be 'mae' or 'dmae', got {objective!r}")
 
 
+# The fine-tuning objectives by name: a stage with a kd section fine-tunes with "kd", any other with "classify"
+FINETUNE_OBJECTIVES = {"classify": ClassifyObjective, "kd": KDObjective}
+
+
+def registered_objective(name: str):
+    """The fine-tuning objective class registered under `name` in FINETUNE_OBJECTIVES."""
+    if name not in FINETUNE_OBJECTIVES:
+        raise ValueError(f"no fine-tuning objective {name!r} (registered: {', '.join(sorted(FINETUNE_OBJECTIVES))})")
+    return FINETUNE_OBJECTIVES[name]
+
+
 def finetune_objective(num_classes: int, f: FinetuneSpec, kd: Optional[KDConfig] = None,
                        teacher: Optional[nn.Module] = None):
     """Cross-entropy on (Mixup/CutMix) targets; with a kd section, plus distillation from the fine-tuned teacher
@@ -35,35 +49,18 @@ def finetune_objective(num_classes: int, f: FinetuneSpec, kd: Optional[KDConfig]
     if kd:
         return registered_objective("kd")(teacher, num_classes, kind=kd.kind, weight=kd.weight,
                                           temperature=kd.temperature, **mix)
-    return ClassifyObjective(num_classes, **mix)
-
-
-OBJECTIVES_GROUP = "dmae_harness.finetune_objectives"
-
-
-def registered_objective(name: str):
-    """A fine-tuning objective registered under `name` in the entry-point group dmae_harness.finetune_objectives
-    (pyproject.toml: kd = baselines.kd:KDObjective): the baselines live beside the harness, which finds them by
-    name and never imports them."""
-    from importlib.metadata import entry_points
-    found = {ep.name: ep for ep in entry_points(group=OBJECTIVES_GROUP)}
-    if name not in found:
-        raise ValueError(f"no fine-tuning objective {name!r} in the entry points {OBJECTIVES_GROUP} "
-                         f"({', '.join(sorted(found)) or 'none'}): install the project (pip install -e .)")
-    return found[name].load()
+    return registered_objective("classify")(num_classes, **mix)
 
 
 def pretrain_param_groups(model: nn.Module, weight_decay: float) -> list:
     """MAE/DMAE pre-training (official optim_factory.add_weight_decay, no skip list): no decay on biases and 1-D
     (norm) parameters only; cls_token and mask_token are decayed, the position embeddings are frozen."""
-    from timm.optim import param_groups_weight_decay
     return param_groups_weight_decay(model, weight_decay)
 
 
 def finetune_param_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list:
     """Fine-tuning (official lrd.param_groups_lrd): layer-wise lr decay, no decay on biases, norms and the model's
     no_weight_decay() set."""
-    from timm.optim import param_groups_layer_decay
     return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=model.no_weight_decay(),
                                     layer_decay=layer_decay)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Dict, Iterable, Optional
 
 import torch
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from harness.core.rundir import LAST_CHECKPOINT as LAST, PREV_CHECKPOINT as PREV, tmp_path
@@ -62,7 +63,6 @@ def state_dict_of(obj: dict) -> Dict[str, torch.Tensor]:
 def resample_pos_embed(sd: Dict[str, torch.Tensor], model: nn.Module) -> None:
     """Interpolate an absolute position embedding (class token kept) when the image size differs: bicubic,
     align_corners=False, no antialiasing, as MAE's util/pos_embed.interpolate_pos_embed."""
-    from timm.layers import resample_abs_pos_embed
     for key, n_prefix in (("pos_embed", 1), ("decoder_pos_embed", 1)):
         if key not in sd or not hasattr(model, key):
             continue

@@ -31,8 +31,12 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timm.data import create_transform
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
 
 from harness.core.spec import DataConfig
@@ -86,8 +90,10 @@ class FashionMNIST(Dataset):
         return img, int(self.targets[i])
 
 
-def check_imagefolder(root: str) -> None:
-    """Fail early, with the path, on a missing or malformed ImageNet-style tree."""
+def check_imagefolder(root: str, every_class: bool = False) -> None:
+    """Fail early, with the path, on a missing or malformed ImageNet-style tree. every_class (the preflight, before
+    anything is submitted): also every class folder of both splits holds an image, as torchvision's ImageFolder
+    requires (it would otherwise fail inside the job); stops at each folder's first image, cheap on ImageNet."""
     base = Path(root)
     for split in ("train", "val"):
         d = base / split
@@ -106,16 +112,29 @@ def check_imagefolder(root: str) -> None:
         only_val = sorted(set(val_classes) - set(train_classes))[:5]
         raise DataError(f"{base}: train/ has {len(train_classes)} classes and val/ has {len(val_classes)}; "
                         f"they must match (only in train/: {only_train or '-'}; only in val/: {only_val or '-'})")
+    if every_class:
+        for split in ("train", "val"):
+            _check_every_class_has_an_image(base / split)
 
 
-def check_data(spec: DataConfig) -> None:
+def _check_every_class_has_an_image(d: Path) -> None:
+    empty = [c.name for c in sorted(d.iterdir()) if c.is_dir()
+             and not any(f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS) for f in c.iterdir())]
+    if empty:
+        raise DataError(f"{d}: {len(empty)} class folder(s) hold no image ({', '.join(empty[:5])}"
+                        f"{' ...' if len(empty) > 5 else ''}); expected {d}/<class>/<image> "
+                        f"({', '.join(IMG_EXTENSIONS[:4])}, ...)")
+
+
+def check_data(spec: DataConfig, every_class: bool = False) -> None:
+    """The dataset exists with the expected layout (DataError otherwise); every_class: see check_imagefolder."""
     if spec.name == "fashion_mnist":
         for split in ("train", "val"):
             for n in FASHION_FILES[split]:
                 if not (Path(spec.root) / n).is_file():
                     FashionMNIST(spec.root, split)  # raises DataError with the install hint
     elif spec.name == "imagefolder":
-        check_imagefolder(spec.root)
+        check_imagefolder(spec.root, every_class)
     else:
         raise DataError(f"data.name must be 'fashion_mnist' or 'imagefolder', got {spec.name!r}")
 
@@ -144,7 +163,6 @@ class Aug:
                 transforms.ToTensor(),
                 transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         if self.kind == "finetune":
-            from timm.data import create_transform
             return create_transform(input_size=self.img_size, is_training=True, auto_augment=self.randaug or None,
                                     scale=(self.crop_min, 1.0), interpolation="bicubic", re_prob=self.reprob,
                                     re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
@@ -206,7 +224,6 @@ class TensorImages(Dataset):
         self.images, self.targets, self.aug = images, targets, aug
         self._erase = None
         if aug.kind == "finetune" and aug.reprob > 0:
-            from timm.data.random_erasing import RandomErasing
             self._erase = RandomErasing(aug.reprob, mode="pixel", device="cpu")
 
     def __len__(self) -> int:
@@ -366,7 +383,6 @@ def loader(ds: Dataset, batch_size: int, train: bool, epoch_seed: Optional[int],
         shard = Subset(ds, list(range(rank, len(ds), world)))
         return torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                            worker_init_fn=worker_init)
-    from torch.utils.data.distributed import DistributedSampler
     sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
     if epoch_seed is not None:
         sampler.set_epoch(epoch_seed)

@@ -5,8 +5,9 @@ plugs into the one training loop (harness.core.train.fit).
 - DMAEObjective: MAE + alpha * feature distance, summed over aligned pairs, between projected student blocks and
   the teacher's blocks, on the SAME visible patches; the teacher runs in eval mode, without grad, only up to its
   deepest aligned block (teacher_mode='partial'), or all blocks + decoder as the official code does ('full').
-- ClassifyObjective: fine-tuning cross-entropy with timm Mixup/CutMix and label smoothing.
-The fine-tuned-teacher KD baseline lives in baselines/kd.py.
+- ClassifyObjective: fine-tuning cross-entropy with timm Mixup/CutMix and label smoothing; its `prepare` (once
+  before training) and `result_fields` (added to result.json) hooks do nothing.
+The fine-tuned-teacher KD baseline lives in baselines/kd.py (a ClassifyObjective; harness.core.build registers it).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
 from harness.core.models import MaskedAutoencoderViT, Masking, random_masking
@@ -121,8 +124,6 @@ class ClassifyObjective:
     """Cross-entropy on Mixup/CutMix soft targets (timm SoftTargetCrossEntropy), or label-smoothed CE without mixing."""
 
     def __init__(self, num_classes: int, mixup: float = 0.0, cutmix: float = 0.0, smoothing: float = 0.0):
-        from timm.data import Mixup
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
         self.mixup_fn = None
         if mixup > 0 or cutmix > 0:
             self.mixup_fn = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing,
@@ -132,6 +133,14 @@ class ClassifyObjective:
             self.criterion = LabelSmoothingCrossEntropy(smoothing=smoothing)
         else:
             self.criterion = nn.CrossEntropyLoss()
+
+    def prepare(self, spec, train_ds, rt) -> None:
+        """What a fine-tuning objective does once before training (harness.core.stages.finetune calls it with the
+        stage spec, its training set and the Runtime): nothing here (the KD baseline may cache its teacher's logits)."""
+
+    def result_fields(self) -> dict:
+        """What the objective adds to the stage's result.json: nothing here (the KD baseline: its cache's counts)."""
+        return {}
 
     def mix(self, imgs: torch.Tensor, labels: torch.Tensor):
         return self.mixup_fn(imgs, labels) if self.mixup_fn is not None else (imgs, labels)

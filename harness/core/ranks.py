@@ -19,8 +19,14 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import subprocess
 from typing import Dict, List, Mapping, MutableMapping, Optional
+
+from harness.core.lazy import lazy
+
+submitit = lazy("submitit")  # standard library only at import time: submitit where a job asks it
+submitit_slurm = lazy("submitit.slurm.slurm")  # its node-list parser, only where scontrol cannot answer
 
 MIN_PORT, MAX_PORT = 20000, 60000  # submitit's range (TorchDistributedEnvironment._get_master_port)
 KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -46,8 +52,7 @@ def slurm_hostnames(nodelist: str) -> List[str]:
             return hosts
     except (OSError, subprocess.SubprocessError):
         pass
-    from submitit.slurm.slurm import _parse_node_list  # local: only where scontrol cannot answer
-    return _parse_node_list(nodelist)
+    return submitit_slurm._parse_node_list(nodelist)
 
 
 def _slurm_job_id(env: Mapping[str, str]) -> str:
@@ -67,7 +72,6 @@ def slurm_ranks(env: Mapping[str, str]) -> Dict[str, str]:
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
     hosts = slurm_hostnames(nodelist) if nodelist else []
     if not hosts:
-        import socket
         hosts = [socket.gethostname()]
     port = env.get("MASTER_PORT") or str(port_of_job(_slurm_job_id(env)))
     return {"RANK": str(int(env["SLURM_PROCID"])), "LOCAL_RANK": str(int(env.get("SLURM_LOCALID") or 0)),
@@ -83,7 +87,6 @@ def rank_env(env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     if executor and executor != "slurm":  # submitit's local executor (or another of its plugins): ask submitit
         if env is not os.environ:
             raise RankEnvError(f"SUBMITIT_EXECUTOR={executor}: submitit reads its job's variables from os.environ")
-        import submitit  # local: the module stays standard-library only at import time
         t = submitit.helpers.TorchDistributedEnvironment()
         return {"RANK": str(t.rank), "LOCAL_RANK": str(t.local_rank), "WORLD_SIZE": str(t.world_size),
                 "LOCAL_WORLD_SIZE": str(t.local_world_size), "MASTER_ADDR": str(t.master_addr),
@@ -96,7 +99,7 @@ def rank_env(env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
 
 def export_rank_env(env: Optional[MutableMapping[str, str]] = None) -> Dict[str, str]:
     """Put this task's env:// variables into the environment (os.environ by default) for
-    torch.distributed.init_process_group(init_method="env://") (harness.core.train.setup_runtime); returns them. A
+    torch.distributed.init_process_group(init_method="env://") (harness.core.runtime.setup_runtime); returns them. A
     variable already set to another value (e.g. by a launcher of the site) is refused, naming it, rather than
     overwritten: ranks that disagree would hang in the rendez-vous."""
     env = os.environ if env is None else env

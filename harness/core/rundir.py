@@ -312,19 +312,22 @@ class RunTree:
         result (damaged), or an input it consumed is not done or not the file it read then (broken_input). In
         dependency order; a stage computed from a stale one is stale too."""
         out: Dict[str, str] = {}
+        checked: set = set()
 
-        def status(sid: str) -> str:
+        def status(sid: str) -> str:  # a stage's status once it and its own inputs are checked (upstream first)
+            if sid in self.inputs and sid not in checked:
+                checked.add(sid)
+                res = read_result(self.dir(sid))
+                if res is not None:
+                    why = damaged(self.dir(sid)) or broken_input(res, self.inputs[sid], status,
+                                                                 lambda ref: read_result(self.dir(ref)), FILE_HASHES)
+                    if why:
+                        out[sid] = why
             return "stale" if sid in out else self.status(sid)
 
-        for sid, inputs in self.inputs.items():
-            res = read_result(self.dir(sid))
-            if res is None:
-                continue
-            why = damaged(self.dir(sid)) or broken_input(res, inputs, status, lambda ref: read_result(self.dir(ref)),
-                                                          FILE_HASHES)
-            if why:
-                out[sid] = why
-        return out
+        for sid in self.inputs:
+            status(sid)
+        return {sid: out[sid] for sid in self.inputs if sid in out}
 
     def set_aside_stale(self, log=print) -> Dict[str, str]:
         """Move every stale stage's directory to <root>/.stale/<stage id>.<time> (with a stale.json saying why), so

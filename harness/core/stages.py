@@ -17,6 +17,7 @@ Run one by hand:  python -m harness.core.stages results/table2/smoke/<stage-id>
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -43,10 +44,12 @@ from harness.core.ranks import export_rank_env
 from harness.core.locks import StageLocked, stage_lock
 from harness.core.rundir import (CONFIG_FILE, ERROR_FILE, MODEL_FILE, RESULT_FILE, git_commit, input_record, load_json,
                                  sha256_file, spec_hash, write_json, write_stage_config)
+from harness.core.rank_status import NonFiniteLoss
+from harness.core.resume import seed_all
+from harness.core.runtime import Runtime, end_process_group, peak_memory_mb, reset_peak_memory, setup_runtime
 from harness.core.spec import (AnySpec, EvaluateStage, FinetuneStage, ModelConfig, PretrainStage, ProbeStage,
-                               StageRuntime, kd_teacher_logits_cached, spec_dict, stage_runtime, stage_spec)
-from harness.core.train import (NonFiniteLoss, Runtime, end_process_group, evaluate_classifier, fit, peak_memory_mb,
-                                reset_peak_memory, seed_all, setup_runtime)
+                               StageRuntime, spec_dict, stage_runtime, stage_spec)
+from harness.core.train import evaluate_classifier, fit
 
 
 def _img(spec: AnySpec) -> dict:
@@ -116,13 +119,7 @@ def finetune(spec: FinetuneStage, run_dir: Path, inputs: Dict[str, str], rt: Run
     if spec.kd:
         teacher = load_classifier(inputs["kd_teacher"], spec.teacher_model, data.img_size, num_classes)
     objective = finetune_objective(num_classes, f, spec.kd, teacher)
-    if teacher is not None and kd_teacher_logits_cached(spec, rt.device.type) and train_ds.flip_only:
-        t0 = time.time()
-        cache = objective.cache_teacher_logits(train_ds.flip_views())
-        rt.log(f"[{spec.name}] teacher logits of {len(cache)} views (each image and its mirror) computed once "
-               f"({time.time() - t0:.1f} s): the augmentation is flip-only")
-    else:
-        cache = None
+    objective.prepare(spec, train_ds, rt)  # e.g. the KD baseline's teacher logits, once (baselines/kd.py)
     groups = finetune_param_groups(model, f.weight_decay, f.layer_decay)
 
     def eval_fn(m) -> dict:
@@ -138,8 +135,7 @@ def finetune(spec: FinetuneStage, run_dir: Path, inputs: Dict[str, str], rt: Run
            "resumed_from_epoch": res.resumed_from_epoch, "earlier_attempts_s": res.earlier_seconds,
            "epochs": f.epochs, "num_classes": num_classes, "train_images": len(train_ds),
            "step_s": res.step_s, "steps": res.steps, "batch_per_device": f.batch_size}
-    if cache is not None:  # a resumed run counts only its own epochs
-        out.update(kd_cached_views=len(cache), kd_cache_hits=cache.hits, kd_cache_misses=cache.misses)
+    out.update(objective.result_fields())  # e.g. the KD baseline's kd_cache_hits / kd_cache_misses
     if val_ds is not None:  # validation split: monitoring only (the reported number is the evaluate stage's test top-1)
         best = max(res.history, key=lambda r: r["val_top1"])
         out.update(best_val_top1=best["val_top1"], best_epoch=best["epoch"], last_val_top1=last["val_top1"],
@@ -319,7 +315,6 @@ def _requeue_on_usr2() -> None:
 def main(argv=None) -> None:
     """Re-run a stage from its run directory's config.json (debugging aid; what an sbatch script of
     launcher.write_sbatch runs)."""
-    import argparse  # local: only for the command line
     p = argparse.ArgumentParser(
         prog="python -m harness.core.stages", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run (or resume) one stage from its run directory's config.json: the spec, inputs and runtime "

@@ -26,6 +26,12 @@ import warnings
 from pathlib import Path
 from typing import Dict, Mapping
 
+from harness.core.lazy import lazy
+
+# TensorBoard (~0.5 s) only where a stage writes curves
+summary_pb2 = lazy("tensorboard.compat.proto.summary_pb2")
+torch_tensorboard = lazy("torch.utils.tensorboard")
+
 TB_DIR = "tb"  # inside the stage directory
 
 
@@ -61,12 +67,11 @@ class TBLog:
         if not (getattr(rt, "is_main", False) and getattr(rt, "tensorboard", False)):
             return
         try:
-            from tensorboard.compat.proto.summary_pb2 import Summary
-            from torch.utils.tensorboard import SummaryWriter  # imported only where it writes (~0.5 s)
+            Summary = summary_pb2.Summary  # imported here, only where it writes (~0.5 s)
             self._summary, self._value = Summary, Summary.Value
             _after_earlier_files(self.dir)
             # purge_step: points of earlier attempts at this step and later are dropped by TensorBoard's readers
-            self.writer = SummaryWriter(str(self.dir), purge_step=start_epoch * self.steps_per_epoch)
+            self.writer = torch_tensorboard.SummaryWriter(str(self.dir), purge_step=start_epoch * self.steps_per_epoch)
         except Exception as e:  # whatever it is, the stage goes on
             self._fail("opening", e)
 
