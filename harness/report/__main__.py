@@ -1,3 +1,3 @@
-from harness.report.markdown import main
+from harness.report.cli import main
 
 raise SystemExit(main())

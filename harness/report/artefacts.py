@@ -24,6 +24,12 @@ from typing import Dict, Mapping, Optional, Sequence
 from harness.core.arch import get_arch
 from harness.bench.spec import step_spec
 from harness.core.spec import stage_spec
+from harness.core.lazy import lazy
+
+# model sizes and FLOPs build the models (on the meta device): torch only when a report is written
+torch = lazy("torch")
+flops = lazy("harness.bench.flops")
+models = lazy("harness.core.models")
 
 PACKAGE = "dmae-harness"
 REPO = Path(__file__).resolve().parent.parent
@@ -35,11 +41,6 @@ def _n_classes(data: Mapping) -> int:
 
 
 def _row_costs(pretrain: Optional[dict], finetune: Optional[dict]) -> dict:
-    import torch  # local: model sizes and FLOPs build the models (on the meta device); only when a report is written
-
-    from harness.bench.flops import meta_flops_per_image  # local: torch, as above
-    from harness.core.models import build_classifier, build_mae  # local: torch, as above
-
     def trainable(m) -> int:
         return int(sum(p.numel() for p in m.parameters() if p.requires_grad))
 
@@ -48,14 +49,14 @@ def _row_costs(pretrain: Optional[dict], finetune: Optional[dict]) -> dict:
                        pretrain=getattr(spec, "pretrain", None), finetune=getattr(spec, "finetune", None),
                        distill=getattr(spec, "distill", None), kd=getattr(spec, "kd", None),
                        teacher=getattr(spec, "teacher_model", None))
-        return float(meta_flops_per_image(st))
+        return float(flops.meta_flops_per_image(st))
 
     out: dict = {}
     if finetune:
         ft = stage_spec(finetune)
         n_cls = _n_classes(finetune.get("data", {}))
         with torch.device("meta"):
-            out["params"] = trainable(build_classifier(get_arch(ft.model.preset), n_cls, ft.data.img_size,
+            out["params"] = trainable(models.build_classifier(get_arch(ft.model.preset), n_cls, ft.data.img_size,
                                                        ft.model.patch_size))
         out["finetune_flops_per_image"] = step_flops(ft, "finetune_kd" if ft.kd else "finetune",
                                                      ft.finetune.batch_size, n_cls)
@@ -63,7 +64,7 @@ def _row_costs(pretrain: Optional[dict], finetune: Optional[dict]) -> dict:
     if pretrain:
         pt = stage_spec(pretrain)
         with torch.device("meta"):
-            m = build_mae(get_arch(pt.model.preset), pt.data.img_size, pt.model.patch_size)
+            m = models.build_mae(get_arch(pt.model.preset), pt.data.img_size, pt.model.patch_size)
             if pt.objective == "dmae" and pt.distill is not None and pt.teacher_model is not None:
                 m.add_distill_heads([get_arch(pt.teacher_model.preset).embed_dim] * len(pt.distill.pairs),
                                     pt.distill.projection)

@@ -7,7 +7,9 @@
     >>> c.warnings   # unreadable files and stray stage directories, each naming its path
     >>> c.epochs     # one row per stage and logged epoch: the losses and validation top-1 the figures draw
     >>> c.specs      # per row: the resolved specs (config.json) of its pre-train and fine-tune stages
-    >>> export(c, d) # cells/stages/rows/epochs CSVs + run.json; load_export(d) gives the Collected back (no tree)
+
+The stage directories are read by harness.report.stage_records; harness.report.export writes a Collected's frames and
+run.json beside a report (export) and gives it back from them without the tree (load_export).
 
 Every planned stage and cell appears with a status, never silently dropped:
 
@@ -26,13 +28,11 @@ out of the training images; results written before that split existed (`top1`, `
 the same way. A fine-tune whose validation top-1 rose by >= 0.5 pp over its last epoch is flagged `still_rising`;
 so is a row (summarize) whose finished seeds rose by >= 0.5 pp on average, i.e. whose mean curve did.
 
-    python -m harness.report.collect results/table2/tiny [--csv out/]      # print the per-cell frame, export CSVs +
-    run.json
+    python -m harness.report.collect results/table2/tiny [--csv out/]   # print the per-cell frame (+ export there)
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +43,13 @@ import pandas as pd
 
 import recipes
 
-from harness.core.rundir import (CONFIG_FILE, DONE, ERROR_FILE, FAILED, JOB_FILE, LAST_CHECKPOINT, MANIFEST_FILE,
-                                 PARTIAL, RESULT_FILE, FileHashes, broken_input, read_log, read_result, stage_status)
-from harness.report.stats import RISING_PP, last_epoch_gain, metric_curve
+from harness.core.rundir import MANIFEST_FILE, RESULT_FILE, file_of_ref, load_json
+from harness.report.stage_records import (EPOCH_COLUMNS, LOG_KEY, STAGE_COLUMNS, epoch_rows, mark_stale, read_stage,
+                                          row_specs)
+from harness.report.stats import RISING_PP
+from harness.core.lazy import lazy
+
+report_export = lazy("harness.report.export")  # the --csv export, which imports this module
 
 PAPER_NUMBERS = recipes.path("paper-numbers.csv")
 NOT_AVAILABLE = "not available"
@@ -54,9 +58,6 @@ NOT_IMAGENET = "n/a (not ImageNet)"
 SEVERITY = ("failed", "unreadable", "stale", "partial", "not started", "done")
 ROLES = ("teacher-pretrain", "teacher-finetune", "teacher-evaluate", "teacher-probe", "student-pretrain",
          "student-finetune", "evaluate", "student-probe")
-# fine-tune result keys: the current name first, then the name in results written before the validation split
-RESULT_ALIASES = {"best_val_top1": ("best_val_top1", "best_top1"), "last_val_top1": ("last_val_top1", "last_top1"),
-                  "last_val_top5": ("last_val_top5", "last_top5")}
 
 
 @dataclass
@@ -96,106 +97,11 @@ class Collected:
         return self._logs.get(stage_id, [])
 
 
-def _read_json(path: Path):
-    obj = json.loads(path.read_text())
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def val_curve(records: List[dict]) -> List[tuple]:
-    """(epoch, validation top-1) of a fine-tune log: `val_top1`, or `top1` in logs written before the split."""
-    return metric_curve(records)
-
-
-def read_stage(d: Path, warnings: List[str]) -> dict:
-    """Status (rundir.stage_status, "todo" shown as "not started"), reason and result fields of one stage directory
-    (+ the validation top-1 change over its last logged epoch, from log.jsonl)."""
-    log = read_log(d, warnings)
-    status = stage_status(d)
-    rec: Dict[str, object] = {"status": "not started", "reason": "", "config_path": str(d / CONFIG_FILE),
-                              "epochs_logged": len(log), "val_last_gain": last_epoch_gain(log), LOG_KEY: log}
-    if status == DONE:
-        try:
-            res = _read_json(d / RESULT_FILE)
-        except (OSError, ValueError) as e:
-            warnings.append(f"{d / RESULT_FILE}: unreadable result file ({type(e).__name__}: {e}); stage skipped")
-            rec.update(status="unreadable", reason=f"unreadable {RESULT_FILE}")
-            return rec
-        rec.update({k: v for k, v in res.items() if not isinstance(v, (dict, list))})
-        for new, keys in RESULT_ALIASES.items():
-            rec[new] = next((res[k] for k in keys if res.get(k) is not None), None)
-        rec["status"] = res.get("status", "done")
-    elif status == FAILED:
-        try:
-            reason = str(_read_json(d / ERROR_FILE).get("error", "unknown error"))
-        except (OSError, ValueError) as e:
-            warnings.append(f"{d / ERROR_FILE}: unreadable error file ({type(e).__name__}: {e})")
-            reason = f"unreadable {ERROR_FILE}"
-        rec.update(status="failed", reason=reason)
-    elif status == PARTIAL:
-        bits = [f"{rec['epochs_logged']} epoch(s) logged"]
-        if (d / LAST_CHECKPOINT).exists():
-            bits.append("checkpoint-last exists")
-        if (d / JOB_FILE).exists():
-            bits.append("a job was submitted")
-        rec.update(status="partial", reason="running or interrupted: " + ", ".join(bits))
-    return rec
-
-
-STAGE_COLUMNS = ["stage_id", "kind", "role", "serves", "status", "reason", "epochs_logged", "top1", "top5", "n_eval",
-                 "best_val_top1", "best_epoch", "last_val_top1", "last_val_top5", "val_last_gain", "final_loss",
-                 "final_loss_pix", "final_loss_feat", "block", "split",
-                 "wall_s", "device_hours", "images_per_s", "device", "device_name", "world_size", "host", "torch",
-                 "python", "git_commit", "finished_at", "config_path",
-                 # added later (stages.csv files written before lack them); git_dirty: where a result records it
-                 "git_dirty"]
-# epochs.csv: what the figures draw of each stage's log.jsonl (val_top1: `top1` in logs written before the split;
-# losses to 6 significant digits)
-EPOCH_COLUMNS = ["stage_id", "epoch", "loss", "loss_pix", "loss_feat", "val_top1"]
-LOG_KEY = "_log"  # read_stage's records of log.jsonl, taken out by collect
-
-
-def _epoch_rows(sid: str, log: List[dict]) -> List[dict]:
-    val = dict(val_curve(log))
-    out = []
-    for r in log:
-        try:
-            epoch = int(r["epoch"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        rec = {"stage_id": sid, "epoch": epoch, "val_top1": val.get(epoch)}
-        for k in ("loss", "loss_pix", "loss_feat"):
-            v = r.get(k)
-            # 6 significant digits: what a curve needs, and half the bytes of a kept epochs.csv
-            rec[k] = float(f"{v:.6g}") if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) \
-                else None
-        out.append(rec)
-    return out
-
-
-def _row_specs(root: Path, manifest: dict) -> Dict[str, dict]:
-    """row -> {"pretrain": spec, "finetune": spec} from the config.json of the row's first cell that has one (None
-    for a stage the row does not have or that never started)."""
-    out: Dict[str, dict] = {}
-    for cell in manifest["cells"]:
-        got = out.setdefault(cell["row"], {"pretrain": None, "finetune": None})
-        for stage in ("pretrain", "finetune"):
-            sid = cell.get(stage)
-            if got[stage] is None and sid:
-                try:
-                    spec = _read_json(root / sid / CONFIG_FILE).get("spec")
-                except (OSError, ValueError):
-                    continue
-                got[stage] = spec if isinstance(spec, dict) else None
-    return out
-
-
 def collect(root: Path) -> Collected:
     root = Path(root).resolve()
     if not (root / MANIFEST_FILE).exists():
         raise FileNotFoundError(f"{root / 'manifest.json'} not found: is {root} a results/<table>/<profile> tree?")
-    manifest = json.loads((root / MANIFEST_FILE).read_text())
+    manifest = load_json(root / MANIFEST_FILE)
     warnings: List[str] = []
     recs = []
     cell_order = {(c["row"], c["seed"]): i for i, c in enumerate(manifest["cells"])}
@@ -208,11 +114,11 @@ def collect(root: Path) -> Collected:
     epochs: List[dict] = []
     for sid, st in sorted(manifest["stages"].items(), key=order):
         rec = read_stage(root / sid, warnings)
-        epochs += _epoch_rows(sid, rec.pop(LOG_KEY))
+        epochs += epoch_rows(sid, rec.pop(LOG_KEY))
         rec.update(stage_id=sid, kind=st["kind"], role=st["role"],
                    serves=", ".join(f"{r}/s{s}" for r, s in st.get("cells", [])))
         recs.append(rec)
-    _mark_stale(root, manifest, recs)
+    mark_stale(root, manifest, recs)
     stages = pd.DataFrame(recs).reindex(columns=STAGE_COLUMNS)
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if d.name not in manifest["stages"]:
@@ -223,32 +129,8 @@ def collect(root: Path) -> Collected:
         warnings.append(f"{root / ev / RESULT_FILE}: no numeric top1; cell skipped")
     cells.loc[bad, ["status", "reason"]] = ["unreadable", f"{RESULT_FILE} has no numeric top1"]
     return Collected(root, manifest, stages, cells, warnings,
-                     epochs=pd.DataFrame(epochs, columns=EPOCH_COLUMNS), specs=_row_specs(root, manifest),
+                     epochs=pd.DataFrame(epochs, columns=EPOCH_COLUMNS), specs=row_specs(root, manifest),
                      results=f"results/{root.parent.name}/{root.name}")
-
-
-def _mark_stale(root: Path, manifest: dict, recs: List[dict]) -> None:
-    """A finished stage computed from an input that is no longer what it read (rundir.broken_input) is `stale`: its
-    numbers are not shown, and the reason names the stage that broke the chain."""
-    by_id = {r["stage_id"]: r for r in recs}
-    hashes = FileHashes()
-    checked: set = set()
-
-    def status(sid: str) -> str:  # a stage's status once its own inputs are checked (upstream first)
-        rec = by_id.get(sid)
-        if rec is None:
-            return "not started"
-        if sid not in checked:
-            checked.add(sid)
-            if rec["status"] == "done":
-                why = broken_input(read_result(root / sid) or {}, manifest["stages"][sid].get("inputs", {}),
-                                   status, lambda ref: read_result(root / ref), hashes)
-                if why:
-                    rec.update(status="stale", reason=f"stale: {why}")
-        return rec["status"]
-
-    for sid in by_id:
-        status(sid)
 
 
 def _deps(manifest: dict, sid: str) -> List[str]:
@@ -259,7 +141,7 @@ def _deps(manifest: dict, sid: str) -> List[str]:
         if s in out or s not in manifest["stages"]:
             continue
         out.append(s)
-        todo.extend(r for r in manifest["stages"][s]["inputs"].values() if not r.startswith("file:"))
+        todo.extend(r for r in manifest["stages"][s]["inputs"].values() if file_of_ref(r) is None)
     return out
 
 
@@ -422,128 +304,6 @@ def row_costs(c: Collected) -> pd.DataFrame:
     return pd.DataFrame(recs)
 
 
-EXPORT_FORMAT = 1
-RUN_FILE = "run.json"  # beside the CSVs: the manifest, warnings, row specs and model costs (load_export reads it)
-# how load_export types the CSV columns (everything else: text, an empty field read as None)
-FLOAT_COLUMNS = {"mask_ratio", "pretrain_epochs", "finetune_epochs", "top1", "top5", "val_top1_best",
-                 "val_top1_best_epoch", "val_top1_last", "val_last_gain", "pretrain_final_loss", "probe_top1",
-                 "teacher_probe_top1", "wall_s", "device_hours", "pretrain_images_per_s", "finetune_images_per_s",
-                 "epochs_logged", "n_eval", "best_val_top1", "best_epoch", "last_val_top1", "last_val_top5",
-                 "final_loss", "final_loss_pix", "final_loss_feat", "block", "images_per_s", "world_size", "loss",
-                 "loss_pix", "loss_feat", "val_top1"}
-INT_COLUMNS = {"seed", "epoch"}
-BOOL_COLUMNS = {"still_rising"}
-TEXT_COLUMNS = {"status", "reason", "overridden"}  # an empty field stays ""
-
-
-def _relative(obj, root: Path, shown: str):
-    """obj with every string that names a path under the results tree `root` rewritten from `shown` on
-    (results/<table>/<profile>/...), and one naming its results root as `results`: what a report keeps holds no
-    path of the machine that computed it."""
-    if isinstance(obj, str):
-        base = str(root.parent.parent)
-        out = obj.replace(str(root), shown)
-        return "results" if out == base else out.replace(base + "/", "results/")
-    if isinstance(obj, list):
-        return [_relative(x, root, shown) for x in obj]
-    if isinstance(obj, dict):
-        return {k: _relative(v, root, shown) for k, v in obj.items()}
-    return obj
-
-
-def export(c: Collected, out_dir: Path, summary: Optional[pd.DataFrame] = None, rows: bool = True,
-           models: Optional[Dict[str, dict]] = None) -> List[Path]:
-    """cells.csv, stages.csv, rows.csv (rows=False: not), epochs.csv (plus .parquet when pyarrow is importable) and
-    run.json (the manifest, the warnings, the rows' stage specs and `models`) into out_dir: everything a report is
-    drawn from, so that load_export gives the report back without the results tree. Paths under the results tree
-    are written from results/<table>/<profile> on."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shown = c.results or f"results/{c.root.parent.name}/{c.root.name}"
-    # paths relative to the results root (<table>/<profile>/<stage>/config.json): a clone cannot follow this machine's
-    local = {"config_path": lambda df: df["config_path"].map(
-        lambda p: Path(p).relative_to(c.root.parent.parent).as_posix()
-        if isinstance(p, str) and p and Path(p).is_absolute() else p)}
-    frames = {"cells": c.cells.assign(**local), "stages": c.stages.assign(**local)}
-    if rows:
-        summary = summarize(c) if summary is None else summary
-        frames["rows"] = summary.drop(columns=["seeds_top1"])
-    frames["epochs"] = c.epochs.reindex(columns=EPOCH_COLUMNS)
-    try:
-        import pyarrow  # noqa: F401  (local: optional dependency, probed for the .parquet exports)
-        parquet = True
-    except ImportError:
-        parquet = False
-    paths = []
-    for name, df in frames.items():
-        paths.append(out_dir / f"{name}.csv")
-        df.to_csv(paths[-1], index=False)
-        if parquet:
-            paths.append(out_dir / f"{name}.parquet")
-            df.to_parquet(paths[-1], index=False)
-    run = {"format": EXPORT_FORMAT, "results": shown, "manifest": c.manifest, "warnings": c.warnings,
-           "specs": c.specs, "models": models if models is not None else c.models}
-    if c.root.is_absolute() and (c.root / MANIFEST_FILE).exists():
-        run = _relative(run, c.root, shown)
-    paths.append(out_dir / RUN_FILE)
-    # NaN stays NaN (Python's JSON token): a spec may hold one (a failed run's distill.alpha=nan), and the report
-    # rebuilt from this file must read what the results tree said
-    paths[-1].write_text(json.dumps(run, indent=1, sort_keys=True) + "\n")
-    return paths
-
-
-def _typed(df: pd.DataFrame) -> pd.DataFrame:
-    def num(kind):
-        def conv(x: str):
-            if x == "":
-                return None if kind is not float else np.nan
-            try:
-                return kind(float(x)) if kind is int else float(x)
-            except ValueError:
-                return np.nan if kind is float else None
-        return conv
-    out = {}
-    for col in df.columns:
-        s = df[col]
-        if col in FLOAT_COLUMNS:
-            out[col] = s.map(num(float)).astype(float)
-        elif col in INT_COLUMNS:
-            vals = s.map(num(int))
-            out[col] = vals.astype(int) if vals.notna().all() else vals
-        elif col in BOOL_COLUMNS:
-            out[col] = s.map(lambda x: x == "True").astype(bool)
-        elif col in TEXT_COLUMNS:
-            out[col] = s
-        else:
-            out[col] = s.map(lambda x: None if x == "" else x).astype(object)
-    return pd.DataFrame(out, columns=df.columns)
-
-
-def _read_csv(path: Path, columns: Optional[List[str]] = None) -> pd.DataFrame:
-    df = pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else pd.DataFrame(
-        columns=columns or [], dtype=str)
-    return _typed(df.reindex(columns=columns) if columns else df)
-
-
-def load_export(folder: Path) -> Collected:
-    """A Collected from the files export wrote (run.json, cells.csv, stages.csv, epochs.csv): the same frames the
-    results tree gave, as far as a CSV keeps them (numbers exactly; an empty text field comes back as None). The
-    report is drawn from this both after a run and from a clone's committed data, so the two are identical."""
-    folder = Path(folder)
-    path = folder / RUN_FILE
-    try:
-        run = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{path}: no readable report data ({type(e).__name__}: {e}); export writes it") \
-            from None
-    if run.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path}: format {run.get('format')!r}, this code reads {EXPORT_FORMAT}")
-    stages = _read_csv(folder / "stages.csv").reindex(columns=STAGE_COLUMNS)
-    return Collected(folder, run["manifest"], stages, _read_csv(folder / "cells.csv"), list(run.get("warnings", [])),
-                     epochs=_read_csv(folder / "epochs.csv", EPOCH_COLUMNS), specs=run.get("specs") or {},
-                     models=run.get("models") or {}, results=run.get("results", ""))
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harness.report.collect", description=__doc__.split("\n")[0])
     p.add_argument("root", type=Path, help="results/<table>/<profile>")
@@ -556,7 +316,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for w in c.warnings:
         print(f"warning: {w}", file=sys.stderr)
     if args.csv:
-        for path in export(c, args.csv):
+        for path in report_export.export(c, args.csv):
             print(f"wrote {path}")
     return 0
 

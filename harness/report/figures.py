@@ -23,7 +23,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from harness.report.ablation import Axis, ablation_axes, row_settings
-from harness.report.collect import Collected, summarize, val_curve
+from harness.report.collect import Collected, summarize
+from harness.report.stage_records import val_curve
 from harness.report.stats import paired
 
 # top1_vs_*.png: the ablation axes (top1_vs_mask.png: written by earlier versions; removed when figures are redrawn)

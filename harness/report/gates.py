@@ -1,5 +1,5 @@
 """Positive controls: can this profile see an effect of the kind the paper claims? Checked before any paper claim is
-judged (harness.report.markdown), from the recipe's `gates` section (harness.plan.config.GateConfig):
+judged (harness.report.markdown), from the recipe's `gates` section (harness.plan.schema.GateConfig):
 
     (i)   pre-training matters: the MAE baseline beats the same student fine-tuned from random initialisation
           (`scratch`) by at least `min_pretraining_gain` pp of test top-1: the paired interval's lower bound is above
