@@ -12,7 +12,7 @@ import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
 
-SLURM_SCRIPT = os.path.join(ROOT, "harness", "slurm_local.sh")
+SLURM_SCRIPT = os.path.join(ROOT, "tools", "slurm_local.sh")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,9 +1,22 @@
-"""harness.run.dispatch: with fewer slots than ready jobs, the driver starts first the job that lets the whole run end
-soonest in a simulation from the stage estimates; the plain order (teachers first, graph order) otherwise."""
-from harness.run import dispatch
+"""What the driver submits, without running a job.
+
+- harness.run.chains.longest_chain_first: with fewer slots than ready jobs, the ready stage with the longest chain of
+  stages still to do below it goes first; teachers, then the graph's order, on a tie (the driver's loop replayed in
+  simulated time).
+- harness.run.launch.settle: a job that ended before its stage wrote a result or an error is submitted again, at
+  most launcher.max_requeues times, then the stage fails as any other (fake jobs; and the Driver's whole loop on a
+  fake executor).
+"""
+import json
+from contextlib import contextmanager
+from types import SimpleNamespace
+
 from harness.plan.config import load_config
-from harness.run.launch import chain_from
 from harness.plan.graph import Plan, Stage, build_plan
+from harness.run.chains import chain_from, longest_chain_first, stages_below
+from harness.run.elsewhere import RunningElsewhere
+from harness.run.launch import Driver, settle
+from harness.run.progress import Progress
 
 
 def _plan(tmp_path, spec):
@@ -11,10 +24,6 @@ def _plan(tmp_path, spec):
     stages = {sid: Stage(sid, "pretrain", "student-pretrain", {"kind": "pretrain"},
                          {f"in{i}": d for i, d in enumerate(deps)}) for sid, deps in spec}
     return Plan("t", "p", tmp_path, stages, [])
-
-
-def _jobs(plan):
-    return lambda st, state, busy: chain_from(plan, st, state, busy)
 
 
 def replay(plan, seconds, slots, decide):
@@ -32,8 +41,7 @@ def replay(plan, seconds, slots, decide):
                  and all(state[d] == "done" for d in plan.deps(st))]
         free = slots - len(jobs)
         if ready and free > 0:
-            running = [[(sid, end - now) for sid, end in job if end > now] for job in jobs]
-            for st in decide(plan, ready, free, state, running)[:free]:
+            for st in decide(plan, ready, state)[:free]:
                 t, job = now, []
                 for c in chain_from(plan, st, state, busy):
                     t += seconds[c.id]
@@ -47,13 +55,9 @@ def replay(plan, seconds, slots, decide):
         now = min(ends)
 
 
-def _plain(plan, ready, free, state, running):
-    return sorted(ready, key=dispatch.plain_key(plan))
-
-
-def _simulated(seconds, slots):
-    return lambda plan, ready, free, state, running: dispatch.order(plan, ready, free, state, running, slots, seconds,
-                                                                    _jobs(plan))
+def _graph_order(plan, ready, state):
+    index = {sid: i for i, sid in enumerate(plan.stages)}
+    return sorted(ready, key=lambda st: index[st.id])
 
 
 def test_a_short_stage_gating_a_long_one_goes_first(tmp_path):
@@ -62,29 +66,26 @@ def test_a_short_stage_gating_a_long_one_goes_first(tmp_path):
     seconds = {"c1": 50.0, "c2": 50.0, "x": 10.0, "y": 100.0}
     state = {sid: "todo" for sid in plan.stages}
     ready = [plan.stages[s] for s in ("c1", "c2", "x")]
-    assert [st.id for st in _plain(plan, ready, 2, state, [])] == ["c1", "c2", "x"]
-    first = dispatch.order(plan, ready, 2, state, [], 2, seconds, _jobs(plan))
-    assert {st.id for st in first[:2]} == {"x", "c1"} and sorted(st.id for st in first) == ["c1", "c2", "x"]
-    assert replay(plan, seconds, 2, _plain) == 160.0  # c1 | c2, then x -> y alone
-    assert replay(plan, seconds, 2, _simulated(seconds, 2)) == 110.0  # x -> y | c1, c2
+    assert [st.id for st in longest_chain_first(plan, ready, state)] == ["x", "c1", "c2"]
+    assert replay(plan, seconds, 2, _graph_order) == 160.0  # c1 | c2, then x -> y alone
+    assert replay(plan, seconds, 2, longest_chain_first) == 110.0  # x -> y | c1, c2
 
 
-def test_plain_order_without_a_choice_or_without_estimates(tmp_path):
-    plan = _plan(tmp_path, [("b", []), ("t", [])])
+def test_stages_below_counts_the_longest_path_of_stages_still_to_do(tmp_path):
+    # a -> b -> c, a -> d; e alone
+    plan = _plan(tmp_path, [("a", []), ("b", ["a"]), ("c", ["b"]), ("d", ["a"]), ("e", [])])
+    todo = {sid: "todo" for sid in plan.stages}
+    assert stages_below(plan, todo) == {"a": 3, "b": 2, "c": 1, "d": 1, "e": 1}
+    assert stages_below(plan, dict(todo, a="done", c="done")) == {"a": 1, "b": 1, "c": 0, "d": 1, "e": 1}
+
+
+def test_ties_go_to_teachers_then_graph_order(tmp_path):
+    plan = _plan(tmp_path, [("b", []), ("t", []), ("a", [])])
     plan.stages["t"].role = "teacher-pretrain"
-    state = {"b": "todo", "t": "todo"}
-    ready = list(plan.stages.values())
-    for free, seconds in ((2, {"b": 1.0, "t": 9.0}), (1, None), (1, {"b": 1.0}), (0, {"b": 1.0, "t": 9.0})):
-        assert [st.id for st in dispatch.order(plan, ready, free, state, [], 2, seconds, _jobs(plan))] == ["t", "b"]
-
-
-def test_running_jobs_count_with_the_time_they_have_left(tmp_path):
-    plan = _plan(tmp_path, [("r", []), ("a", []), ("b", ["a"])])
-    seconds = {"r": 100.0, "a": 5.0, "b": 5.0}
-    state = {"r": "submitted", "a": "todo", "b": "todo"}
-    # r still has 100 s to run in the other slot: a -> b ends at 10, the run at 100
-    assert dispatch.simulate(plan, state, [[("r", 100.0)]], 2, seconds, _jobs(plan)) == 100.0
-    assert dispatch.simulate(plan, state, [[("r", 3.0)]], 2, seconds, _jobs(plan)) == 10.0
+    state = {sid: "todo" for sid in plan.stages}
+    ready = [plan.stages[s] for s in ("a", "b", "t")]
+    assert [st.id for st in longest_chain_first(plan, ready, state)] == ["t", "b", "a"]
+    assert [st.id for st in longest_chain_first(plan, ready[::-1], state)] == ["t", "b", "a"]  # deterministic
 
 
 def _tiny_seconds(plan):
@@ -105,14 +106,117 @@ def _tiny_seconds(plan):
     return out
 
 
-def test_tiny_table2_ends_no_later_than_in_plain_order_and_near_the_bound(tmp_path):
+def test_tiny_table2_ends_no_later_than_in_graph_order_and_near_the_bound(tmp_path):
     cfg = load_config("table2", ["profile=tiny-fast", f"results_root={tmp_path / 'results'}"])
     plan = build_plan(cfg)
     seconds = _tiny_seconds(plan)
-    plain = replay(plan, seconds, 2, _plain)
-    simulated = replay(plan, seconds, 2, _simulated(seconds, 2))
+    plain = replay(plan, seconds, 2, _graph_order)
+    longest = replay(plan, seconds, 2, longest_chain_first)
     bound = sum(seconds.values()) / 2
-    print(f"tiny table2 on 2 slots: plain {plain:.0f} s, simulated {simulated:.0f} s, bound {bound:.0f} s")
-    # with the probes and the scratch rows (short chains that fill the gaps) the plain order is already within 1% of
-    # the bound here (1935 s against 1921 s); before them the simulation saved 70 s (1762 -> 1692 s)
-    assert simulated <= plain and simulated <= bound * 1.02
+    print(f"tiny table2 on 2 slots: graph order {plain:.0f} s, longest chain first {longest:.0f} s, "
+          f"bound {bound:.0f} s")
+    # 1935 s against a bound of 1921 s: the probes and the scratch rows (short chains) fill the gaps
+    assert longest <= plain and longest <= bound * 1.02
+
+
+# ------------------------------------------------------------------------------------------ resubmission (settle)
+class _EndedJob:
+    """A job that has ended: with `result`, or (result=None) as submitit's job that wrote no output, killed by
+    `signum` (its controller's exit status)."""
+    paths = None
+    state = "INTERRUPTED"
+
+    def __init__(self, job_id, result=None, signum=12, state="INTERRUPTED"):
+        self.job_id, self._result, self.state = job_id, result, state
+        self._process = SimpleNamespace(returncode=-signum)
+
+    def done(self):
+        return True
+
+    def result(self):
+        if self._result is None:
+            raise RuntimeError(f"Job {self.job_id} has not produced any output (state: {self.state})")
+        return self._result
+
+
+def _write(plan, sid, name, obj):
+    plan.dir(sid).mkdir(parents=True, exist_ok=True)
+    (plan.dir(sid) / name).write_text(json.dumps(obj))
+
+
+def test_a_job_that_ends_before_its_stage_wrote_anything_is_resubmitted_up_to_the_budget(tmp_path, capsys):
+    plan = _plan(tmp_path, [("a", []), ("b", ["a"])])
+    prog, resubmitted = Progress(plan), {}
+    for n in (1, 2):  # killed by USR2 before submitit's handler: no result.json, no error.json
+        settle(prog, _EndedJob(f"10{n}"), ["a", "b"], resubmitted, budget=2)
+        assert prog.state == {"a": "todo", "b": "todo"} and resubmitted == {"a": n}
+        assert (f"a: job 10{n} ended (INTERRUPTED, signal USR2) before its stage wrote a result or an error: "
+                f"resubmitting, {n} of 2") in capsys.readouterr().out
+    settle(prog, _EndedJob("103"), ["a", "b"], resubmitted, budget=2)  # past the budget: fails as any failure
+    out = capsys.readouterr().out
+    assert prog.state == {"a": "failed", "b": "blocked"} and "resubmitting" not in out
+    assert "a: failed Job 103 has not produced any output (state: INTERRUPTED) (submitted 3 times)" in out
+
+
+def test_a_job_the_user_cancelled_is_not_resubmitted(tmp_path, capsys):
+    plan = _plan(tmp_path, [("a", [])])
+    prog, resubmitted = Progress(plan), {}
+    settle(prog, _EndedJob("201", signum=15, state="CANCELLED"), ["a"], resubmitted, budget=3)
+    assert prog.state == {"a": "failed"} and resubmitted == {} and "resubmitting" not in capsys.readouterr().out
+
+
+def test_only_a_stage_without_result_or_error_is_resubmitted(tmp_path, capsys):
+    plan = _plan(tmp_path, [("a", []), ("b", ["a"]), ("c", ["b"])])
+    prog, resubmitted = Progress(plan), {}
+    _write(plan, "a", "result.json", {})  # the chain's first stage finished, the job died in the second
+    settle(prog, _EndedJob("7", signum=9), ["a", "b", "c"], resubmitted, budget=3)
+    assert prog.state == {"a": "done", "b": "todo", "c": "todo"} and resubmitted == {"b": 1}
+    assert "b: job 7 ended (INTERRUPTED, signal KILL) before its stage wrote a result or an error: resubmitting, " \
+           "1 of 3" in capsys.readouterr().out
+    _write(plan, "b", "error.json", {"error": "NonFiniteLoss: loss is nan"})  # the stage itself failed: no retry
+    settle(prog, _EndedJob("8"), ["b", "c"], resubmitted, budget=3)
+    assert prog.state == {"a": "done", "b": "failed", "c": "blocked"} and resubmitted == {"b": 1}
+    assert "b: failed NonFiniteLoss: loss is nan" in capsys.readouterr().out
+
+
+def test_a_job_that_found_its_stage_running_elsewhere_waits_and_spends_no_resubmission(tmp_path, capsys):
+    plan = _plan(tmp_path, [("a", [])])
+    prog, resubmitted = Progress(plan), {}
+    settle(prog, _EndedJob("9", result=RunningElsewhere("a", "pid 5 on host")), ["a"], resubmitted, budget=0)
+    assert prog.state == {"a": "todo"} and resubmitted == {}
+    assert "a: todo (found running elsewhere: pid 5 on host; waiting for it)" in capsys.readouterr().out
+
+
+class _FakeExecutor:
+    """Runs a job at once by writing its stages' result.json; the first job of `dies` ends with nothing written."""
+
+    def __init__(self, plan, dies):
+        self.plan, self.dies, self.submitted = plan, dies, []
+
+    @contextmanager
+    def batch(self):
+        yield
+
+    def submit(self, job):
+        chain = [job.stage_id] + [sid for sid, *_ in job.then]
+        self.submitted.append(chain)
+        if job.stage_id == self.dies and [c[0] for c in self.submitted].count(self.dies) == 1:
+            return _EndedJob(f"fake-{len(self.submitted)}")
+        for sid in chain:
+            _write(self.plan, sid, "result.json", {})
+        return _EndedJob(f"fake-{len(self.submitted)}", result={})
+
+
+def test_the_driver_resubmits_a_job_that_died_and_finishes_the_plan(tmp_path, capsys):
+    cfg = load_config("table2", ["profile=smoke", "launcher=local", "launcher.poll_s=0.001", "launcher.max_parallel=2",
+                                 f"results_root={tmp_path}"])
+    plan = build_plan(cfg)
+    first = longest_chain_first(plan, [st for st in plan.stages.values() if not plan.deps(st)],
+                                {sid: "todo" for sid in plan.stages})[0].id
+    ex = _FakeExecutor(plan, dies=first)
+    states = Driver(plan, cfg, ex, slurm=False).run()
+    assert set(states.values()) == {"done"}
+    out = capsys.readouterr().out
+    assert out.count("before its stage wrote a result or an error: resubmitting, 1 of 3") == 1
+    assert [c[0] for c in ex.submitted].count(first) == 2  # once more, and nothing else twice
+    assert sorted(sid for c in ex.submitted for sid in c) == sorted([*plan.stages, *ex.submitted[0]])

@@ -1,7 +1,8 @@
 """Recipes, config validation and stage planning (no training)."""
 import pytest
 
-from harness.plan.config import ConfigError, load_config, tables
+from harness.plan.config import ConfigError, load_config
+from recipes import tables
 from harness.plan.graph import build_plan, describe
 from harness.core.rundir import RunTree
 
@@ -212,7 +213,7 @@ def test_world_size_is_what_each_launcher_starts():
     more."""
     from omegaconf import OmegaConf
 
-    from harness.plan.config import world_size
+    from harness.plan.resolve import world_size
     got = {name: (world_size(OmegaConf.create(dict(name=name, nodes=3, gpus_per_node=2))),
                   world_size(OmegaConf.create(dict(name=name, nodes=1, gpus_per_node=0))))
            for name in ("debug", "local", "slurm")}
@@ -277,7 +278,7 @@ def test_paper_effective_batch_refused_where_no_accumulation_fits(tmp_path):
 
 
 def test_slurm_memory_is_40_gb_per_gpu_per_node_and_30_requeues(tmp_path):
-    from harness.plan.config import mem_gb_of
+    from harness.plan.resolve import mem_gb_of
     from harness.run.sbatch import _directives
     cfg = load_config("table2", PAPER)
     assert cfg.launcher.max_requeues == 30 and cfg.launcher.mem_gb is None and cfg.launcher.mem_gb_per_gpu == 40

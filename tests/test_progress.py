@@ -1,11 +1,11 @@
-"""The driver's console (harness.run.launch.Progress): "epoch k/N" lines read from a stage's log.jsonl, the run ETA,
+"""The driver's console (harness.run.progress.Progress): "epoch k/N" lines read from a stage's log.jsonl, the run ETA,
 quiet mode, the end-of-run results table; and run.keep_checkpoints (checkpoint-* deleted once a stage is done)."""
 import json
 from types import SimpleNamespace
 
 import torch
 
-from harness.run.launch import Progress, results_table, stage_epochs
+from harness.run.progress import Progress, results_table, stage_epochs
 from harness.core.rundir import epochs_logged
 from harness.plan.graph import Cell, Plan, Stage
 from harness.core.spec import STAGE_SPECS, EvaluateStage, FinetuneSpec, FinetuneStage, PretrainSpec, PretrainStage

@@ -55,7 +55,7 @@ def test_scripts_carry_signal_setup_and_code_snapshot(tmp_path, monkeypatch):
     assert run_table("schedule", args) == 0
     plan = build_plan(load_config("schedule", _args(tmp_path)))
     snaps = list((plan.root / "sbatch" / "code").iterdir())
-    assert len(snaps) == 1 and (snaps[0] / "harness" / "stages.py").is_file()
+    assert len(snaps) == 1 and (snaps[0] / "harness" / "core" / "stages.py").is_file()
     for sid in plan.stages:
         lines = (plan.root / "sbatch" / f"{sid}.sbatch").read_text().splitlines()
         assert lines.index("#SBATCH --signal=USR2@120") == lines.index("#SBATCH --requeue") + 1

@@ -1,10 +1,13 @@
 """The smoke table through a real Slurm (tools/slurm_local.sh), and preemption: a stage interrupted by submitit
-(USR2, as on preemption/timeout) is requeued and resumes from checkpoint-last with the same final weights. The test
-cluster is self-contained: starting it leaves /etc byte-identical, and a second one is refused beside it."""
+(USR2, as on preemption/timeout) is requeued and resumes from checkpoint-last with the same final weights; a job
+killed by USR2 before submitit could handle it is resubmitted by the driver. The test cluster is self-contained:
+starting it leaves /etc byte-identical, and a second one is refused beside it."""
+import hashlib
 import json
 import os
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -12,11 +15,14 @@ import pytest
 import torch
 
 from harness.core.checkpoints import safe_load, state_dict_of
-from harness.plan.config import load_config, runtime_of
-from harness.run.launch import _job, slurm_executor
-from harness.plan.graph import build_plan
+from harness.plan.config import load_config
+from harness.plan.resolve import runtime_of
+from harness.run.executors import slurm_executor
+from harness.plan.graph import Plan, build_plan
 from harness.run.cli import run_table
+from harness.run.launch import execute
 from harness.run.preflight import PreflightError
+from harness.run.stage_job import stage_job
 from harness.core.stages import run_stage
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -55,7 +61,7 @@ def _submit_mae_pretrain_and_wait_for_two_epochs(args, distributed: bool):
     cfg = load_config("table2", args)
     plan = build_plan(cfg)
     stage = next(s for s in plan.stages.values() if s.role == "student-pretrain" and not s.inputs)
-    job = slurm_executor(plan, cfg).submit(_job(plan, stage, cfg, distributed=distributed))
+    job = slurm_executor(plan, cfg).submit(stage_job(plan, stage, cfg, distributed=distributed))
     log, deadline = plan.dir(stage.id) / "log.jsonl", time.time() + 300
     try:
         while not (log.exists() and log.read_text().count("\n") >= 2):
@@ -111,6 +117,56 @@ def test_usr2_to_a_two_rank_job_with_data_workers_requeues_it_exactly_once(slurm
     assert logs.count("resumed from checkpoint-last at epoch") == 1, logs[-4000:]
 
 
+def _usr2_to_the_first_job_step(sent: list, timeout_s: float = 300) -> None:
+    """As soon as a job step (the job's Python, just exec'd) shows in squeue: USR2 to the job's steps, as Slurm sends
+    it before a time limit or a preemption. submitit installs its USR2 handler only after it has unpickled the job
+    (imports torch: seconds), so the signal's default action kills the job. `sent` gets the job id."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        steps = subprocess.run(["squeue", "-h", "-s", "-o", "%i"], capture_output=True, text=True,
+                               timeout=60).stdout.split()
+        step = next((s for s in steps if s.endswith(".0")), None)
+        if step is not None:
+            job = step.rsplit(".", 1)[0]
+            subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=60)
+            sent.append(job)
+            return
+        time.sleep(0.05)
+
+
+def test_a_job_killed_by_usr2_before_submitit_handles_it_is_resubmitted(slurm_cluster, tmp_path, capsys):
+    """USR2 while the job's Python is still starting: the job ends FAILED (12:0) without a result.json or an
+    error.json. The driver submits it again, saying why, and the stage finishes in one plain run (no resume), with
+    the weights of an in-process run."""
+    args = ["profile=smoke", *SLURM, "pretrain.epochs=3", f"results_root={tmp_path / 'slurm'}", "report=false"]
+    cfg = load_config("table2", args)
+    full = build_plan(cfg)
+    stage = next(s for s in full.stages.values() if s.role == "student-pretrain" and not s.inputs)
+    plan = Plan(full.table, full.profile, full.root, {stage.id: stage}, [])  # that stage alone
+    sent: list = []
+    watcher = threading.Thread(target=_usr2_to_the_first_job_step, args=(sent,), daemon=True)
+    watcher.start()
+    states = execute(plan, cfg)
+    watcher.join(timeout=60)
+    out = capsys.readouterr().out
+    assert sent, "no job step was seen"
+    assert states == {stage.id: "done"}, out[-3000:]
+    assert re.search(rf"{stage.id}: job {sent[0]} ended \(FAILED \S+, signal USR2\) before its stage wrote a result "
+                     r"or an error: resubmitting, 1 of 30", out), out[-3000:]
+    assert out.count(": submitted (job ") == 2  # the killed job and the one that ran the stage
+    run_dir = plan.dir(stage.id)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["resumed_from_epoch"] == 0, result  # one plain run: the killed job never started the stage
+    assert [json.loads(line)["epoch"] for line in (run_dir / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert not (run_dir / "error.json").exists()
+    ref_dir = tmp_path / "reference"
+    run_stage(stage.spec, ref_dir, plan.input_paths(stage), runtime_of(cfg), stage.id)
+
+    def sha(d):
+        return hashlib.sha256((d / "model.pth").read_bytes()).hexdigest()
+    assert sha(run_dir) == sha(ref_dir) == result["model_sha256"]
+
+
 SCRIPT = ROOT / "tools" / "slurm_local.sh"
 ETC_FILES = [Path("/etc/slurm/slurm.conf"), Path("/etc/slurm/slurmdbd.conf"), Path("/etc/hosts"),
              Path("/etc/munge/munge.key")]
@@ -156,7 +212,7 @@ def test_a_pending_array_task_cancelled_before_it_starts_is_seen_as_ended(slurm_
     ever. The driver reads the array's own record instead (a driver hung on this in the tools.faults campaign)."""
     import submitit
 
-    from harness.run.launch import ended_unseen
+    from harness.run.executors import ended_unseen
     ex = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="slurm")
     ex.update_parameters(timeout_min=5, slurm_partition="debug", slurm_additional_parameters={"hold": True})
     jobs = ex.map_array(abs, [-1, -2])  # held: they stay pending

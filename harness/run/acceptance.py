@@ -40,7 +40,10 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from harness.core.lazy import lazy
 from harness.core.rundir import read_manifest, read_result  # standard library only
+
+torch = lazy("torch")  # --help and --cpu's driver need no torch
 
 ROOT = Path(__file__).resolve().parents[2]  # harness/run/acceptance.py -> the repository
 TABLE = "table2"
@@ -234,7 +237,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     device, amp = ("cpu", "none") if args.cpu else ("cuda", "bf16")
     if not args.cpu:
-        import torch  # local: --help and --cpu's driver need no torch
         if not torch.cuda.is_available():
             p.error("no CUDA device here: run it on the GPU machine, or use --cpu")
     args.out = (args.out or ROOT / "results" / "acceptance" / f"{device}-{time.strftime('%Y%m%d-%H%M%S')}").absolute()

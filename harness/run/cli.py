@@ -29,9 +29,6 @@ Exit codes: 0 done, 1 a stage failed, 2 bad input (nothing submitted), 3 another
 """
 from __future__ import annotations
 
-# Standard library only at import time: `--help` must answer without loading hydra, torch or timm
-# (tests/test_cli.py). The harness modules are therefore imported where they are used, each block marked `# local:`,
-# so a bad config is also reported before torch is loaded.
 import argparse
 import shlex
 import signal
@@ -41,6 +38,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import recipes  # standard library only
 
+from harness.core.lazy import lazy
 from harness.core.locks import DriverLocked, driver_lock  # standard library only
 from harness.core.rundir import RunTree  # standard library only
 from harness.run.preflight import PreflightError, check_inputs  # standard library at import time
@@ -50,17 +48,27 @@ if TYPE_CHECKING:
 
     from harness.plan.graph import Plan
 
+# Standard library only at import time: `--help` must answer without loading hydra, torch or timm
+# (tests/test_cli.py), and a bad config is reported before torch is loaded. The rest is imported on first use.
+omegaconf = lazy("omegaconf")
+config = lazy("harness.plan.config")  # hydra
+graph = lazy("harness.plan.graph")
+estimate = lazy("harness.bench.estimate")  # a dry run's costs
+launch = lazy("harness.run.launch")  # submitit, torch; looked up per call (tests replace launch.execute)
+sbatch = lazy("harness.run.sbatch")
+sweeps = lazy("harness.run.sweep")  # pandas
+rehearsals = lazy("harness.run.rehearse")
+report_md = lazy("harness.report.markdown")  # pandas, matplotlib: only when a run reports
+
 DEFAULT_TABLE = "table2"  # `python -m harness.reproduce` with no table; first in `all`
 
 
 def prepare(table: str, overrides: Sequence[str]) -> Tuple["DictConfig", "Plan"]:
     """Compose, plan and check every input: what a real run and --dry-run both do before anything else."""
-    # local: hydra; --help stays standard-library only
-    from harness.plan.config import load_config
-    from harness.plan.graph import build_plan, mark_overridden
-    cfg = load_config(table, list(overrides))
-    plan = build_plan(cfg)
-    mark_overridden(plan, cfg, list(overrides))  # a row the command line changed: labelled, not set against the paper
+    cfg = config.load_config(table, list(overrides))
+    plan = graph.build_plan(cfg)
+    graph.mark_overridden(plan, cfg, list(overrides))  # a row the command line changed: labelled, not set against
+    # the paper
     check_inputs(plan, cfg)
     return cfg, plan
 
@@ -75,33 +83,26 @@ def run_plan(cfg: "DictConfig", plan: "Plan", overrides: Sequence[str], dry_run:
     """Run a prepared (checked) plan; reuse_from: results roots whose finished stages of the same id are linked in
     first (a sweep's other points); earlier: {stage id: table} planned by tables this command runs before (a dry run
     of `all` counts their shared stages once)."""
-    from harness.plan.graph import describe, write_manifest  # local: hydra; --help stays standard-library only
     table = cfg.table
     if dry_run or cfg.dry_run:
-        # local: only for a dry run; --help stays standard-library only
-        from harness.bench.estimate import estimate_plan
-        print(describe(plan, estimate_plan(plan, cfg), earlier))
+        print(graph.describe(plan, estimate.estimate_plan(plan, cfg), earlier))
         print("inputs checked: a real run would start now")
         return 0
-    # local: submitit, torch; looked up per call (tests replace harness.run.launch.execute)
-    from harness.run.launch import execute
     with driver_lock(plan.root):  # before the manifest: a second driver on this root changes nothing
-        write_manifest(plan, cfg, command, list(overrides))
+        graph.write_manifest(plan, cfg, command, list(overrides))
         print(f"{table} ({cfg.profile}): {len(plan.stages)} stages, launcher={cfg.launcher.name}, results in "
               f"{plan.root}", flush=True)
         if cfg.launcher.write_sbatch:
-            from harness.run.sbatch import write_sbatch  # local: torch; only with launcher.write_sbatch
-            path = write_sbatch(plan, cfg)
+            path = sbatch.write_sbatch(plan, cfg)
             print(f"wrote sbatch scripts; submit them with: bash {path}\n"
                   f"then, when the jobs are done: python -m harness.report {table} --profile {cfg.profile}")
             return 0
         if reuse_from:  # a sweep's other points
             RunTree.of(plan).reuse_finished(reuse_from)
-        states = execute(plan, cfg)
+        states = launch.execute(plan, cfg)
     failed = [sid for sid, st in states.items() if st != "done"]
     if cfg.report:
-        from harness.report.markdown import write_report  # local: pandas, matplotlib; only when a run reports
-        path = write_report(plan.root, cfg.reports_dir)
+        path = report_md.write_report(plan.root, cfg.reports_dir)
         print(f"report: {path}")
     if failed:
         print(f"{len(failed)} stage(s) did not finish: {', '.join(failed)}", file=sys.stderr)
@@ -111,8 +112,7 @@ def run_plan(cfg: "DictConfig", plan: "Plan", overrides: Sequence[str], dry_run:
 
 def expand_sweep(overrides: List[str]) -> List[List[str]]:
     """Hydra's override grammar: `key=a,b` and `key=range(0,3)` sweeps become the cartesian product of runs."""
-    from harness.run.sweep import expand_sweep as expand  # local: hydra, pandas; --help stays standard-library only
-    return expand(overrides)
+    return sweeps.expand_sweep(overrides)
 
 
 class _Job:
@@ -126,9 +126,8 @@ class _Job:
 
 def prepare_rehearsal(job: _Job, steps: int, batch: int) -> None:
     """Compose the run and its rehearsal, write the inputs the rehearsal provides, check every input."""
-    from harness.run import rehearse  # local: hydra; --help stays standard-library only
-    full_cfg, full_plan, job.cfg, job.plan, todo = rehearse.compose(job.table, job.overrides, steps, batch)
-    notes = rehearse.prepare_inputs(todo, job.plan)
+    full_cfg, full_plan, job.cfg, job.plan, todo = rehearsals.compose(job.table, job.overrides, steps, batch)
+    notes = rehearsals.prepare_inputs(todo, job.plan)
     check_inputs(job.plan, job.cfg)
     job.rehearsal = {"cfg": full_cfg, "plan": full_plan, "notes": notes, "generated_data": "imagefolder" in todo}
 
@@ -142,34 +141,29 @@ def plan_jobs(names: Sequence[str], overrides: List[str], multirun: bool, rehear
     for table in names:
         if rehearse is not None:
             if multirun:
-                from harness.plan.config import ConfigError  # local: hydra; --help stays standard-library only
-                raise ConfigError("--rehearse rehearses one run; drop -m (rehearse one point of the sweep)")
+                raise config.ConfigError("--rehearse rehearses one run; drop -m (rehearse one point of the sweep)")
             jobs.append(_Job(table, list(overrides)))
             continue
         if not multirun:
             jobs.append(_Job(table, list(overrides)))
             continue
-        # local: hydra, pandas; only with -m
-        from harness.plan.config import load_config
-        from harness.run.sweep import point_overrides, sweep_name, sweep_points
-        keys, points = sweep_points(overrides)
+        keys, points = sweeps.sweep_points(overrides)
         if not keys:
             print("-m: no swept key (key=a,b or key=range(a,b)); one plain run", file=sys.stderr)
             jobs.append(_Job(table, list(overrides)))
             continue
-        first = load_config(table, points[0].overrides)  # the sweep's bases: results_root, reports_dir, profile
-        name = sweep_name(table, keys, first.profile)
+        first = config.load_config(table, points[0].overrides)  # the sweep's bases: results_root, reports_dir, profile
+        name = sweeps.sweep_name(table, keys, first.profile)
         sweep = {"name": name, "keys": keys, "results_root": str(first.results_root),
                  "dir": Path(first.results_root) / "sweeps" / name,
                  "report": Path(first.reports_dir) / "sweeps" / f"{name}.md", "jobs": []}
         for p in points:
-            job = _Job(table, point_overrides(p, name, first.results_root, first.reports_dir), p, sweep)
+            job = _Job(table, sweeps.point_overrides(p, name, first.results_root, first.reports_dir), p, sweep)
             sweep["jobs"].append(job)
             jobs.append(job)
     for job in jobs:
         if compose_only:
-            from harness.plan.config import load_config  # local: hydra; --help stays standard-library only
-            job.cfg = load_config(job.table, job.overrides)
+            job.cfg = config.load_config(job.table, job.overrides)
         elif rehearse is not None:
             prepare_rehearsal(job, *rehearse)
         else:
@@ -191,21 +185,17 @@ def run_jobs(jobs: List[_Job], dry_run: bool, command: str) -> int:
         for sid in job.plan.stages:
             planned.setdefault((job.plan.siblings(), sid), job.table)
         if job.rehearsal is not None and not (dry_run or job.cfg.dry_run):
-            from harness.run.rehearse import REHEARSAL, write_report  # local: hydra; only after --rehearse
             r = job.rehearsal
-            out = Path(r["cfg"].reports_dir) / REHEARSAL / f"{job.table}.{r['cfg'].profile}.md"
-            path = write_report(out, r["cfg"], r["plan"], job.plan, r["notes"], command, r["generated_data"])
+            out = Path(r["cfg"].reports_dir) / rehearsals.REHEARSAL / f"{job.table}.{r['cfg'].profile}.md"
+            path = rehearsals.write_report(out, r["cfg"], r["plan"], job.plan, r["notes"], command, r["generated_data"])
             print(f"rehearsal report: {path}", flush=True)
         sweep = job.sweep
         if sweep is not None and job is sweep["jobs"][-1] and not (dry_run or job.cfg.dry_run):
-            # local: pandas, matplotlib; only when a sweep's last point has run
-            from harness.report.markdown import report_name
-            from harness.run.sweep import write_sweep_report
             points = []
             for j in sweep["jobs"]:
-                rep = Path(j.cfg.reports_dir) / f"{report_name(j.table, j.cfg.profile)}.md"
+                rep = Path(j.cfg.reports_dir) / f"{report_md.report_name(j.table, j.cfg.profile)}.md"
                 points.append((j.point, j.plan.root, rep if rep.exists() else None))
-            path = write_sweep_report(sweep["report"], job.table, sweep["keys"], points, command)
+            path = sweeps.write_sweep_report(sweep["report"], job.table, sweep["keys"], points, command)
             print(f"sweep report: {path}", flush=True)
     return code
 
@@ -213,10 +203,9 @@ def run_jobs(jobs: List[_Job], dry_run: bool, command: str) -> int:
 def show_config(jobs: List[_Job]) -> int:
     """--cfg job: each run's composed, validated and resolved config as YAML (a comment naming the run and `---`
     between documents when there are several); nothing is planned, checked, written or submitted."""
-    from omegaconf import OmegaConf  # local: omegaconf; --help stays standard-library only
     docs = []
     for job in jobs:
-        text = OmegaConf.to_yaml(job.cfg, resolve=True)
+        text = omegaconf.OmegaConf.to_yaml(job.cfg, resolve=True)
         if len(jobs) > 1:
             text = f"# {job.table}" + (f" {job.point.name}" if job.point is not None else "") + "\n" + text
         docs.append(text)
@@ -246,7 +235,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--rehearse", action="store_true",
                    help="run every stage for a few steps on a few images (real models, data path, launcher; random "
                         "official-format teachers and a small ImageFolder when none are given) and write a "
-                        "REHEARSAL report: step times, peak memory, the full run's device-hours")
+                        "rehearsals.REHEARSAL report: step times, peak memory, the full run's device-hours")
     p.add_argument("--rehearse-steps", type=int, default=None, metavar="N",
                    help="training steps per rehearsed stage (at least two optimizer updates; default 4)")
     p.add_argument("--rehearse-batch", type=int, default=0, metavar="B",
@@ -285,26 +274,27 @@ def main(argv: List[str] | None = None) -> int:
         return 2
     # SIGTERM (kill, a scheduler ending the driver) unwinds like Ctrl-C, so local jobs are cancelled with it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    from harness.plan.config import ConfigError, tables  # local: hydra; --help stays standard-library only
     command = "python -m harness.reproduce " + " ".join(shlex.quote(a) for a in argv)
     # `all`: the default table first (its teacher and rows feed most other tables), then the rest by name
-    names = [DEFAULT_TABLE] + [t for t in tables() if t != DEFAULT_TABLE] if args.table == "all" else [args.table]
+    names = [DEFAULT_TABLE] + [t for t in recipes.tables() if t != DEFAULT_TABLE] if args.table == "all" \
+        else [args.table]
     try:
         if (args.rehearse_steps is not None or args.rehearse_batch) and not args.rehearse:
-            raise ConfigError("--rehearse-steps / --rehearse-batch only apply with --rehearse")
+            raise config.ConfigError("--rehearse-steps / --rehearse-batch only apply with --rehearse")
         if args.resolve and args.cfg is None:
-            raise ConfigError("--resolve only applies with --cfg job")
+            raise config.ConfigError("--resolve only applies with --cfg job")
         if args.cfg is not None:
             if args.cfg != "job":
-                raise ConfigError(f"--cfg {args.cfg}: only --cfg job is supported (the composed config of the table "
-                                  "run); hydra's own settings (--cfg hydra / all) are not used by this harness")
+                raise config.ConfigError(f"--cfg {args.cfg}: only --cfg job is supported (the composed config of the "
+                                         "table run); hydra's own settings (--cfg hydra / all) are not used by this "
+                                         "harness")
             if args.rehearse:
-                raise ConfigError("--cfg job prints the run's config; drop --rehearse (or drop --cfg job)")
+                raise config.ConfigError("--cfg job prints the run's config; drop --rehearse (or drop --cfg job)")
             return show_config(plan_jobs(names, args.overrides, args.multirun, compose_only=True))
         jobs = plan_jobs(names, args.overrides, args.multirun,
                          (args.rehearse_steps or 4, args.rehearse_batch) if args.rehearse else None)
         return run_jobs(jobs, args.dry_run, command)
-    except (ConfigError, PreflightError) as e:
+    except (config.ConfigError, PreflightError) as e:
         print(f"error: {e}\nNothing was submitted.", file=sys.stderr)
         return 2
     except DriverLocked as e:

@@ -14,10 +14,21 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Tuple
 
+from harness.core.lazy import lazy
+
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
     from harness.plan.graph import Plan
+
+
+# standard library at import time (the command's --help): torch, hydra and torchvision on first use
+omegaconf = lazy("omegaconf")
+resolve = lazy("harness.plan.resolve")  # hydra
+checkpoints = lazy("harness.core.checkpoints")  # torch
+core_data = lazy("harness.core.data")  # torch, timm
+stages = lazy("harness.core.stages")  # torch
+image_folder = lazy("torchvision.datasets.folder")  # only for an ImageFolder
 
 
 class PreflightError(RuntimeError):
@@ -25,17 +36,9 @@ class PreflightError(RuntimeError):
 
 
 def check_inputs(plan: Plan, cfg: DictConfig) -> None:
-    # local: torch (data, checkpoints); --help stays standard-library only
-    from harness.core.checkpoints import CheckpointError
-    from harness.plan.config import data_spec
-    from harness.core.data import DataError, check_data, num_classes_of
-    from harness.core.stages import load_classifier, load_teacher_encoder
-
     try:
-        check_data(data_spec(cfg))
-        if cfg.data.name == "imagefolder":
-            check_imagefolder_classes(cfg.data.root)
-    except DataError as e:
+        core_data.check_data(resolve.data_spec(cfg), every_class=True)
+    except core_data.DataError as e:
         raise PreflightError(str(e)) from None
     problems = check_batches(plan, cfg)
     if problems:
@@ -54,15 +57,15 @@ def check_inputs(plan: Plan, cfg: DictConfig) -> None:
             path = ref[len("file:"):]
             try:
                 if stage.kind == "probe":
-                    load_teacher_encoder(path, stage.spec.model, cfg.data.img_size, with_decoder=False)
+                    stages.load_teacher_encoder(path, stage.spec.model, cfg.data.img_size, with_decoder=False)
                 elif role in classifier_roles:
-                    load_classifier(path, stage.spec.teacher_model if role == "kd_teacher" else stage.spec.model,
-                                    cfg.data.img_size, num_classes_of(data_spec(cfg)))
+                    stages.load_classifier(path, stage.spec.teacher_model if role == "kd_teacher" else stage.spec.model,
+                                    cfg.data.img_size, core_data.num_classes_of(resolve.data_spec(cfg)))
                 else:
                     distill = getattr(stage.spec, "distill", None)
-                    load_teacher_encoder(path, stage.spec.teacher_model, cfg.data.img_size,
+                    stages.load_teacher_encoder(path, stage.spec.teacher_model, cfg.data.img_size,
                                          with_decoder=distill is not None and distill.teacher_mode == "full")
-            except CheckpointError as e:
+            except checkpoints.CheckpointError as e:
                 keys = list(dict.fromkeys(k for other in plan.stages.values() if other.inputs.get(role) == ref
                                           for k in checkpoint_keys(cfg, other, role, path)))
                 given = f"{' / '.join(keys)}={path}: " if keys else ""
@@ -80,16 +83,14 @@ def _train_images(data, at_most: int) -> Tuple[int, bool]:
     ImageFolder: its train/<class>/ files with an image extension (as torchvision's ImageFolder finds them), counted
     only until `at_most` (cheap on ImageNet)."""
     if data.name == "fashion_mnist":
-        from harness.core.data import FASHION_FILES  # local: torch; --help stays standard-library only
-        with gzip.open(Path(data.root) / FASHION_FILES["train"][1], "rb") as f:
+        with gzip.open(Path(data.root) / core_data.FASHION_FILES["train"][1], "rb") as f:
             head = f.read(8)
         return int.from_bytes(head[4:8], "big"), True
-    from torchvision.datasets.folder import IMG_EXTENSIONS  # local: torchvision; only for an ImageFolder
     n = 0
     train = Path(data.root) / "train"
     for c in sorted(d for d in train.iterdir() if d.is_dir()):
         for _, _, files in os.walk(c, followlinks=True):
-            n += sum(1 for f in files if f.lower().endswith(IMG_EXTENSIONS))
+            n += sum(1 for f in files if f.lower().endswith(image_folder.IMG_EXTENSIONS))
             if n >= at_most:
                 return n, False
     return n, True
@@ -122,8 +123,7 @@ def check_batches(plan: "Plan", cfg: "DictConfig") -> List[str]:
     data.loader), so an epoch has (images // world) // batch_size steps and steps // accum_iter updates. Fewer
     images than world x batch_size: no step at all (the stage fails at run time); fewer than world x batch_size x
     accum_iter: steps but no optimizer update. Returns one problem per config key, naming it and the image count."""
-    from harness.plan.config import world_size  # local: hydra; --help stays standard-library only
-    world = world_size(cfg.launcher)
+    world = resolve.world_size(cfg.launcher)
     training = [s for s in plan.stages.values() if s.kind in ("pretrain", "finetune")]
     if not training:
         return []
@@ -185,45 +185,25 @@ def checkpoint_keys(cfg: "DictConfig", stage, role: str, path: str) -> List[str]
     or teacher.finetuned_ckpt (kd_teacher, a teacher evaluation's model: the fine-tuned one; teacher / encoder: the
     one distill.teacher_source names), a row's rows.<row>.teacher.<name>, or the key that one interpolates (e.g.
     checkpoints.base_pretrained)."""
-    from omegaconf import OmegaConf  # local: omegaconf; --help stays standard-library only
-
-    from harness.plan.config import resolve_row
     keys: List[str] = []
     for row in dict.fromkeys(r for r, _ in stage.cells):
         if row not in cfg.rows:
             continue
-        r = resolve_row(cfg, row)
+        r = resolve.resolve_row(cfg, row)
         names = ["finetuned_ckpt"] if role in ("kd_teacher", "model") else [f"{r.distill['teacher_source']}_ckpt"]
-        override = OmegaConf.to_container(cfg.rows[row].teacher, resolve=False)
+        override = omegaconf.OmegaConf.to_container(cfg.rows[row].teacher, resolve=False)
         for name in names:
             if not r.teacher.get(name) or os.path.abspath(r.teacher[name]) != path:
                 continue
             if name in override:
                 raw, key = override[name], f"rows.{row}.teacher.{name}"
             else:
-                raw, key = OmegaConf.to_container(cfg.teacher, resolve=False)[name], f"teacher.{name}"
+                raw, key = omegaconf.OmegaConf.to_container(cfg.teacher, resolve=False)[name], f"teacher.{name}"
             m = re.fullmatch(r"\$\{([A-Za-z0-9_.]+)\}", str(raw))
             key = m.group(1) if m else key
             if key not in keys:
                 keys.append(key)
     return keys
-
-
-def check_imagefolder_classes(root: str) -> None:
-    """Every class folder of both splits holds at least one image (torchvision's ImageFolder would otherwise fail
-    inside the job, after submission). Stops at each folder's first image, so it stays cheap on ImageNet."""
-    # local: torchvision, torch; --help stays standard-library only
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    from harness.core.data import DataError
-    for split in ("train", "val"):
-        d = Path(root) / split
-        empty = [c.name for c in sorted(d.iterdir()) if c.is_dir()
-                 and not any(f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS) for f in c.iterdir())]
-        if empty:
-            raise DataError(f"{d}: {len(empty)} class folder(s) hold no image ({', '.join(empty[:5])}"
-                            f"{' ...' if len(empty) > 5 else ''}); expected {d}/<class>/<image> "
-                            f"({', '.join(IMG_EXTENSIONS[:4])}, ...)")
 
 
 def check_slurm(partition) -> None:

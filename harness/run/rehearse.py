@@ -26,11 +26,19 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from harness.core.arch import get_arch
-from harness.plan.config import load_config, world_size
+from harness.plan.config import load_config
+from harness.plan.resolve import world_size
 from harness.bench.estimate import dataset_sizes
 from harness.plan.graph import Plan, build_plan
 from harness.core.rundir import read_result, write_text_atomic
 from harness.core.spec import DataConfig, ModelConfig
+from harness.core.lazy import lazy
+
+# composing and reporting a rehearsal stay torch-free: torch where it writes data and checkpoints
+torch = lazy("torch")
+core_data = lazy("harness.core.data")
+checkpoints = lazy("harness.core.checkpoints")
+models = lazy("harness.core.models")
 
 REHEARSAL = "rehearsal"
 TEST_IMAGES = 8  # per rank: the evaluation stages and the per-epoch validation read this many images each
@@ -124,10 +132,8 @@ def write_imagefolder(folder: Path, n_train: int, n_test: int, size: int) -> str
     marker = folder / ".complete"
     if marker.exists():
         return f"ImageFolder {folder} (written by an earlier rehearsal)"
-    # local: torch; composing, reporting a rehearsal stay torch-free
-    from harness.core.data import FASHION_MNIST_DIR, FashionMNIST
     for split, n, source in (("train", n_train, "train"), ("val", n_test, "val")):
-        ds = FashionMNIST(FASHION_MNIST_DIR, source)
+        ds = core_data.FashionMNIST(core_data.FASHION_MNIST_DIR, source)
         per_class = max(1, math.ceil(n / len(ds.classes)))
         counts: Dict[int, int] = {}
         for i in range(len(ds)):
@@ -147,20 +153,14 @@ def write_imagefolder(folder: Path, n_train: int, n_test: int, size: int) -> str
 
 def write_random_checkpoint(path: Path, arch_cfg: ModelConfig, data: DataConfig, finetuned: bool) -> str:
     """An official-format checkpoint of the architecture with random weights (timm's initialisation)."""
-    # local: torch; composing and reporting a rehearsal stay torch-free
-    import torch
-
-    from harness.core.checkpoints import atomic_save
-    from harness.core.data import num_classes_of
-    from harness.core.models import build_classifier, build_mae
     arch = get_arch(arch_cfg.preset)
     torch.manual_seed(0)
     if finetuned:
-        model = build_classifier(arch, num_classes_of(data), data.img_size, arch_cfg.patch_size)
+        model = models.build_classifier(arch, core_data.num_classes_of(data), data.img_size, arch_cfg.patch_size)
     else:
-        model = build_mae(arch, data.img_size, arch_cfg.patch_size)
+        model = models.build_mae(arch, data.img_size, arch_cfg.patch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save({"model": model.state_dict()}, path)
+    checkpoints.atomic_save({"model": model.state_dict()}, path)
     kind = "fine-tuned classifier" if finetuned else "MAE with decoder (mae_visualize layout)"
     return f"random-weight {arch_cfg.preset}/{arch_cfg.patch_size} {kind}: {path}"
 

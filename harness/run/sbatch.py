@@ -24,11 +24,11 @@ from typing import List
 
 from omegaconf import DictConfig
 
-from harness.plan.config import mem_gb_of, runtime_of, tasks_per_node
+from harness.plan.resolve import mem_gb_of, runtime_of, tasks_per_node
 from harness.plan.graph import Plan
 from harness.core.rundir import RunTree, write_stage_config
 from harness.core.spec import spec_dict
-from harness.run.launch import code_snapshot, snapshot_wanted
+from harness.run.executors import code_snapshot, snapshot_wanted
 
 
 def _directives(cfg: DictConfig, stage_id: str, log_dir: Path) -> List[str]:
