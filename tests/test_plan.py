@@ -125,7 +125,8 @@ def test_stages_finished_by_another_table_are_reused_and_not_costed(tmp_path):
     import fcntl
     import os
 
-    from harness.core.rundir import LOCK_FILE, write_json
+    from harness.core.locks import LOCK_FILE
+    from harness.core.rundir import write_json
     table2 = plan_for(tmp_path=tmp_path)
     for sid in table2.stages:
         table2.dir(sid).mkdir(parents=True)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from harness.core.locks import DRIVER_LOCK_FILE, LOCK_FILE, lock_holder  # noqa: F401 (names of the stage directory)
+from harness.core.locks import lock_holder
 
 MODEL_FILE = "model.pth"
 RESULT_FILE = "result.json"
@@ -132,6 +132,11 @@ def git_commit() -> Optional[str]:
                               timeout=5).stdout.strip() or None
     except Exception:
         return None
+
+
+def results_root_of(plan_root: str | Path) -> Path:
+    """The results root a plan's tables share: <results_root>, two levels above <results_root>/<table>/<profile>."""
+    return Path(plan_root).parent.parent
 
 
 def find_finished(stage_id: str, profile: str, roots: Sequence[Path], not_at: Path) -> Optional[Path]:
@@ -341,16 +346,12 @@ class RunTree:
             log(f"[reproduce] {sid}: stale, {why}; moved aside to {dest}, recomputing")
         return stale
 
-    def siblings(self) -> Path:
-        """The results root this plan's tables share (<results_root>; the plan lives in <table>/<profile>/ below)."""
-        return self.root.parent.parent
-
     def finished_elsewhere(self, stage_id: str, roots: Sequence[Path] = ()) -> Optional[Path]:
         """Where this not-yet-done stage is already finished: in another table of this results root (the teacher,
         the rows table2 and masking share) or under `roots` (a sweep's other points)."""
         if self.status(stage_id) == DONE:
             return None
-        return find_finished(stage_id, self.profile, [self.siblings(), *roots], self.dir(stage_id))
+        return find_finished(stage_id, self.profile, [results_root_of(self.root), *roots], self.dir(stage_id))
 
     def reuse_finished(self, roots: Sequence[Path] = (), log=lambda msg: print(msg, flush=True)) -> List[str]:
         """Link in every stage finished elsewhere (finished_elsewhere) instead of running it again; a stage being

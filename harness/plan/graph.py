@@ -24,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from harness.plan.config import ConfigError, check_name, load_config, neutral_overrides
 from harness.plan.resolve import Row, data_spec, resolve_row
 from harness.core.spec import AnySpec, build_stage, spec_dict
-from harness.core.rundir import (MANIFEST_FILE, MODEL_FILE, RunTree, file_of_ref, file_ref, git_commit, spec_hash,
-                                 write_json)
+from harness.core.rundir import (MANIFEST_FILE, MODEL_FILE, RunTree, file_of_ref, file_ref, git_commit, results_root_of,
+                                 spec_hash, write_json)
 
 MANIFEST = MANIFEST_FILE
 
@@ -89,7 +89,7 @@ class Plan:
 
     def siblings(self) -> Path:
         """The results root this plan's tables share (<results_root>; the plan lives in <table>/<profile>/ below)."""
-        return self.root.parent.parent
+        return results_root_of(self.root)
 
 
 def _model_tag(m: dict) -> str:

@@ -16,8 +16,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from harness.core.arch import PRESETS
 from harness.core.spec import DataConfig, ModelConfig, StageRuntime
-from harness.plan.schema import (ROWS, ConfigError, DistillConfig, FinetuneConfig, KDSection, PretrainConfig,
-                                 RowConfig, TableConfig, TeacherConfig, section_schema)
+from harness.plan.schema import (ROWS, ConfigError, DistillConfig, FinetuneConfig, KDSection, PretrainConfig, RowConfig,
+                                 TableConfig, TeacherConfig, section_schema)
 
 
 # ------------------------------------------------------------------------------------ unknown keys: did you mean

@@ -14,8 +14,8 @@ from typing import Dict, List
 
 import numpy as np
 
-from harness.core.rundir import (CONFIG_FILE, DONE, ERROR_FILE, FAILED, JOB_FILE, LAST_CHECKPOINT, PARTIAL,
-                                 RESULT_FILE, RunTree, load_json, read_config, read_log, stage_status)
+from harness.core.rundir import (CONFIG_FILE, DONE, ERROR_FILE, FAILED, JOB_FILE, LAST_CHECKPOINT, PARTIAL, RESULT_FILE,
+                                 RunTree, load_json, read_config, read_log, stage_status)
 from harness.report.stats import last_epoch_gain, metric_curve
 
 # fine-tune result keys: the current name first, then the name in results written before the validation split

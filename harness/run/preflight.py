@@ -28,7 +28,6 @@ resolve = lazy("harness.plan.resolve")  # hydra
 checkpoints = lazy("harness.core.checkpoints")  # torch
 core_data = lazy("harness.core.data")  # torch, timm
 stages = lazy("harness.core.stages")  # torch
-image_folder = lazy("torchvision.datasets.folder")  # only for an ImageFolder
 
 
 class PreflightError(RuntimeError):
@@ -90,7 +89,7 @@ def _train_images(data, at_most: int) -> Tuple[int, bool]:
     train = Path(data.root) / "train"
     for c in sorted(d for d in train.iterdir() if d.is_dir()):
         for _, _, files in os.walk(c, followlinks=True):
-            n += sum(1 for f in files if f.lower().endswith(image_folder.IMG_EXTENSIONS))
+            n += sum(1 for f in files if f.lower().endswith(core_data.IMG_EXTENSIONS))
             if n >= at_most:
                 return n, False
     return n, True
